@@ -1,0 +1,40 @@
+"""attngate_ext: Attention-Gate KV-cache eviction (arXiv 2410.12876) as fused PyTorch ops.
+
+Importing the package loads the compiled ``attngate_ext._C`` library, which registers
+``torch.ops.attngate.*`` (CPU kernels always, CUDA kernels when built with CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as exc:  # pragma: no cover - only hit on a broken install
+    raise ImportError(
+        "attngate_ext._C is not built. Install with `pip install --no-build-isolation .` "
+        "from the repository root (torch must already be installed)."
+    ) from exc
+
+from . import reference
+from .ops import (
+    append_kv_,
+    compact_kv_,
+    cuda_kernels_available,
+    decode_attention,
+    gate_flags,
+    set_sync_checks,
+    sync_checks,
+)
+
+__all__ = [
+    "append_kv_",
+    "compact_kv_",
+    "cuda_kernels_available",
+    "decode_attention",
+    "gate_flags",
+    "reference",
+    "set_sync_checks",
+    "sync_checks",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""Pure-PyTorch references for every ``torch.ops.attngate`` op, same names and same semantics.
+
+They are written for clarity, not speed (Python loops over (batch, head)), and are what the tests compare the
+C++/CUDA kernels against. Mutating references mutate their arguments in place exactly like the ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def gate_flags(
+    gate_out: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    threshold: float,
+    sink_tokens: int,
+    position_offset: int,
+    valid: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """probs = sigmoid(gate_out @ weight^T + bias) as (B, H, T) float32; keep = probs >= threshold,
+    forced true where position_offset + t < sink_tokens, forced false where valid is false."""
+    logits = gate_out.float() @ weight.float().t()
+    if bias is not None:
+        logits = logits + bias.float()
+    probs = torch.sigmoid(logits).transpose(1, 2).contiguous()  # (B, H, T)
+    keep = probs >= threshold
+    T = gate_out.shape[1]
+    positions = torch.arange(T, device=gate_out.device) + position_offset
+    keep = keep | (positions < sink_tokens).view(1, 1, T)
+    if valid is not None:
+        keep = keep & valid.unsqueeze(1)
+    return probs, keep
+
+
+def append_kv_(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keep: Optional[torch.Tensor],
+) -> None:
+    """Writes the kept rows of key/value (B, H, T, D), in order, at row lengths[b, h] of each head."""
+    B, H, C, _ = key_cache.shape
+    T = key.shape[2]
+    if keep is None:
+        keep = torch.ones(B, H, T, dtype=torch.bool, device=key.device)
+    counts = keep.sum(dim=2).to(torch.int64)
+    start = lengths.to(torch.int64)
+    if bool(((start < 0) | (start > C)).any()):
+        raise RuntimeError("append_kv_: lengths must lie in [0, C]")
+    if bool((start + counts > C).any()):
+        raise RuntimeError("append_kv_: capacity overflow")
+    for b in range(B):
+        for h in range(H):
+            n = int(counts[b, h])
+            s = int(start[b, h])
+            key_cache[b, h, s : s + n] = key[b, h][keep[b, h]]
+            value_cache[b, h, s : s + n] = value[b, h][keep[b, h]]
+    lengths.add_(counts.to(lengths.dtype))
+
+
+def compact_kv_(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    keep: torch.Tensor,
+) -> None:
+    """Moves each head's live rows whose keep is true, in order, to the front; lengths = their count."""
+    B, H, C, _ = key_cache.shape
+    if bool(((lengths < 0) | (lengths > C)).any()):
+        raise RuntimeError("compact_kv_: lengths must lie in [0, C]")
+    if B * H > 0 and int(lengths.max()) > keep.shape[2]:
+        raise RuntimeError("compact_kv_: keep must cover every live row")
+    for b in range(B):
+        for h in range(H):
+            n = int(lengths[b, h])
+            rows = keep[b, h, :n].nonzero().flatten()
+            m = rows.numel()
+            key_cache[b, h, :m] = key_cache[b, h, rows].clone()
+            value_cache[b, h, :m] = value_cache[b, h, rows].clone()
+            lengths[b, h] = m
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention of query (B, Hq, D) over each KV head's live rows, in float32; zeros for empty heads."""
+    B, H, C, D = key_cache.shape
+    Hq = query.shape[1]
+    group = Hq // H
+    k = key_cache.float().repeat_interleave(group, dim=1)  # (B, Hq, C, D)
+    v = value_cache.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bqd,bqcd->bqc", query.float(), k) * scale
+    live = torch.arange(C, device=query.device).view(1, 1, C) < lengths.repeat_interleave(group, dim=1).unsqueeze(-1)
+    scores = scores.masked_fill(~live, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty head has all -inf: zeros
+    out = torch.einsum("bqc,bqcd->bqd", probs, v)
+    return out.to(query.dtype)

@@ -1,0 +1,38 @@
+// Argument validation shared by the CPU and CUDA entry points. Each op calls its check_* function first,
+// before any write, so a failed check leaves every tensor untouched. Messages name the argument.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace attngate {
+
+// Shape/dtype/device checks (metadata only: no device reads).
+void check_gate_flags_args(const at::Tensor& gate_out, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           double threshold, int64_t sink_tokens, int64_t position_offset,
+                           const std::optional<at::Tensor>& valid);
+void check_append_kv_args(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& lengths,
+                          const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& keep);
+void check_compact_kv_args(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& lengths,
+                           const at::Tensor& keep);
+void check_decode_attention_args(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                 const at::Tensor& lengths, double scale);
+
+// Codes that device kernels OR into a status word when a value check fails (lengths out of range, capacity
+// overflow). The host turns a non-zero status into the same error text the CPU path raises.
+enum StatusBits : int32_t {
+  kStatusLengthOutOfRange = 1,  // some lengths[b, h] < 0 or > C
+  kStatusCapacityOverflow = 2,  // lengths[b, h] + kept rows > C for some head (append_kv_)
+  kStatusKeepTooShort = 4,      // lengths[b, h] > L, the keep mask does not cover every live row (compact_kv_)
+};
+// Raises the error for a non-zero status word; `op` names the op in the message.
+void raise_for_status(const char* op, int32_t status);
+
+// Whether CUDA entry points read their status word back to the host (one 4-byte sync) and raise. On by
+// default; skipped automatically while a CUDA graph is being captured.
+bool sync_checks_enabled();
+bool set_sync_checks(bool enabled);
+
+// Whether every pointer and stride (in elements) of a row-wise access allows `bytes`-wide vector access.
+bool rows_aligned_for(int64_t bytes, std::initializer_list<const at::Tensor*> tensors);
+
+}  // namespace attngate

@@ -1,0 +1,70 @@
+// CPU kernel of attngate::compact_kv_: stable in-place compaction of each head's live rows.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/cpu_utils.h"
+#include "dispatch.h"
+
+namespace attngate {
+namespace {
+
+template <typename scalar_t>
+void compact_head(scalar_t* base, int64_t row_stride, int64_t D, const bool* keep, int64_t keep_stride, int64_t n,
+                  int64_t& kept) {
+  // dst <= src at every step and rows never overlap, so copying forward never overwrites a row not yet read.
+  int64_t dst = 0;
+  for (int64_t src = 0; src < n; ++src) {
+    if (!keep[src * keep_stride]) continue;
+    if (dst != src) std::copy_n(base + src * row_stride, D, base + dst * row_stride);
+    ++dst;
+  }
+  kept = dst;
+}
+
+template <typename scalar_t>
+void compact_kv_kernel(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& keep,
+                       const std::vector<int64_t>& live, std::vector<int64_t>& kept) {
+  const int64_t H = key_cache.size(1), D = key_cache.size(3);
+  scalar_t* kc = key_cache.data_ptr<scalar_t>();
+  scalar_t* vc = value_cache.data_ptr<scalar_t>();
+  const bool* kp = keep.data_ptr<bool>();
+  at::parallel_for(0, static_cast<int64_t>(live.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const bool* keep_row = kp + b * keep.stride(0) + h * keep.stride(1);
+      compact_head(kc + b * key_cache.stride(0) + h * key_cache.stride(1), key_cache.stride(2), D, keep_row,
+                   keep.stride(2), live[bh], kept[bh]);
+      compact_head(vc + b * value_cache.stride(0) + h * value_cache.stride(1), value_cache.stride(2), D, keep_row,
+                   keep.stride(2), live[bh], kept[bh]);
+    }
+  });
+}
+
+void compact_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& lengths, const at::Tensor& keep) {
+  check_compact_kv_args(key_cache, value_cache, lengths, keep);
+  const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), L = keep.size(2);
+  if (B * H == 0) return;
+  const std::vector<int64_t> live = cpu::read_lengths(lengths);
+  int32_t status = 0;
+  for (int64_t n : live) {
+    if (n < 0 || n > C) status |= kStatusLengthOutOfRange;
+    else if (n > L) status |= kStatusKeepTooShort;
+  }
+  raise_for_status("compact_kv_", status);
+  std::vector<int64_t> kept(live.size(), 0);
+  ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "compact_kv_cpu", [&] {
+    compact_kv_kernel<scalar_t>(key_cache, value_cache, keep, live, kept);
+  });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) cpu::write_length(lengths, b, h, kept[b * H + h]);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("compact_kv_", &compact_kv_cpu); }
+
+}  // namespace attngate
