@@ -55,8 +55,8 @@ void check_cache(const at::Tensor& key_cache, const at::Tensor& value_cache, con
     TORCH_CHECK(at::has_internal_overlap(value_cache) != at::MemOverlap::Yes,
                 "value_cache must not have internal overlap (e.g. an expand()ed view)");
     TORCH_CHECK(at::has_internal_overlap(lengths) != at::MemOverlap::Yes, "lengths must not have internal overlap");
-    TORCH_CHECK(at::get_overlap_status(key_cache, value_cache) == at::MemOverlapStatus::No ||
-                    key_cache.numel() == 0,
+    const at::MemOverlapStatus kv_overlap = at::get_overlap_status(key_cache, value_cache);
+    TORCH_CHECK(kv_overlap != at::MemOverlapStatus::Full && kv_overlap != at::MemOverlapStatus::Partial,
                 "key_cache and value_cache must not share memory");
   }
 }
