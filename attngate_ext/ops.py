@@ -131,7 +131,9 @@ def _gate_flags_fake(gate_out, weight, bias, threshold, sink_tokens, position_of
         lambda: f"weight must have shape (H, G={gate_out.shape[2]}), got {tuple(weight.shape)}",
     )
     torch._check(weight.dtype == gate_out.dtype, lambda: "weight must have the dtype of gate_out")
-    torch._check(weight.device == gate_out.device, lambda: "weight must be on the device of gate_out")
+    for tensor, name in ((weight, "weight"), (bias, "bias"), (valid, "valid")):
+        if tensor is not None:
+            _check_same_device(tensor, name, gate_out, "gate_out")
     B, T, _ = gate_out.shape
     H = weight.shape[0]
     probs = gate_out.new_empty((B, H, T), dtype=torch.float32)
@@ -139,7 +141,16 @@ def _gate_flags_fake(gate_out, weight, bias, threshold, sink_tokens, position_of
     return probs, keep
 
 
+def _check_same_device(tensor, name: str, ref, ref_name: str) -> None:
+    torch._check(
+        tensor.device == ref.device,
+        lambda: f"{name} must be on the same device as {ref_name} ({ref.device}), got {tensor.device}",
+    )
+
+
 def _check_cache_fake(key_cache, value_cache, lengths) -> None:
+    _check_same_device(value_cache, "value_cache", key_cache, "key_cache")
+    _check_same_device(lengths, "lengths", key_cache, "key_cache")
     torch._check(key_cache.dim() == 4, lambda: f"key_cache must be 4-D (B, H, C, D), got {tuple(key_cache.shape)}")
     torch._check(value_cache.shape == key_cache.shape, lambda: "value_cache must have the shape of key_cache")
     torch._check(lengths.dtype == torch.int32, lambda: f"lengths must be int32, got {lengths.dtype}")
@@ -153,6 +164,9 @@ def _append_kv_fake(key_cache, value_cache, lengths, key, value, keep):
     _check_cache_fake(key_cache, value_cache, lengths)
     torch._check(key.dim() == 4, lambda: f"key must be 4-D (B, H, T, D), got {tuple(key.shape)}")
     torch._check(value.shape == key.shape, lambda: "value must have the shape of key")
+    for tensor, name in ((key, "key"), (value, "value"), (keep, "keep")):
+        if tensor is not None:
+            _check_same_device(tensor, name, key_cache, "key_cache")
     return None
 
 
@@ -160,6 +174,7 @@ def _append_kv_fake(key_cache, value_cache, lengths, key, value, keep):
 def _compact_kv_fake(key_cache, value_cache, lengths, keep):
     _check_cache_fake(key_cache, value_cache, lengths)
     torch._check(keep.dim() == 3, lambda: f"keep must be 3-D (B, H, L), got {tuple(keep.shape)}")
+    _check_same_device(keep, "keep", key_cache, "key_cache")
     return None
 
 
@@ -168,4 +183,5 @@ def _decode_attention_fake(query, key_cache, value_cache, lengths, scale):
     _check_cache_fake(key_cache, value_cache, lengths)
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (B, Hq, D), got {tuple(query.shape)}")
     torch._check(query.dtype == key_cache.dtype, lambda: "query must have the dtype of key_cache")
+    _check_same_device(query, "query", key_cache, "key_cache")
     return query.new_empty(query.shape).contiguous()
