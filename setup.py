@@ -54,9 +54,10 @@ def _extension():
     with_cuda = _want_cuda()
     debug = os.environ.get("ATTNGATE_DEBUG") == "1"
     os.environ.setdefault("MAX_JOBS", "2")
+    # csrc/*.cpp includes python_module.cpp (PyInit__C), which the CMake library leaves out.
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fopenmp"]
+    cxx += ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-psabi", "-fopenmp"]
     extra = {"cxx": cxx}
     macros = [("Py_LIMITED_API", "0x03090000")]
     if with_cuda:

@@ -1,18 +1,8 @@
 // The one place where every attngate op schema is declared. Backends only add TORCH_LIBRARY_IMPL blocks
 // next to their kernels (csrc/cpu/*.cpp, csrc/cuda/*.cu). Mutating ops mark their outputs `(a!)`.
-#include <Python.h>
 #include <torch/library.h>
 
 #include "checks.h"
-
-// `attngate_ext._C` is an empty Python module: importing it loads this shared library, whose static
-// initialisers register the ops below with the dispatcher. No pybind.
-extern "C" {
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(attngate, m) {
   // Fused gate scoring: probs = sigmoid(gate_out @ weight^T + bias) as (B, H, T) float32, keep = probs >= threshold,
