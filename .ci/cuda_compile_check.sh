@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# CI stage 2: compiles the CUDA kernels (no GPU needed) against the CUDA 13.0 build of torch and checks that
+# our sources compile without warnings and that ptxas reports no register spills for the compaction and
+# gate-scoring kernels. Prints the ptxas resource usage of every kernel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${CUDA_VENV:-.venv-cuda}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA_HOME/bin:$PATH"
+command -v nvcc >/dev/null || { echo "nvcc not found under $CUDA_HOME"; exit 1; }
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q "${CUDA_TORCH_SPEC:-torch==2.14.1}" numpy ninja setuptools wheel
+site=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+# The CUDA build of torch includes headers (cusparse.h, ...) that the nvidia wheels carry.
+export CPLUS_INCLUDE_PATH="$site/nvidia/cu13/include${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+export MAX_JOBS=${MAX_JOBS:-2}
+log=build/cuda-compile.log
+mkdir -p build
+rm -rf build/cuda-lib build/cuda-temp
+ATTNGATE_CUDA=1 "$VENV/bin/python" setup.py build_ext -b build/cuda-lib -t build/cuda-temp >"$log" 2>&1 || {
+  tail -n 80 "$log"; echo "CUDA build failed (full log: $log)"; exit 1; }
+
+echo "== ptxas resource usage =="
+grep -E "Compiling entry function|Function properties|spill stores|Used [0-9]+ registers" "$log" \
+  | sed -E 's/ptxas info *: //' | c++filt | sed -E 's/^(Compiling entry function) .(.*). for .(sm_[0-9]+)./\n\1 [\3] \2/' || true
+
+status=0
+if grep -E "csrc/.*(warning|Warning)" "$log"; then
+  echo "FAIL: warnings from our sources (above)"; status=1
+fi
+# Spills of the compaction and gate-scoring kernels: the lines after their entry must say 0 bytes.
+spills=$(awk '/Compiling entry function/ {fn=$0} /spill stores/ && (fn ~ /compact|gate_flags/) && ($0 !~ /0 bytes spill stores, 0 bytes spill loads/) {print fn; print}' "$log")
+if [ -n "$spills" ]; then
+  echo "$spills"; echo "FAIL: register spills in the compaction or gate-scoring kernels"; status=1
+fi
+
+# The built library registers CUDA kernels for every op (they cannot run here: no GPU).
+cp attngate_ext/*.py build/cuda-lib/attngate_ext/
+(cd build/cuda-lib && "$OLDPWD/$VENV/bin/python" - <<'PY'
+import torch, attngate_ext
+ops = ["gate_flags", "append_kv_", "compact_kv_", "decode_attention"]
+missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"attngate::{op}", "CUDA")]
+assert not missing, f"no CUDA kernel registered for {missing}"
+print("CUDA kernels registered for:", ", ".join(ops))
+PY
+) || status=1
+[ $status -eq 0 ] && echo "CUDA compile check passed"
+exit $status
