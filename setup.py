@@ -57,16 +57,16 @@ def _extension():
     # csrc/*.cpp includes python_module.cpp (PyInit__C), which the CMake library leaves out.
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-psabi", "-fopenmp"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 up to 2.13, C++20 after).
+    cxx += ["-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-psabi", "-fopenmp"]
     extra = {"cxx": cxx}
-    macros = [("Py_LIMITED_API", "0x03090000")]
+    macros = []  # py_limited_api=True makes BuildExtension define Py_LIMITED_API itself
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         _say(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = [
             "-O3",
-            "-std=c++17",
             "--expt-relaxed-constexpr",
             "-Xptxas=-v,-warn-spills",
             "-Xcompiler=-Wall",

@@ -1,18 +1,21 @@
 // Small helpers shared by the CPU kernels.
 #pragma once
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <vector>
 
 namespace attngate::cpu {
 
-// Dot product of two float rows, vectorised with ATen's Vectorized<float>.
+// Dot product of two float rows. Eight independent partial sums make the loop body lane-wise, so the compiler
+// vectorises it for the baseline ISA (a plain `sum += a[i] * b[i]` is a serial chain without -ffast-math, and
+// ATen's Vectorized<float> falls back to its generic scalar version in an extension built without
+// CPU_CAPABILITY flags).
 inline float dot(const float* a, const float* b, int64_t n) {
-  using Vec = at::vec::Vectorized<float>;
-  Vec acc(0.0f);
+  constexpr int64_t kLanes = 8;
+  float acc[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
-  float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }

@@ -13,9 +13,11 @@
 namespace attngate {
 namespace {
 
+// The projection runs G-outer, H-inner against a transposed weight: the inner loop updates H independent
+// accumulators lane-wise, which vectorises, instead of H horizontal reductions per row.
 template <typename scalar_t>
 void gate_flags_kernel(const at::Tensor& gate_out,          // (B, T, G), last dim contiguous
-                       const std::vector<float>& weight,     // (H, G) dense float
+                       const std::vector<float>& weight_t,   // (G, H) dense float, the weight transposed
                        const std::vector<float>& bias,       // (H) float, zeros when absent
                        const at::Tensor& valid,              // (B, T) bool or undefined
                        float threshold, int64_t sink_tokens, int64_t position_offset,
@@ -25,15 +27,20 @@ void gate_flags_kernel(const at::Tensor& gate_out,          // (B, T, G), last d
   const scalar_t* x = gate_out.data_ptr<scalar_t>();
   const bool* valid_p = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   at::parallel_for(0, B * T, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(G));
+    std::vector<float> row(static_cast<size_t>(G)), z(static_cast<size_t>(H));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / T, t = i % T;
       cpu::to_float(x + b * gate_out.stride(0) + t * gate_out.stride(1), row.data(), G);
       const bool is_valid = valid_p == nullptr || valid_p[b * valid.stride(0) + t * valid.stride(1)];
       const bool is_sink = position_offset + t < sink_tokens;
+      std::copy(bias.begin(), bias.end(), z.begin());
+      for (int64_t g = 0; g < G; ++g) {
+        const float xg = row[g];
+        const float* w = weight_t.data() + g * H;
+        for (int64_t h = 0; h < H; ++h) z[h] += xg * w[h];
+      }
       for (int64_t h = 0; h < H; ++h) {
-        const float z = cpu::dot(row.data(), weight.data() + h * G, G) + bias[h];
-        const float p = 1.0f / (1.0f + std::exp(-z));
+        const float p = 1.0f / (1.0f + std::exp(-z[h]));
         const int64_t o = (b * H + h) * T + t;
         probs[o] = p;
         keep[o] = is_valid && (is_sink || p >= threshold);
@@ -51,8 +58,8 @@ std::tuple<at::Tensor, at::Tensor> gate_flags_cpu(const at::Tensor& gate_out, co
   at::Tensor probs = at::empty({B, H, T}, gate_out.options().dtype(at::kFloat));
   at::Tensor keep = at::empty({B, H, T}, gate_out.options().dtype(at::kBool));
   if (probs.numel() == 0) return {probs, keep};
-  // The (H, G) weight is tiny next to gate_out: widen it once to a dense float matrix.
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  // The (H, G) weight is tiny next to gate_out: widen it once to a dense, transposed float matrix.
+  const at::Tensor w = weight.to(at::kFloat).t().contiguous();
   std::vector<float> w_f(w.data_ptr<float>(), w.data_ptr<float>() + w.numel());
   std::vector<float> b_f(static_cast<size_t>(H), 0.0f);
   if (bias.has_value()) {

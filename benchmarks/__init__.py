@@ -1,0 +1,1 @@
+"""Benchmarks of the attngate ops (``python benchmarks/run.py --help``)."""

@@ -1,0 +1,146 @@
+// append_kv_: writes the kept rows of key/value (B, H, T, D) after each head's live rows of the cache.
+//
+// Three launches so that a long prefill (T = 32k rows for a handful of heads) spreads over the whole GPU:
+//   1. count_kept_kernel   kept rows of every (head, chunk of kChunk rows)      (skipped when keep is None)
+//   2. plan_lengths_kernel one block: chunk prefixes, validation of every head, then all-or-nothing lengths
+//   3. append_rows_kernel  one block per (head, chunk): block scan of the flags, 16-byte row copies
+// The plan kernel records the old lengths in scratch, so the copy blocks never read a length that another
+// block is updating, and it writes the status word that the copy blocks test before touching the cache.
+#include <algorithm>
+#include <limits>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda_utils.cuh"
+#include "dispatch.h"
+
+namespace attngate {
+namespace {
+
+constexpr int kChunk = 256;  // rows of T per block; one flag per thread
+constexpr int kThreads = kChunk;
+
+struct AppendParams {
+  int64_t H, T, nchunks;
+  int64_t kc_sb, kc_sh, kc_sc;  // key_cache strides
+  int64_t vc_sb, vc_sh, vc_sc;  // value_cache strides
+  int64_t k_sb, k_sh, k_st;     // key strides
+  int64_t v_sb, v_sh, v_st;     // value strides
+  int64_t keep_sb, keep_sh, keep_st;
+  int units_per_row;            // D / vector width
+};
+
+template <typename scalar_t, bool kVector>
+__global__ void __launch_bounds__(kThreads) append_rows_kernel(
+    scalar_t* __restrict__ key_cache,      // (B, H, C, D)
+    scalar_t* __restrict__ value_cache,    // (B, H, C, D)
+    const scalar_t* __restrict__ key,      // (B, H, T, D)
+    const scalar_t* __restrict__ value,    // (B, H, T, D)
+    const bool* __restrict__ keep,         // (B, H, T) or null (every row kept)
+    const int32_t* __restrict__ offsets,   // (B * H, nchunks) kept rows before each chunk; null when keep is null
+    const int32_t* __restrict__ old_len,   // (B * H) lengths before the append
+    const int32_t* __restrict__ status,    // (1) written by plan_lengths_kernel
+    const AppendParams p) {
+  constexpr int kVec = cuda::vec_elems<scalar_t, kVector>();
+  __shared__ int warp_counts[kThreads / 32];
+  __shared__ int src_rows[kChunk];
+  if (*status != 0) return;  // some head failed validation: nothing may be written anywhere
+
+  const int64_t item = blockIdx.x;  // = bh * nchunks + chunk
+  const int64_t bh = item / p.nchunks, chunk = item % p.nchunks;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t t0 = chunk * kChunk;
+  const int64_t t = t0 + threadIdx.x;
+  const bool flag = t < p.T && (keep == nullptr || keep[b * p.keep_sb + h * p.keep_sh + t * p.keep_st]);
+  int n = 0;
+  const int pos = cuda::block_exclusive_count<kThreads>(flag, warp_counts, n);
+  if (flag) src_rows[pos] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+
+  // With keep == null every row is kept, so the chunk's first destination is simply its first row.
+  const int64_t dst0 = old_len[bh] + (offsets != nullptr ? offsets[item] : t0);
+  const scalar_t* ksrc = key + b * p.k_sb + h * p.k_sh + t0 * p.k_st;
+  const scalar_t* vsrc = value + b * p.v_sb + h * p.v_sh + t0 * p.v_st;
+  scalar_t* kdst = key_cache + b * p.kc_sb + h * p.kc_sh + dst0 * p.kc_sc;
+  scalar_t* vdst = value_cache + b * p.vc_sb + h * p.vc_sh + dst0 * p.vc_sc;
+  const int units = p.units_per_row;
+  for (int i = threadIdx.x; i < n * units; i += kThreads) {
+    const int r = i / units;
+    const int64_t col = static_cast<int64_t>(i - r * units) * kVec;
+    const int64_t src_row = src_rows[r];
+    cuda::copy_elems<scalar_t, kVec>(kdst + r * p.kc_sc + col, ksrc + src_row * p.k_st + col);
+    cuda::copy_elems<scalar_t, kVec>(vdst + r * p.vc_sc + col, vsrc + src_row * p.v_st + col);
+  }
+}
+
+}  // namespace
+
+void append_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& lengths, const at::Tensor& key,
+                    const at::Tensor& value, const std::optional<at::Tensor>& keep) {
+  check_append_kv_args(key_cache, value_cache, lengths, key, value, keep);
+  const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), D = key_cache.size(3);
+  const int64_t T = key.size(2);
+  const int64_t BH = B * H;
+  if (BH == 0) return;
+
+  const at::cuda::OptionalCUDAGuard device_guard(device_of(key_cache));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t nchunks = cuda::ceil_div(T, kChunk);
+  TORCH_CHECK(BH * nchunks <= std::numeric_limits<int32_t>::max(), "append_kv_: B * H * ceil(T / ", kChunk,
+              ") must fit in a CUDA grid, got ", BH * nchunks);
+  const bool has_keep = keep.has_value();
+
+  // Scratch: [status][old_len: BH][new_len: BH][chunk offsets: BH * nchunks when keep is given]. The plan kernel
+  // writes every word it or the copy kernel reads, so nothing needs zeroing.
+  const at::Tensor scratch = cuda::make_status_scratch(key_cache, 2 * BH + (has_keep ? BH * nchunks : 0), 0);
+  int32_t* status = scratch.data_ptr<int32_t>();
+  int32_t* old_len = status + 1;
+  int32_t* new_len = old_len + BH;
+  int32_t* offsets = has_keep ? new_len + BH : nullptr;
+
+  const bool* keep_ptr = has_keep ? keep->data_ptr<bool>() : nullptr;
+  const int64_t keep_sb = has_keep ? keep->stride(0) : 0, keep_sh = has_keep ? keep->stride(1) : 0,
+                keep_st = has_keep ? keep->stride(2) : 0;
+  if (has_keep && nchunks > 0) {
+    cuda::count_kept_kernel<kThreads><<<static_cast<unsigned>(BH * nchunks), kThreads, 0, stream>>>(
+        keep_ptr, nullptr, offsets, H, keep_sb, keep_sh, keep_st, 0, 0, nchunks, kChunk, T);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int plan_threads = static_cast<int>(std::min<int64_t>(cuda::kPlanThreads, BH * 32));
+  cuda::plan_lengths_kernel<true><<<1, plan_threads, 0, stream>>>(
+      lengths.data_ptr<int32_t>(), offsets, old_len, new_len, status, BH, H, lengths.stride(0), lengths.stride(1),
+      nchunks, T, C, /*keep_len=*/0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (nchunks > 0 && D > 0) {
+    const bool vec = rows_aligned_for(16, {&key_cache, &value_cache, &key, &value});
+    ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "append_kv_cuda", [&] {
+      AppendParams p;
+      p.H = H;
+      p.T = T;
+      p.nchunks = nchunks;
+      p.kc_sb = key_cache.stride(0), p.kc_sh = key_cache.stride(1), p.kc_sc = key_cache.stride(2);
+      p.vc_sb = value_cache.stride(0), p.vc_sh = value_cache.stride(1), p.vc_sc = value_cache.stride(2);
+      p.k_sb = key.stride(0), p.k_sh = key.stride(1), p.k_st = key.stride(2);
+      p.v_sb = value.stride(0), p.v_sh = value.stride(1), p.v_st = value.stride(2);
+      p.keep_sb = keep_sb, p.keep_sh = keep_sh, p.keep_st = keep_st;
+      const int64_t vec_width = vec ? 16 / static_cast<int64_t>(sizeof(scalar_t)) : 1;
+      TORCH_CHECK(D / vec_width * kChunk <= std::numeric_limits<int32_t>::max(), "append_kv_: head dim D = ", D,
+                  " is too large");
+      p.units_per_row = static_cast<int>(D / vec_width);
+      auto kernel = vec ? append_rows_kernel<scalar_t, true> : append_rows_kernel<scalar_t, false>;
+      kernel<<<static_cast<unsigned>(BH * nchunks), kThreads, 0, stream>>>(
+          key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
+          value.data_ptr<scalar_t>(), keep_ptr, offsets, old_len, status, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  cuda::check_status("append_kv_", scratch);
+}
+
+}  // namespace attngate
+
+TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("append_kv_", &attngate::append_kv_cuda); }

@@ -1,0 +1,198 @@
+// compact_kv_: stable in-place compaction of each (batch, KV head)'s live rows, with no second cache buffer.
+//
+//   1. count_kept_kernel    kept live rows of every (head, chunk of S rows)
+//   2. plan_lengths_kernel  one block: per-chunk destination prefixes, validation, all-or-nothing new lengths
+//   3. compact_rows_kernel  one block per (head, chunk), see below
+//
+// Why several blocks per head: with few heads (B = 1, H = 8, a 32k-row prefill) one block per head would move the
+// cache at a small fraction of the bandwidth. Chunks of one head therefore run in parallel, and the in-place
+// moves stay race-free by these rules:
+//   * A kept row only moves down: its destination (kept rows before it) is <= its source index. So chunk k only
+//     writes rows < (k + 1) * S, i.e. into its own source range and those of lower chunks, never into higher.
+//   * Each block first copies its chunk's kept rows into shared memory, then publishes a per-chunk "read done"
+//     flag (__threadfence + atomic). Its own rows are covered by the __syncthreads between reading and writing.
+//   * Before writing, a block waits for the read-done flags of the (at most two) lower chunks whose source range
+//     its destination range [dst, dst + n) overlaps. Nobody else writes into chunk j's range before it was read.
+//   * Blocks take their (head, chunk) work item from an atomic ticket counter, in increasing order. A block
+//     only waits for lower tickets, whose blocks are therefore already resident, and the read phase itself
+//     never waits, so every awaited flag is eventually published: no deadlock, whatever the block scheduling.
+// The ticket counter and flags are zeroed by an async memset on the current stream (graph capturable).
+#include <algorithm>
+#include <limits>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda_utils.cuh"
+#include "dispatch.h"
+
+namespace attngate {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxChunk = kThreads;          // one keep flag per thread
+constexpr int64_t kSmemBudget = 46 * 1024;   // dynamic smem per block: 4 blocks per SM on A100/H100/H200
+
+struct CompactParams {
+  int64_t H, nchunks;
+  int64_t kc_sb, kc_sh, kc_sc;  // key_cache strides
+  int64_t vc_sb, vc_sh, vc_sc;  // value_cache strides
+  int64_t keep_sb, keep_sh, keep_st;
+  int chunk_rows;               // S
+  int units_per_row;            // D / vector width
+  int D;                        // row pitch of the shared-memory tile, in elements
+};
+
+template <typename scalar_t, bool kVector>
+__global__ void __launch_bounds__(kThreads) compact_rows_kernel(
+    scalar_t* __restrict__ key_cache,      // (B, H, C, D)
+    scalar_t* __restrict__ value_cache,    // (B, H, C, D)
+    const bool* __restrict__ keep,         // (B, H, L)
+    const int32_t* __restrict__ offsets,   // (B * H, nchunks) kept rows of the head before each chunk
+    const int32_t* __restrict__ old_len,   // (B * H) live rows before compaction
+    const int32_t* __restrict__ status,    // (1) written by plan_lengths_kernel
+    int32_t* __restrict__ ticket,          // (1) zeroed
+    int32_t* __restrict__ read_done,       // (B * H * nchunks) zeroed
+    const CompactParams p) {
+  constexpr int kVec = cuda::vec_elems<scalar_t, kVector>();
+  extern __shared__ uint4 smem_tile[];  // S kept K rows, then S kept V rows, D elements each
+  __shared__ int warp_counts[kThreads / 32];
+  __shared__ int src_rows[kMaxChunk];
+  __shared__ int item_s;
+  if (threadIdx.x == 0) item_s = atomicAdd(ticket, 1);
+  __syncthreads();
+  if (*status != 0) return;  // uniform: when it returns, every block returns and nobody waits
+
+  const int64_t item = item_s;  // = bh * nchunks + chunk, taken in ticket order
+  const int64_t bh = item / p.nchunks, chunk = item % p.nchunks;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int S = p.chunk_rows;
+  const int64_t row0 = chunk * S;
+  const int64_t row = row0 + threadIdx.x;
+  const bool flag = static_cast<int>(threadIdx.x) < S && row < old_len[bh] &&
+                    keep[b * p.keep_sb + h * p.keep_sh + row * p.keep_st];
+  int n = 0;
+  const int pos = cuda::block_exclusive_count<kThreads>(flag, warp_counts, n);
+  if (flag) src_rows[pos] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+
+  scalar_t* ktile = reinterpret_cast<scalar_t*>(smem_tile);
+  scalar_t* vtile = ktile + static_cast<int64_t>(S) * p.D;
+  scalar_t* kbase = key_cache + b * p.kc_sb + h * p.kc_sh;
+  scalar_t* vbase = value_cache + b * p.vc_sb + h * p.vc_sh;
+  const int units = p.units_per_row;
+  for (int i = threadIdx.x; i < n * units; i += kThreads) {
+    const int r = i / units;
+    const int col = (i - r * units) * kVec;
+    const int64_t src = row0 + src_rows[r];
+    cuda::copy_elems<scalar_t, kVec>(ktile + r * p.D + col, kbase + src * p.kc_sc + col);
+    cuda::copy_elems<scalar_t, kVec>(vtile + r * p.D + col, vbase + src * p.vc_sc + col);
+  }
+  __syncthreads();  // every source row of this chunk is now in shared memory
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicExch(read_done + item, 1);
+  }
+  if (n == 0) return;
+
+  const int64_t dst0 = offsets[item];
+  const int64_t first = dst0 / S;
+  const int64_t last = std::min<int64_t>((dst0 + n - 1) / S, chunk - 1);
+  const int64_t wait_chunk = first + threadIdx.x;
+  if (wait_chunk <= last) {
+    const volatile int32_t* done = read_done + bh * p.nchunks + wait_chunk;
+    while (*done == 0) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < n * units; i += kThreads) {
+    const int r = i / units;
+    const int col = (i - r * units) * kVec;
+    const int64_t dst = dst0 + r;
+    cuda::copy_elems<scalar_t, kVec>(kbase + dst * p.kc_sc + col, ktile + r * p.D + col);
+    cuda::copy_elems<scalar_t, kVec>(vbase + dst * p.vc_sc + col, vtile + r * p.D + col);
+  }
+}
+
+}  // namespace
+
+void compact_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& lengths, const at::Tensor& keep) {
+  check_compact_kv_args(key_cache, value_cache, lengths, keep);
+  const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), D = key_cache.size(3);
+  const int64_t L = keep.size(2);
+  const int64_t BH = B * H;
+  if (BH == 0) return;
+
+  const at::cuda::OptionalCUDAGuard device_guard(device_of(key_cache));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // Chunk rows S: as many row pairs (K and V) as fit the shared-memory budget, at most one per thread. Very wide
+  // rows fall back to the opt-in shared-memory limit with fewer rows per chunk.
+  const int64_t pair_bytes = 2 * D * static_cast<int64_t>(key_cache.element_size());
+  int64_t smem_limit = kSmemBudget;
+  if (pair_bytes > smem_limit) {
+    smem_limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) - 2048;
+  }
+  TORCH_CHECK(pair_bytes <= smem_limit, "compact_kv_: a key and a value row (", pair_bytes,
+              " bytes) must fit in shared memory (", smem_limit, " bytes) on this device");
+  const int64_t S = pair_bytes > 0 ? std::min<int64_t>(kMaxChunk, smem_limit / pair_bytes) : kMaxChunk;
+  const int64_t nchunks = cuda::ceil_div(std::min(C, L), S);
+  const int64_t nitems = BH * nchunks;
+  TORCH_CHECK(nitems <= std::numeric_limits<int32_t>::max(), "compact_kv_: B * H * ceil(min(C, L) / ", S,
+              ") must fit in a CUDA grid, got ", nitems);
+
+  // Scratch: [status][ticket][read_done: nitems][old_len: BH][new_len: BH][chunk counts / offsets: nitems].
+  const at::Tensor scratch = cuda::make_status_scratch(key_cache, 1 + 2 * nitems + 2 * BH, 2 + nitems);
+  int32_t* status = scratch.data_ptr<int32_t>();
+  int32_t* ticket = status + 1;
+  int32_t* read_done = ticket + 1;
+  int32_t* old_len = read_done + nitems;
+  int32_t* new_len = old_len + BH;
+  int32_t* offsets = new_len + BH;
+
+  int32_t* len_ptr = lengths.data_ptr<int32_t>();
+  if (nitems > 0) {
+    cuda::count_kept_kernel<kThreads><<<static_cast<unsigned>(nitems), kThreads, 0, stream>>>(
+        keep.data_ptr<bool>(), len_ptr, offsets, H, keep.stride(0), keep.stride(1), keep.stride(2), lengths.stride(0),
+        lengths.stride(1), nchunks, static_cast<int>(S), std::min(C, L));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int plan_threads = static_cast<int>(std::min<int64_t>(cuda::kPlanThreads, BH * 32));
+  cuda::plan_lengths_kernel<false><<<1, plan_threads, 0, stream>>>(
+      len_ptr, offsets, old_len, new_len, status, BH, H, lengths.stride(0), lengths.stride(1), nchunks, /*rows=*/0, C,
+      L);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (nitems > 0 && D > 0) {
+    const bool vec = rows_aligned_for(16, {&key_cache, &value_cache});
+    ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "compact_kv_cuda", [&] {
+      CompactParams p;
+      p.H = H;
+      p.nchunks = nchunks;
+      p.kc_sb = key_cache.stride(0), p.kc_sh = key_cache.stride(1), p.kc_sc = key_cache.stride(2);
+      p.vc_sb = value_cache.stride(0), p.vc_sh = value_cache.stride(1), p.vc_sc = value_cache.stride(2);
+      p.keep_sb = keep.stride(0), p.keep_sh = keep.stride(1), p.keep_st = keep.stride(2);
+      p.chunk_rows = static_cast<int>(S);
+      p.D = static_cast<int>(D);  // S * D * 2 elements fit in shared memory, so D fits in int
+      p.units_per_row = static_cast<int>(vec ? D / (16 / static_cast<int64_t>(sizeof(scalar_t))) : D);
+      const size_t smem = static_cast<size_t>(S * pair_bytes);
+      auto kernel = vec ? compact_rows_kernel<scalar_t, true> : compact_rows_kernel<scalar_t, false>;
+      if (smem > 48 * 1024) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+      }
+      kernel<<<static_cast<unsigned>(nitems), kThreads, smem, stream>>>(
+          key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(), keep.data_ptr<bool>(), offsets, old_len,
+          status, ticket, read_done, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  cuda::check_status("compact_kv_", scratch);
+}
+
+}  // namespace attngate
+
+TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("compact_kv_", &attngate::compact_kv_cuda); }
