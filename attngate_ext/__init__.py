@@ -17,6 +17,8 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
     ) from exc
 
 from . import reference
+from .config import AttentionGateConfig
+from .gate import AttentionGate, GateOutput
 from .ops import (
     append_kv_,
     compact_kv_,
@@ -28,6 +30,9 @@ from .ops import (
 )
 
 __all__ = [
+    "AttentionGate",
+    "AttentionGateConfig",
+    "GateOutput",
     "append_kv_",
     "compact_kv_",
     "cuda_kernels_available",

@@ -1,0 +1,135 @@
+"""AttentionGate: the small causal attention that scores, per token and per KV head, whether K/V stay cached."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import AttentionGateConfig
+from .ops import gate_flags
+
+
+class GateOutput(NamedTuple):
+    """What one gate call returns.
+
+    probs: ``(B, H, T)`` float32 retention probabilities (differentiable when the gate needs gradients).
+    keep: ``(B, H, T)`` bool hard flags (threshold, sinks, padding applied).
+    key, value: ``(B, h'_kv, T, d')`` the gate's own K'/V' of these tokens, for its decode cache.
+    """
+
+    probs: torch.Tensor
+    keep: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the Llama convention; x is (B, heads, T, d), cos/sin are (B, T, d)."""
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+class AttentionGate(nn.Module):
+    """The Attention-Gate of one decoder layer (SPEC section 1).
+
+    ``Q' = RoPE(x W_q')``, ``K' = RoPE(x W_k')``, ``V' = x W_v'``, ``O' = causal_softmax(Q'K'^T / sqrt(d')) V'``,
+    ``p = sigmoid(O' W_g + b_g)`` per KV head of the model, ``keep = p >= threshold`` or a sink position, and
+    false on padding. The projection, sigmoid and flags run in the fused ``attngate::gate_flags`` op; when
+    gradients are needed the same formula runs in PyTorch so ``probs`` is differentiable.
+
+    Args:
+        hidden_size: d, the width of the layer input x.
+        num_model_kv_heads: H, the KV heads of the model's attention (one flag per KV head).
+        config: the gate settings; ``config.head_dim`` must be set.
+    """
+
+    def __init__(self, hidden_size: int, num_model_kv_heads: int, config: AttentionGateConfig) -> None:
+        super().__init__()
+        if config.head_dim is None:
+            raise ValueError("AttentionGate needs config.head_dim (add_attention_gates fills in the model's)")
+        self.config = config
+        self.num_model_kv_heads = num_model_kv_heads
+        d = config.head_dim
+        self.q_proj = nn.Linear(hidden_size, config.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(hidden_size, config.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(hidden_size, config.num_kv_heads * d, bias=False)
+        self.score = nn.Linear(config.num_heads * d, num_model_kv_heads, bias=True)  # W_g, b_g
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W_g near zero and b_g = init_bias (+3: p ~ 0.95), so a fresh gate keeps every token."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+        nn.init.normal_(self.score.weight, std=1e-3)
+        nn.init.constant_(self.score.bias, self.config.init_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: Optional[torch.Tensor] = None,
+        sin: Optional[torch.Tensor] = None,
+        *,
+        valid: Optional[torch.Tensor] = None,
+        position_offset: int = 0,
+        past: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    ) -> GateOutput:
+        """Scores the tokens ``x`` ``(B, T, d)``.
+
+        Args:
+            x: the post-norm hidden states the layer's q/k/v projections read.
+            cos, sin: ``(B, T, d')`` rotary tables for these positions (needed when ``config.rope``).
+            valid: ``(B, T)`` bool, False on padding (never kept, never attended to).
+            position_offset: tokens seen before ``x`` (for ``sink_tokens``).
+            past: the gate's cache of earlier tokens, ``(key, value, key_valid)`` with key/value
+                ``(B, h'_kv, P, d')`` and key_valid ``(B, P)`` bool; the gate is causal, so scoring a chunk with
+                its past gives the same flags as scoring the whole sequence.
+        """
+        cfg = self.config
+        B, T, _ = x.shape
+        d = cfg.head_dim
+        q = self.q_proj(x).view(B, T, cfg.num_heads, d).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
+        if cfg.rope:
+            if cos is None or sin is None:
+                raise ValueError("AttentionGate with rope=True needs cos and sin")
+            if tuple(cos.shape) != (B, T, d) or tuple(sin.shape) != (B, T, d):
+                raise ValueError(f"cos and sin must have shape (B, T, head_dim) = {(B, T, d)}, got "
+                                 f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if past is not None:
+            keys = torch.cat([past[0], k], dim=2)
+            values = torch.cat([past[1], v], dim=2)
+            key_valid = torch.cat([past[2], new_valid], dim=1)
+        else:
+            keys, values, key_valid = k, v, new_valid
+        P = keys.shape[2] - T
+        # Query t (absolute P + t) sees keys j <= P + t that are not padding, and always itself, so a padded
+        # query never has an empty row (its flag is forced off anyway).
+        j = torch.arange(P + T, device=x.device)
+        i = torch.arange(T, device=x.device) + P
+        causal = j.view(1, -1) <= i.view(-1, 1)
+        mask = (causal.unsqueeze(0) & key_valid.unsqueeze(1)) | (j.view(1, -1) == i.view(-1, 1)).unsqueeze(0)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=cfg.num_heads != cfg.num_kv_heads
+        )
+        gate_out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * d)
+        weight, bias = self.score.weight, self.score.bias
+        if torch.is_grad_enabled() and (gate_out.requires_grad or weight.requires_grad):
+            probs = torch.sigmoid(F.linear(gate_out.float(), weight.float(), bias.float())).transpose(1, 2)
+            with torch.no_grad():
+                _, keep = gate_flags(gate_out.detach(), weight.detach().to(gate_out.dtype),
+                                     bias.detach().to(gate_out.dtype), cfg.threshold, cfg.sink_tokens,
+                                     position_offset, valid)
+        else:
+            probs, keep = gate_flags(gate_out, weight.to(gate_out.dtype), bias.to(gate_out.dtype), cfg.threshold,
+                                     cfg.sink_tokens, position_offset, valid)
+        return GateOutput(probs, keep, k, v)
