@@ -20,7 +20,7 @@ def _run_both(key_cache, value_cache, lengths, key, value, keep):
     return (key_cache, value_cache, lengths), tuple(ref)
 
 
-def _assert_same_live_rows(got, ref, before_lengths):
+def _assert_same_live_rows(got, ref):
     """Live rows and lengths equal the reference's; rows past the new lengths kept their old contents."""
     (kc, vc, lengths), (rkc, rvc, rlengths) = got, ref
     assert torch.equal(lengths, rlengths)
@@ -50,7 +50,7 @@ def test_matches_reference(device, dtype, D):
     keep = random_mask((B, H, T), 0.5, device, generator=g)
     before = lengths.clone()
     got, ref = _run_both(key_cache, value_cache, lengths, key, value, keep)
-    _assert_same_live_rows(got, ref, before)
+    _assert_same_live_rows(got, ref)
     assert torch.equal(lengths.cpu(), (before + keep.sum(-1)).cpu().to(torch.int32))
 
 
@@ -66,8 +66,7 @@ def test_non_contiguous(device, dtype, layout):
     value = randn_strided((B, H, T, D), dtype, device, layout=layout, generator=g)
     keep = random_mask((B, H, T), 0.6, device, generator=g, layout="transposed")
     assert not (key_cache.is_contiguous() or key.is_contiguous() or keep.is_contiguous() or lengths.is_contiguous())
-    before = lengths.clone()
-    _assert_same_live_rows(*_run_both(key_cache, value_cache, lengths, key, value, keep), before)
+    _assert_same_live_rows(*_run_both(key_cache, value_cache, lengths, key, value, keep))
 
 
 @pytest.mark.parametrize(
@@ -92,7 +91,7 @@ def test_edge_cases(device, case):
         "everything_kept": torch.ones(B, H, T, dtype=torch.bool, device=device),
     }.get(case, random_mask((B, H, T), 0.5, device, generator=g))
     before = lengths.clone()
-    _assert_same_live_rows(*_run_both(key_cache, value_cache, lengths, key, value, keep), before)
+    _assert_same_live_rows(*_run_both(key_cache, value_cache, lengths, key, value, keep))
     added = T if keep is None else keep.sum(-1).to(torch.int32)
     assert torch.equal(lengths, before + added)
 
