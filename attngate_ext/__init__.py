@@ -18,7 +18,17 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
 
 from . import reference
 from .config import AttentionGateConfig
+from .cache import AttnGateCache
 from .gate import AttentionGate, GateOutput
+from .model import (
+    add_attention_gates,
+    gate_config,
+    gate_state_dict,
+    gates,
+    load_gates,
+    remove_attention_gates,
+    save_gates,
+)
 from .ops import (
     append_kv_,
     compact_kv_,
@@ -32,6 +42,14 @@ from .ops import (
 __all__ = [
     "AttentionGate",
     "AttentionGateConfig",
+    "AttnGateCache",
+    "add_attention_gates",
+    "gate_config",
+    "gate_state_dict",
+    "gates",
+    "load_gates",
+    "remove_attention_gates",
+    "save_gates",
     "GateOutput",
     "append_kv_",
     "compact_kv_",

@@ -79,6 +79,7 @@ class AttentionGate(nn.Module):
         valid: Optional[torch.Tensor] = None,
         position_offset: int = 0,
         past: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+        positions: Optional[torch.Tensor] = None,
     ) -> GateOutput:
         """Scores the tokens ``x`` ``(B, T, d)``.
 
@@ -90,20 +91,10 @@ class AttentionGate(nn.Module):
             past: the gate's cache of earlier tokens, ``(key, value, key_valid)`` with key/value
                 ``(B, h'_kv, P, d')`` and key_valid ``(B, P)`` bool; the gate is causal, so scoring a chunk with
                 its past gives the same flags as scoring the whole sequence.
+            positions: optional ``(B, T)`` absolute positions for ``sink_tokens`` (per row, e.g. left padding).
         """
-        cfg = self.config
         B, T, _ = x.shape
-        d = cfg.head_dim
-        q = self.q_proj(x).view(B, T, cfg.num_heads, d).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
-        if cfg.rope:
-            if cos is None or sin is None:
-                raise ValueError("AttentionGate with rope=True needs cos and sin")
-            if tuple(cos.shape) != (B, T, d) or tuple(sin.shape) != (B, T, d):
-                raise ValueError(f"cos and sin must have shape (B, T, head_dim) = {(B, T, d)}, got "
-                                 f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
         if past is not None:
             keys = torch.cat([past[0], k], dim=2)
@@ -119,17 +110,61 @@ class AttentionGate(nn.Module):
         causal = j.view(1, -1) <= i.view(-1, 1)
         mask = (causal.unsqueeze(0) & key_valid.unsqueeze(1)) | (j.view(1, -1) == i.view(-1, 1)).unsqueeze(0)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=cfg.num_heads != cfg.num_kv_heads
+            q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=self.config.num_heads != self.config.num_kv_heads
         )
-        gate_out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * d)
+        probs, keep = self.score_heads(out, valid=valid, position_offset=position_offset, positions=positions)
+        return GateOutput(probs, keep, k, v)
+
+    def project(
+        self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q', K', V' of the tokens ``x`` ``(B, T, d)``: ``(B, h', T, d')``, ``(B, h'_kv, T, d')`` twice, RoPE applied."""
+        cfg = self.config
+        B, T, _ = x.shape
+        d = cfg.head_dim
+        q = self.q_proj(x).view(B, T, cfg.num_heads, d).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
+        if cfg.rope:
+            if cos is None or sin is None:
+                raise ValueError("AttentionGate with rope=True needs cos and sin")
+            if tuple(cos.shape) != (B, T, d) or tuple(sin.shape) != (B, T, d):
+                raise ValueError(f"cos and sin must have shape (B, T, head_dim) = {(B, T, d)}, got "
+                                 f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def score_heads(
+        self,
+        attn_out: torch.Tensor,
+        *,
+        valid: Optional[torch.Tensor] = None,
+        position_offset: int = 0,
+        positions: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Retention probabilities and keep flags ``(B, H, T)`` from the gate attention output ``(B, h', T, d')``.
+
+        Sinks are taken from ``positions`` ``(B, T)`` when given (left-padded batches: each row has its own
+        positions), else from ``position_offset + t``. Padding (``valid`` False) is never kept.
+        """
+        cfg = self.config
+        B, _, T, d = attn_out.shape
+        gate_out = attn_out.transpose(1, 2).reshape(B, T, cfg.num_heads * d)
         weight, bias = self.score.weight, self.score.bias
+        # With per-row positions the op must not apply sinks itself: they are added below.
+        op_sinks = cfg.sink_tokens if positions is None else 0
         if torch.is_grad_enabled() and (gate_out.requires_grad or weight.requires_grad):
             probs = torch.sigmoid(F.linear(gate_out.float(), weight.float(), bias.float())).transpose(1, 2)
             with torch.no_grad():
                 _, keep = gate_flags(gate_out.detach(), weight.detach().to(gate_out.dtype),
-                                     bias.detach().to(gate_out.dtype), cfg.threshold, cfg.sink_tokens,
+                                     bias.detach().to(gate_out.dtype), cfg.threshold, op_sinks,
                                      position_offset, valid)
         else:
             probs, keep = gate_flags(gate_out, weight.to(gate_out.dtype), bias.to(gate_out.dtype), cfg.threshold,
-                                     cfg.sink_tokens, position_offset, valid)
-        return GateOutput(probs, keep, k, v)
+                                     op_sinks, position_offset, valid)
+        if positions is not None and cfg.sink_tokens > 0:
+            sink = (positions < cfg.sink_tokens).unsqueeze(1)
+            if valid is not None:
+                sink = sink & valid.unsqueeze(1)
+            keep = keep | sink
+        return probs, keep

@@ -1,0 +1,120 @@
+"""GatedAttention: a Llama-shaped attention block with an Attention-Gate in front, as a drop-in ``self_attn``."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .cache import AttnGateCache
+from .gate import AttentionGate, GateOutput, apply_rope
+from .masks import block_visibility, grouped_attention
+
+# Keyword the gated model's pre-forward hook uses to hand the 2-D padding mask down to every layer.
+PADDING_MASK_KWARG = "gate_padding_mask"
+# Keyword a caller may pass to a no-cache forward so that tokens from this position on count as "generated"
+# (kept unscored) when ``decode_gating`` is off, matching what the cache does after the prompt call.
+PROMPT_LENGTH_KWARG = "gate_prompt_length"
+
+
+class GatedAttention(nn.Module):
+    """Wraps one attention module of a Llama-style model (q/k/v/o projections, RoPE, GQA, optional bias).
+
+    The wrapped module keeps its weights and is restored by :func:`attngate_ext.remove_attention_gates`. The
+    forward computes the model's q/k/v exactly as the wrapped module does, scores the tokens with ``gate`` and
+    attends under SPEC section 2's rule: with an :class:`AttnGateCache` only kept rows are stored; without a
+    cache the same rule is applied as a mask over the whole sequence.
+    """
+
+    def __init__(
+        self, attention: nn.Module, gate: AttentionGate, rope_theta: float, sliding_window: Optional[int] = None
+    ) -> None:
+        super().__init__()
+        self.attention = attention
+        self.gate = gate
+        self.layer_idx: int = attention.layer_idx
+        self.head_dim: int = attention.head_dim
+        self.scaling: float = attention.scaling
+        self.sliding_window = sliding_window
+        gate_dim = gate.config.head_dim
+        self.gate_shares_rope = gate_dim == self.head_dim
+        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, gate_dim, 2, dtype=torch.float32) / gate_dim))
+        self.register_buffer("gate_inv_freq", inv_freq, persistent=False)
+        self.last_gate: Optional[GateOutput] = None  # probs/keep of the last call, for losses and statistics
+
+    def _gate_rope(self, hidden: torch.Tensor, position_embeddings, position_ids) -> Tuple[torch.Tensor, ...]:
+        B, T, _ = hidden.shape
+        if not self.gate.config.rope:
+            return None, None
+        if self.gate_shares_rope:
+            cos, sin = position_embeddings
+            return cos.expand(B, T, -1), sin.expand(B, T, -1)
+        if position_ids is None:
+            raise ValueError("a gate whose head_dim differs from the model's needs position_ids for its RoPE")
+        freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.gate_inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1).expand(B, T, -1)
+        return emb.cos().to(hidden.dtype), emb.sin().to(hidden.dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[Any] = None,
+        past_key_values: Optional[Any] = None,
+        **kwargs: Any,
+    ) -> Tuple[torch.Tensor, None]:
+        """Same signature and result as the wrapped attention (``(output, None)``; weights are not returned).
+
+        ``attention_mask`` (the model's 4-D mask) is ignored: padding comes from the 2-D mask the gated model's
+        hook passes as ``gate_padding_mask``, and causality and eviction from the rule itself.
+        """
+        attn = self.attention
+        cache = cache if cache is not None else past_key_values
+        padding_mask = kwargs.get(PADDING_MASK_KWARG)
+        position_ids = kwargs.get("position_ids")
+        B, T, _ = hidden_states.shape
+        valid = padding_mask[:, -T:].to(torch.bool) if padding_mask is not None else None
+        if position_ids is not None:
+            position_ids = position_ids.expand(B, T)
+
+        shape = (B, T, -1, self.head_dim)
+        query = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        gate_cos, gate_sin = self._gate_rope(hidden_states, position_embeddings, position_ids)
+        dropout = attn.attention_dropout if self.training else 0.0
+
+        if cache is not None and not isinstance(cache, AttnGateCache):
+            raise TypeError(f"a gated model needs an AttnGateCache, got {type(cache).__name__}")
+        if cache is not None:
+            layer = cache.layer(self.layer_idx)
+            self._check_window(layer.get_seq_length() + T)
+            out, probs, keep = layer.attend(query, key, value, hidden_states, self.gate, gate_cos, gate_sin, valid,
+                                            position_ids, self.scaling, dropout)
+            self.last_gate = GateOutput(probs, keep, None, None)
+        else:
+            self._check_window(T)
+            gate = self.gate(hidden_states, gate_cos, gate_sin, valid=valid, positions=position_ids)
+            keep = gate.keep
+            prompt_length = kwargs.get(PROMPT_LENGTH_KWARG)
+            if prompt_length is not None and not self.gate.config.decode_gating:
+                generated = torch.arange(T, device=keep.device) >= prompt_length
+                keep = torch.where(generated, valid.unsqueeze(1) if valid is not None else True, keep)
+            self.last_gate = GateOutput(gate.probs, keep, None, None)
+            visible = block_visibility(keep, valid, self.gate.config.protect_recent)
+            out = grouped_attention(query, key, value, visible, self.scaling, dropout)
+
+        out = out.transpose(1, 2).reshape(B, T, -1).contiguous()
+        return attn.o_proj(out), None
+
+    def _check_window(self, total: int) -> None:
+        if self.sliding_window is not None and total > self.sliding_window:
+            raise NotImplementedError(
+                f"layer {self.layer_idx} uses sliding-window attention ({self.sliding_window} tokens); gated "
+                f"attention implements full attention only, so sequences are limited to {self.sliding_window} "
+                f"tokens (got {total})"
+            )

@@ -1,0 +1,153 @@
+"""The gated model against the unmodified one, and incremental generation against one no-cache forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attngate_ext as ag
+from attngate_ext.calibration import calibrate_gate_bias, randomize_gates
+
+from tiny_models import KINDS, cache_kwarg, left_pad, make_model, random_ids
+
+STEPS = 20
+
+
+def _greedy_logits(model, ids, steps, **kwargs):
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, min_new_tokens=steps, **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@torch.no_grad()
+def test_fresh_gates_change_nothing(kind):
+    model = make_model(kind)
+    ids = random_ids(2, 23)
+    dense_prefill = model(ids, use_cache=False).logits
+    dense_tokens, dense_steps = _greedy_logits(model, ids, STEPS)
+    ag.add_attention_gates(model)
+    torch.testing.assert_close(model(ids, use_cache=False).logits, dense_prefill, rtol=1e-5, atol=1e-5)
+    tokens, steps = _greedy_logits(model, ids, STEPS)
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(steps, dense_steps, rtol=1e-5, atol=1e-5)
+    # The cache really holds every token: nothing was evicted.
+    cache = ag.AttnGateCache()
+    model.generate(ids, max_new_tokens=3, do_sample=False, **{cache_kwarg(model): cache})
+    assert cache.memory_report()["eviction_ratio"] == 0.0
+
+
+def _gated(kind="mistral", eviction=0.5, seed=0, **config):
+    model = make_model(kind)
+    ag.add_attention_gates(model, ag.AttentionGateConfig(**config))
+    randomize_gates(model, seed=seed)
+    calibrate_gate_bias(model, random_ids(2, 48, seed=7), eviction)
+    return model
+
+
+def _incremental_logits(model, ids, prompt_len, attention_mask=None, position_ids=None):
+    """Prefill ``prompt_len`` tokens, then one token per step, through one AttnGateCache; logits per position."""
+    cache = ag.AttnGateCache()
+    key = cache_kwarg(model)
+
+    def call(sl):
+        kwargs = {key: cache, "use_cache": True}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask[:, : sl.stop]
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids[:, sl]
+        return model(ids[:, sl], **kwargs).logits
+
+    logits = [call(slice(0, prompt_len))]
+    for t in range(prompt_len, ids.shape[1]):
+        logits.append(call(slice(t, t + 1)))
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+@pytest.mark.parametrize("window", [1, 4])
+@pytest.mark.parametrize("decode_gating", [True, False])
+@torch.no_grad()
+def test_incremental_matches_full_forward_under_eviction(chunk, window, decode_gating):
+    model = _gated(protect_recent=window, prefill_chunk=chunk, decode_gating=decode_gating, sink_tokens=2)
+    ids = random_ids(2, 40 + STEPS, seed=3)
+    prompt = 40
+    full = model(ids, use_cache=False, gate_prompt_length=prompt).logits
+    step, cache = _incremental_logits(model, ids, prompt)
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+    report = cache.memory_report()
+    low = 0.3 if decode_gating else 0.15  # without decode gating the 20 generated tokens are all kept
+    assert low < report["eviction_ratio"] < 0.7, report["eviction_ratio"]  # the gates really evict
+    # Eviction changes the output: the check above is not comparing two dense runs.
+    dense = make_model("mistral")(ids, use_cache=False).logits
+    assert (dense - full).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@torch.no_grad()
+def test_incremental_matches_full_forward_left_padded(kind):
+    model = _gated(kind, protect_recent=3, sink_tokens=1, prefill_chunk=5)
+    prompts = [random_ids(1, n, seed=n)[0] for n in (9, 16, 13)]
+    ids, mask = left_pad(prompts)
+    extra = random_ids(3, 6, seed=11)
+    ids = torch.cat([ids, extra], dim=1)
+    mask = torch.cat([mask, torch.ones_like(extra)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    full = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    step, cache = _incremental_logits(model, ids, 16, attention_mask=mask, position_ids=positions)
+    valid = mask.bool()
+    torch.testing.assert_close(step[valid], full[valid], rtol=1e-4, atol=1e-4)
+    report = cache.memory_report()
+    layers, heads = len(model.model.layers), model.config.num_key_value_heads
+    assert report["total_rows"] == int(mask.sum()) * layers * heads  # padding is never counted
+
+
+@torch.no_grad()
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model = _gated("qwen2", protect_recent=2, sink_tokens=1)
+    prompts = [random_ids(1, n, seed=20 + n)[0] for n in (5, 12, 9)]
+    ids, mask = left_pad(prompts)
+    cache = ag.AttnGateCache()
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                           **{cache_kwarg(model): cache})
+    report = cache.memory_report()
+    assert 0.2 < report["eviction_ratio"] < 0.8
+    assert report["total_rows"] == (int(mask.sum()) + 11 * 3) * 2 * 2  # last token is never fed back
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        assert torch.equal(batch[row, -12:], alone[0, -12:]), f"prompt {row}"
+
+
+@torch.no_grad()
+def test_generate_without_cache_and_with_sampling():
+    model = _gated("llama", protect_recent=2)
+    ids = random_ids(2, 20, seed=5)
+    cached = model.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    uncached = model.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10, use_cache=False)
+    assert torch.equal(cached, uncached)
+    torch.manual_seed(123)
+    sampled = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, min_new_tokens=10)
+    torch.manual_seed(123)
+    again = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, min_new_tokens=10)
+    assert sampled.shape == (2, 30) and torch.equal(sampled, again)
+
+
+@torch.no_grad()
+def test_beam_search_on_fresh_gates_matches_dense():
+    model = make_model("mistral")
+    ids = random_ids(2, 12, seed=8)
+    dense = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, min_new_tokens=8)
+    ag.add_attention_gates(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, min_new_tokens=8), dense)
+
+
+@torch.no_grad()
+def test_remove_attention_gates_restores_the_model():
+    model = make_model("qwen2")
+    ids = random_ids(1, 10)
+    before = model(ids).logits
+    _ = ag.add_attention_gates(model)
+    randomize_gates(model)
+    ag.remove_attention_gates(model)
+    assert not any(isinstance(m, ag.AttentionGate) for m in model.modules())
+    torch.testing.assert_close(model(ids).logits, before)

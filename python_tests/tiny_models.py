@@ -1,0 +1,61 @@
+"""Tiny random Llama / Mistral / Qwen2 models built from configs, and helpers shared by the model tests."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+KINDS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4)),  # multi-head
+    "mistral": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=512)),  # GQA
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2)),  # GQA, q/k/v bias
+}
+
+
+def make_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A float32 model in eval mode with SDPA attention; ``overrides`` change config fields."""
+    config_cls, model_cls, extra = KINDS[kind]
+    torch.manual_seed(seed)
+    config = config_cls(**{**_COMMON, **extra, **overrides})
+    config._attn_implementation = "sdpa"
+    model = model_cls(config).eval()
+    if kind == "qwen2":  # Qwen2 initialises its attention biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(std=0.5)
+    return model
+
+
+def cache_kwarg(model) -> str:
+    """``cache`` on transformers >= 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pads 1-D prompts into ``(input_ids, attention_mask)``."""
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.numel():] = prompt
+        mask[row, width - prompt.numel():] = 1
+    return ids, mask
