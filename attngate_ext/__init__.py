@@ -18,17 +18,7 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
 
 from . import reference
 from .config import AttentionGateConfig
-from .cache import AttnGateCache
 from .gate import AttentionGate, GateOutput
-from .model import (
-    add_attention_gates,
-    gate_config,
-    gate_state_dict,
-    gates,
-    load_gates,
-    remove_attention_gates,
-    save_gates,
-)
 from .ops import (
     append_kv_,
     compact_kv_,
@@ -61,3 +51,24 @@ __all__ = [
     "sync_checks",
 ]
 __version__ = "0.1.0"
+
+# The model wiring needs `transformers`; it is imported on first use so that engines calling only the ops
+# (torch.ops.attngate.*) do not pay for it.
+_LAZY = {
+    "AttnGateCache": "cache",
+    "add_attention_gates": "model",
+    "gate_config": "model",
+    "gate_state_dict": "model",
+    "gates": "model",
+    "load_gates": "model",
+    "remove_attention_gates": "model",
+    "save_gates": "model",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

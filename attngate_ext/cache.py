@@ -334,6 +334,10 @@ class AttnGateCache(Cache):
             self.layers.append(AttnGateLayer())
         return self.layers[layer_idx]
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        """Refused: only gated attention layers fill this cache (see :meth:`layer`)."""
+        return AttnGateLayer.update(None, key_states, value_states)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if layer_idx >= len(self.layers):
             return 0

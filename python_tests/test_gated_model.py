@@ -68,9 +68,9 @@ def _incremental_logits(model, ids, prompt_len, attention_mask=None, position_id
 @pytest.mark.parametrize("window", [1, 4])
 @pytest.mark.parametrize("decode_gating", [True, False])
 @torch.no_grad()
-def test_incremental_matches_full_forward_under_eviction(chunk, window, decode_gating):
-    model = _gated(protect_recent=window, prefill_chunk=chunk, decode_gating=decode_gating, sink_tokens=2)
-    ids = random_ids(2, 40 + STEPS, seed=3)
+def test_incremental_matches_full_forward_under_eviction(chunk, window, decode_gating, device):
+    model = _gated(protect_recent=window, prefill_chunk=chunk, decode_gating=decode_gating, sink_tokens=2).to(device)
+    ids = random_ids(2, 40 + STEPS, seed=3).to(device)
     prompt = 40
     full = model(ids, use_cache=False, gate_prompt_length=prompt).logits
     step, cache = _incremental_logits(model, ids, prompt)
@@ -79,20 +79,21 @@ def test_incremental_matches_full_forward_under_eviction(chunk, window, decode_g
     low = 0.3 if decode_gating else 0.15  # without decode gating the 20 generated tokens are all kept
     assert low < report["eviction_ratio"] < 0.7, report["eviction_ratio"]  # the gates really evict
     # Eviction changes the output: the check above is not comparing two dense runs.
-    dense = make_model("mistral")(ids, use_cache=False).logits
+    dense = make_model("mistral").to(device)(ids, use_cache=False).logits
     assert (dense - full).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @torch.no_grad()
-def test_incremental_matches_full_forward_left_padded(kind):
-    model = _gated(kind, protect_recent=3, sink_tokens=1, prefill_chunk=5)
+def test_incremental_matches_full_forward_left_padded(kind, device):
+    model = _gated(kind, protect_recent=3, sink_tokens=1, prefill_chunk=5).to(device)
     prompts = [random_ids(1, n, seed=n)[0] for n in (9, 16, 13)]
     ids, mask = left_pad(prompts)
     extra = random_ids(3, 6, seed=11)
     ids = torch.cat([ids, extra], dim=1)
     mask = torch.cat([mask, torch.ones_like(extra)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     full = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     step, cache = _incremental_logits(model, ids, 16, attention_mask=mask, position_ids=positions)
     valid = mask.bool()

@@ -1,0 +1,132 @@
+"""AttnGateCache memory accounting and capacity, gate save/load, and the errors of the model wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
+
+import attngate_ext as ag
+from attngate_ext.calibration import calibrate_gate_bias, randomize_gates
+from attngate_ext.varlen_kv import VarLenKV
+
+from tiny_models import cache_kwarg, make_model, random_ids
+
+
+@torch.no_grad()
+def test_memory_after_long_prefill_follows_eviction():
+    # 8 KV heads of dim 32; the gate's own K'/V' cache (1 head of dim 8) adds h'_kv*d'/(H*D) = 3% of dense.
+    model = make_model("llama", hidden_size=256, num_attention_heads=8, num_key_value_heads=8, intermediate_size=256)
+    ag.add_attention_gates(model, ag.AttentionGateConfig(head_dim=8))
+    randomize_gates(model, seed=1)
+    ids = random_ids(1, 1024, seed=2)
+    calibrate_gate_bias(model, ids, 0.5)
+    cache = ag.AttnGateCache()
+    model(ids, use_cache=True, **{cache_kwarg(model): cache})
+    report = cache.memory_report()
+    assert abs(report["eviction_ratio"] - 0.5) < 0.05
+    assert report["allocated_bytes"] / report["dense_bytes"] <= (1 - report["eviction_ratio"]) + 0.07
+    assert report["dense_bytes"] == 2 * 2 * 8 * 1024 * 32 * 4  # layers * (K, V) * heads * tokens * dim * fp32
+    for layer in cache.layers:  # trimmed: the capacity is the longest head, nothing reserved beyond it
+        assert layer.kv.capacity == int(layer.kv.lengths.max())
+    assert len(report["retention_per_head"]) == 2 and len(report["retention_per_head"][0]) == 8
+    kept = sum(int(layer.kv.lengths.sum()) for layer in cache.layers)
+    assert report["kept_rows"] == kept and report["total_rows"] == 2 * 8 * 1024
+    assert report["gate_bytes"] == 2 * 2 * 1024 * 8 * 4 + 2 * 4  # layers * (K', V') * tokens * d' * fp32 + lengths
+
+
+def test_varlen_capacity_grows_geometrically():
+    store = VarLenKV(2, 3, 4, torch.float32, torch.device("cpu"))
+    capacities = set()
+    row = torch.randn(2, 3, 1, 4)
+    for _ in range(600):
+        store.append(row, row, None)
+        capacities.add(store.capacity)
+    assert store.capacity >= 600 and store.capacity <= 600 * 17 // 16 + 16
+    assert len(capacities) <= 40  # O(log) reallocations, not one per token
+    store.trim()
+    assert store.capacity == 600
+
+
+@torch.no_grad()
+def test_save_load_roundtrip(tmp_path):
+    model = make_model("qwen2")
+    ag.add_attention_gates(model, ag.AttentionGateConfig(num_heads=2, protect_recent=3, sink_tokens=1))
+    randomize_gates(model, seed=4)
+    ids = random_ids(2, 30)
+    expected = model(ids, use_cache=False).logits
+    ag.save_gates(model, str(tmp_path))
+    fresh = make_model("qwen2")
+    ag.load_gates(fresh, str(tmp_path))
+    assert ag.gate_config(fresh) == ag.gate_config(model)
+    torch.testing.assert_close(fresh(ids, use_cache=False).logits, expected)
+    # Loading into a model that already has the same gates replaces the weights.
+    other = make_model("qwen2")
+    ag.add_attention_gates(other, ag.gate_config(model))
+    ag.load_gates(other, str(tmp_path))
+    torch.testing.assert_close(other(ids, use_cache=False).logits, expected)
+
+
+def test_load_onto_a_mismatched_model_fails(tmp_path):
+    model = make_model("llama")
+    ag.add_attention_gates(model)
+    ag.save_gates(model, str(tmp_path))
+    with pytest.raises(ValueError, match="num_hidden_layers=2, this one has num_hidden_layers=3"):
+        ag.load_gates(make_model("llama", num_hidden_layers=3), str(tmp_path))
+    with pytest.raises(ValueError, match="hidden_size"):
+        ag.load_gates(make_model("llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=2), str(tmp_path))
+    different = make_model("llama")
+    ag.add_attention_gates(different, ag.AttentionGateConfig(threshold=0.3))
+    with pytest.raises(ValueError, match="remove_attention_gates"):
+        ag.load_gates(different, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no saved attention gates"):
+        ag.load_gates(make_model("llama"), str(tmp_path / "missing"))
+
+
+def test_unsupported_models_and_bad_configs_raise():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(TypeError, match="not a Llama-style decoder"):
+        ag.add_attention_gates(gpt2)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    with pytest.raises(TypeError, match=r"unsupported \['q_norm', 'k_norm'\]"):
+        ag.add_attention_gates(qwen3)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ag.add_attention_gates(make_model("llama"), ag.AttentionGateConfig(num_heads=4, num_kv_heads=3))
+    model = ag.add_attention_gates(make_model("llama"))
+    with pytest.raises(ValueError, match="already has attention gates"):
+        ag.add_attention_gates(model)
+    with pytest.raises(ValueError, match="has no attention gates"):
+        ag.remove_attention_gates(make_model("llama"))
+
+
+@torch.no_grad()
+def test_bad_inputs_to_a_gated_model_raise():
+    model = ag.add_attention_gates(make_model("mistral"))
+    ids = random_ids(2, 8)
+    with pytest.raises(ValueError, match="2-D"):
+        model(ids, attention_mask=torch.ones(2, 1, 8, 8, dtype=torch.bool))
+    filled = DynamicCache()
+    filled.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+    with pytest.raises(ValueError, match="cannot continue from a DynamicCache"):
+        model(ids, use_cache=True, **{cache_kwarg(model): filled})
+    cache = ag.AttnGateCache()
+    model(ids, use_cache=True, **{cache_kwarg(model): cache})
+    with pytest.raises(ValueError, match="holds a batch of 2"):
+        model(random_ids(3, 1), use_cache=True, **{cache_kwarg(model): cache})
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(4)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        model(random_ids(1, 600), use_cache=False)  # the tiny Mistral has a 512-token window
+
+
+@torch.no_grad()
+def test_an_ungated_model_refuses_the_gated_cache():
+    model = make_model("llama")
+    with pytest.raises(RuntimeError, match="add_attention_gates"):
+        model(random_ids(1, 4), use_cache=True, **{cache_kwarg(model): ag.AttnGateCache()})
+
+
+def test_empty_cache_report():
+    report = ag.AttnGateCache().memory_report()
+    assert report["allocated_bytes"] == 0 and report["eviction_ratio"] == 0.0
