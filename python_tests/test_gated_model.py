@@ -152,3 +152,23 @@ def test_remove_attention_gates_restores_the_model():
     ag.remove_attention_gates(model)
     assert not any(isinstance(m, ag.AttentionGate) for m in model.modules())
     torch.testing.assert_close(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_fresh_gates_change_nothing_in_half_precision(dtype):
+    model = make_model("mistral").to(dtype)
+    ids = random_ids(2, 30)
+    dense = model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ag.add_attention_gates(model)
+    assert next(iter(ag.gates(model)[0].parameters())).dtype == dtype
+    gated = model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    torch.testing.assert_close(torch.stack(gated.logits), torch.stack(dense.logits), rtol=0, atol=2e-2)
+
+
+@torch.no_grad()
+def test_beam_search_under_eviction_matches_no_cache_beam_search():
+    model = _gated("llama", protect_recent=2, sink_tokens=1)
+    ids = random_ids(2, 14, seed=9)
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, min_new_tokens=8)
+    assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
