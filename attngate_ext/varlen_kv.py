@@ -69,8 +69,11 @@ class VarLenKV:
         needed = self.max_length_bound + new_rows
         if needed <= self.capacity:
             return
+        # Out of room by the bound: read the real lengths back (evictions leave room the bound does not see).
+        # Grow unless that leaves at least ``min_growth`` free rows, so a decode loop synchronises at most once
+        # every ``min_growth`` steps instead of once per step when the cache is nearly full.
         needed = self.refresh_bound() + new_rows
-        if needed <= self.capacity:
+        if needed + self.min_growth <= self.capacity:
             return
         grown = self.capacity + max(int(self.capacity * self.growth), self.min_growth)
         self._resize(max(needed, grown))
