@@ -104,3 +104,32 @@ def decode_attention(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty head has all -inf: zeros
     out = torch.einsum("bqc,bqcd->bqd", probs, v)
     return out.to(query.dtype)
+
+
+def ste_gated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    retain: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    window: int = 1,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The SPEC section 3 formula as written, ``A = m e^s / sum m e^s``, with a full T x T autograd graph."""
+    B, Hq, T, D = query.shape
+    group = Hq // key.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    k = key.float().repeat_interleave(group, dim=1)
+    v = value.float().repeat_interleave(group, dim=1)
+    f = retain.float().repeat_interleave(group, dim=1)  # (B, Hq, T)
+    scores = torch.einsum("bqid,bqjd->bqij", query.float(), k) * scale
+    i = torch.arange(T, device=query.device).view(-1, 1)
+    j = torch.arange(T, device=query.device).view(1, -1)
+    m = torch.where(i - j < window, torch.ones_like(f).unsqueeze(2), f.unsqueeze(2))  # (B, Hq, T, T)
+    m = m * (j <= i)
+    if valid is not None:
+        m = m * valid.view(B, 1, 1, T) + (i == j) * ~valid.view(B, 1, 1, T)  # a padded query sees itself
+    scores = scores.masked_fill(j > i, float("-inf"))
+    weights = m * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    out = torch.einsum("bqij,bqjd->bqid", weights / weights.sum(dim=-1, keepdim=True), v)
+    return out.to(query.dtype)
