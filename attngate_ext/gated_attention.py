@@ -10,6 +10,7 @@ import torch.nn as nn
 from .cache import AttnGateCache
 from .gate import AttentionGate, GateOutput, apply_rope
 from .masks import block_visibility, grouped_attention
+from .ste_attention import ste_gated_attention
 
 # Keyword the gated model's pre-forward hook uses to hand the 2-D padding mask down to every layer.
 PADDING_MASK_KWARG = "gate_padding_mask"
@@ -41,7 +42,11 @@ class GatedAttention(nn.Module):
         self.gate_shares_rope = gate_dim == self.head_dim
         inv_freq = 1.0 / (rope_theta ** (torch.arange(0, gate_dim, 2, dtype=torch.float32) / gate_dim))
         self.register_buffer("gate_inv_freq", inv_freq, persistent=False)
-        self.last_gate: Optional[GateOutput] = None  # probs/keep of the last call, for losses and statistics
+        # Of the last call, for losses and statistics: probs/keep, the retention weights F (differentiable in
+        # training) and the padding mask.
+        self.last_gate: Optional[GateOutput] = None
+        self.last_retain: Optional[torch.Tensor] = None
+        self.last_valid: Optional[torch.Tensor] = None
 
     def _gate_rope(self, hidden: torch.Tensor, position_embeddings, position_ids) -> Tuple[torch.Tensor, ...]:
         B, T, _ = hidden.shape
@@ -96,6 +101,7 @@ class GatedAttention(nn.Module):
             out, probs, keep = layer.attend(query, key, value, hidden_states, self.gate, gate_cos, gate_sin, valid,
                                             position_ids, self.scaling, dropout)
             self.last_gate = GateOutput(probs, keep, None, None)
+            self.last_retain, self.last_valid = keep.to(query.dtype), valid
         else:
             self._check_window(T)
             gate = self.gate(hidden_states, gate_cos, gate_sin, valid=valid, positions=position_ids)
@@ -104,9 +110,21 @@ class GatedAttention(nn.Module):
             if prompt_length is not None and not self.gate.config.decode_gating:
                 generated = torch.arange(T, device=keep.device) >= prompt_length
                 keep = torch.where(generated, valid.unsqueeze(1) if valid is not None else True, keep)
-            self.last_gate = GateOutput(gate.probs, keep, None, None)
-            visible = block_visibility(keep, valid, self.gate.config.protect_recent)
-            out = grouped_attention(query, key, value, visible, self.scaling, dropout)
+            window = self.gate.config.protect_recent
+            self.last_gate, self.last_valid = GateOutput(gate.probs, keep, None, None), valid
+            if gate.probs.requires_grad:
+                # Training (SPEC section 3): hard flags forward, the sigmoid's gradient backward, applied as
+                # multiplicative weights so that evicted keys still get a gradient. Forced keeps (sinks,
+                # decode_gating=False tokens) carry no gradient.
+                probs = gate.probs.to(query.dtype)
+                forced = keep & (gate.probs < self.gate.config.threshold)
+                retain = torch.where(forced, torch.ones_like(probs), keep.to(probs.dtype) + probs - probs.detach())
+                self.last_retain = retain
+                out = ste_gated_attention(query, key, value, retain, valid, window, self.scaling)
+            else:
+                self.last_retain = keep.to(query.dtype)
+                visible = block_visibility(keep, valid, window)
+                out = grouped_attention(query, key, value, visible, self.scaling, dropout)
 
         out = out.transpose(1, 2).reshape(B, T, -1).contiguous()
         return attn.o_proj(out), None

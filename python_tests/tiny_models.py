@@ -14,7 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-VOCAB = 96
+VOCAB = 100  # the character tokenizer of make_tokenizer has 100 entries
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -59,3 +59,17 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor
         ids[row, width - prompt.numel():] = prompt
         mask[row, width - prompt.numel():] = 1
     return ids, mask
+
+
+def make_tokenizer():
+    """A character-level fast tokenizer (printable ASCII + newline), built offline: ``<pad>`` 0, ``<s>`` 1,
+    ``</s>`` 2, ``<unk>`` 3."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
