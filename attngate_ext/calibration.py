@@ -68,3 +68,15 @@ def calibrate_gate_bias(
                 shift[h] = threshold_logit - 0.5 * (ordered[k - 1] + ordered[k])
         bias = attn.gate.score.bias
         bias.add_(shift.to(bias))
+
+
+def set_constant_gates(model: nn.Module, keep: bool) -> None:
+    """Makes every gate keep (or evict) every token regardless of its input.
+
+    With ``keep=False``, ``sink_tokens = s`` and ``protect_recent = w`` the gated model is exactly StreamingLLM
+    (s attention sinks plus a window of the w most recent tokens) on the same cache machinery (SPEC section 2).
+    """
+    for gate in gates(model):
+        with torch.no_grad():
+            gate.score.weight.zero_()
+            gate.score.bias.fill_(30.0 if keep else -30.0)

