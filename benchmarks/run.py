@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Benchmarks every ``torch.ops.attngate`` op against its pure-PyTorch reference, side by side.
+"""Benchmarks every ``torch.ops.attngate`` op against its pure-PyTorch reference, side by side, then a whole model.
 
     python benchmarks/run.py                   # CPU: B=1 H=8 T=4096 D=128 float32; GPU: T in 4096, 32768, bf16
     python benchmarks/run.py --quick           # tiny smoke run (seconds)
-    python benchmarks/run.py --ops compact_kv_ append_kv_ --seq 8192 --dtype bfloat16
+    python benchmarks/run.py --ops compact_kv_ append_kv_ --seq 8192 --dtype bfloat16 --no-e2e
+    python benchmarks/run.py --e2e-only --e2e-prefill 2048 --e2e-batch 4
 
 Each row: median op time and median reference time (after warm-up), speedup = reference / op, achieved
 GB/s of the op under the bytes model stated in each case function, and the measured bandwidth of a
 ``dst.copy_(src)`` moving the same number of bytes. Mutating ops restore ``lengths`` before every repetition,
 outside the timed region. On CUDA the ops run with the device-side value checks' host read-back OFF
 (``attngate_ext.sync_checks(False)``), so a correctness check runs once per case before timing.
+
+The end-to-end section (``benchmarks/e2e.py``, its own table) prefills and decodes a random-weight Llama-style
+model, dense vs gated at 0 / 50 / 75% eviction: prefill time, decode tokens/s and KV-cache bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import contextlib
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -31,6 +35,7 @@ import torch  # noqa: E402
 
 import attngate_ext  # noqa: E402
 from attngate_ext import reference  # noqa: E402
+from benchmarks.e2e import e2e_section  # noqa: E402
 from benchmarks.report import Row, environment, print_row, print_table_head  # noqa: E402
 from benchmarks.timing import CopyBandwidth, gbps, median_us  # noqa: E402
 
@@ -61,6 +66,10 @@ class Config:
     ref_warmup: int
     flush_l2: bool
     seed: int = 0
+    sections: List[str] = field(default_factory=lambda: [name for name, _ in SECTIONS])
+    quick: bool = False  # the e2e section then uses its tiny model
+    e2e_prefill: Optional[int] = None  # e2e overrides of its device preset
+    e2e_batch: Optional[int] = None
 
 
 @dataclass
@@ -255,7 +264,7 @@ CASES: Dict[str, Callable[[Config, int, torch.Generator], Case]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sections: each returns its rows. Add further sections (e.g. the end-to-end model) to SECTIONS below.
+# Sections: each prints its table and returns its rows (``Row.extra`` holds what a section adds to them).
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -286,6 +295,7 @@ def time_case(cfg: Config, case: Case, copy: CopyBandwidth, section: str) -> Row
 def ops_section(cfg: Config) -> List[Row]:
     """Every selected op at every sequence length, against its reference."""
     copy = CopyBandwidth(cfg.device, cfg.reps, cfg.warmup)
+    print_table_head()
     rows = []
     for T in cfg.seqs:
         for name in cfg.ops:
@@ -297,7 +307,7 @@ def ops_section(cfg: Config) -> List[Row]:
 
 SECTIONS: List[Tuple[str, Callable[[Config], List[Row]]]] = [
     ("ops", ops_section),
-    # ("model", model_section),  # end-to-end model section: returns Rows like ops_section
+    ("e2e", e2e_section),  # end-to-end model: dense vs gated prefill + decode (benchmarks/e2e.py)
 ]
 
 
@@ -342,7 +352,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--ref-reps", type=int, default=None, help="reference repetitions (default: reps on CPU, 10 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush the L2 cache between reps")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run: B=1 H=2 T=256 D=64, 3 reps")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: B=1 H=2 T=256 D=64, 3 reps; tiny e2e model")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model section")
+    only.add_argument("--e2e-only", action="store_true", help="run only the end-to-end model section")
+    p.add_argument("--e2e-prefill", type=int, default=None, help="e2e prompt tokens (default 1024 CPU, 4096 CUDA)")
+    p.add_argument("--e2e-batch", type=int, default=None, help="e2e batch (default 1 CPU, 16 CUDA)")
     p.add_argument("--json", type=Path, default=None,
                    help="output file (default benchmarks/results/latest.json, quick.json with --quick)")
     return p.parse_args(argv)
@@ -374,6 +389,10 @@ def make_config(args: argparse.Namespace) -> Config:
         ref_reps=pick(args.ref_reps, 3, reps, min(reps, 10)),
         ref_warmup=min(warmup, 3) if cuda else warmup,
         flush_l2=not args.no_flush,
+        sections=["e2e"] if args.e2e_only else ["ops"] if args.no_e2e else [name for name, _ in SECTIONS],
+        quick=args.quick,
+        e2e_prefill=args.e2e_prefill,
+        e2e_batch=args.e2e_batch,
     )
 
 
@@ -393,12 +412,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.cuda.set_device(cfg.device)
     head = environment(cfg.device, cfg.flush_l2)
     print_header(head, cfg)
-    print_table_head()
     rows: List[Row] = []
     checks = attngate_ext.sync_checks(False) if cfg.device.type == "cuda" else contextlib.nullcontext()
     with checks, torch.no_grad():
-        for _, section in SECTIONS:
-            rows += section(cfg)
+        for name, section in SECTIONS:
+            if name in cfg.sections:
+                rows += section(cfg)
     default = ROOT / "benchmarks" / "results" / ("quick.json" if args.quick else "latest.json")
     out = args.json or default
     out.parent.mkdir(parents=True, exist_ok=True)
