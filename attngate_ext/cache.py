@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import AttentionGateConfig
@@ -47,6 +48,7 @@ class AttnGateLayer(CacheLayerMixin):
         self.valid_count: Optional[torch.Tensor] = None
         self.seen = 0
         self.gating_done = False  # decode_gating=False: the prompt call is over, later tokens are kept unscored
+        self._padded = False  # whether the current call has a padding mask
 
     # ----------------------------------------------------------------------------------------------------
     # transformers Cache layer interface
@@ -153,6 +155,7 @@ class AttnGateLayer(CacheLayerMixin):
         """
         cfg = gate.config
         B, _, T, _ = query.shape
+        self._padded = valid is not None
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=query.device)
         if not self.is_initialized:
@@ -209,12 +212,17 @@ class AttnGateLayer(CacheLayerMixin):
         if T == 1 and self.seen > 0:
             store.append(gk, gv, gate_keep)
             return decode_attention(gq[:, :, 0], store.keys, store.values, store.lengths, scale).unsqueeze(2)
-        visible = block_visibility(torch.ones_like(gate_keep), valid, window=1)
+        if self.seen == 0 and not self._padded:  # a prompt without padding: plain causal attention
+            out = F.scaled_dot_product_attention(gq, gk, gv, is_causal=True, enable_gqa=gq.shape[1] != Hg)
+            store.append(gk, gv, None)
+            return out
+        # Every gate KV head holds the same tokens, so one (B, 1, T, S) mask serves all of them.
+        visible = block_visibility(torch.ones_like(gate_keep[:, :1]), valid, window=1)
         keys, values = gk, gv
         if self.seen > 0:
             rows = store.used_rows
-            live = torch.arange(rows, device=gk.device) < store.lengths.unsqueeze(-1)
-            visible = torch.cat([live.unsqueeze(2).expand(B, Hg, T, rows), visible], dim=-1)
+            live = torch.arange(rows, device=gk.device) < store.lengths[:, :1].unsqueeze(-1)
+            visible = torch.cat([live.unsqueeze(2).expand(B, 1, T, rows), visible], dim=-1)
             keys = torch.cat([store.keys[:, :, :rows], gk], dim=2)
             values = torch.cat([store.values[:, :, :rows], gv], dim=2)
         out = grouped_attention(gq, keys, values, visible, scale)
@@ -266,6 +274,7 @@ class AttnGateLayer(CacheLayerMixin):
             drop = self.pending_valid.unsqueeze(1) & ~self.pending_keep & leaving
             self._drop_rows(self._pending_rows(self.kv.capacity), drop)
         in_next_window = torch.arange(T, device=key.device) >= T - (window - 1)
+        kv.reserve(T, growth=0.5)  # chunks of one prompt: grow by half (the capacity is trimmed after the prompt)
         kv.append(key, value, valid.unsqueeze(1) & (keep | in_next_window))
         self._push_pending(keep, valid)
         return out

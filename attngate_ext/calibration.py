@@ -42,9 +42,9 @@ def calibrate_gate_bias(
     if not 0.0 <= eviction_ratio <= 1.0:
         raise ValueError(f"eviction_ratio must lie in [0, 1], got {eviction_ratio}")
     threshold_logit = math.log(gate_config(model).threshold / (1.0 - gate_config(model).threshold))
-    layers = _decoder(model).layers
-    for layer in layers:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    decoder = _decoder(model)
+    for layer in decoder.layers:
+        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)  # no LM head needed
         attn = layer.self_attn
         probs = attn.last_gate.probs.double().clamp(1e-12, 1 - 1e-12)  # (B, H, T)
         logits = torch.log(probs) - torch.log1p(-probs)

@@ -103,15 +103,17 @@ class AttentionGate(nn.Module):
         else:
             keys, values, key_valid = k, v, new_valid
         P = keys.shape[2] - T
-        # Query t (absolute P + t) sees keys j <= P + t that are not padding, and always itself, so a padded
-        # query never has an empty row (its flag is forced off anyway).
-        j = torch.arange(P + T, device=x.device)
-        i = torch.arange(T, device=x.device) + P
-        causal = j.view(1, -1) <= i.view(-1, 1)
-        mask = (causal.unsqueeze(0) & key_valid.unsqueeze(1)) | (j.view(1, -1) == i.view(-1, 1)).unsqueeze(0)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=self.config.num_heads != self.config.num_kv_heads
-        )
+        gqa = self.config.num_heads != self.config.num_kv_heads
+        if valid is None and past is None:  # plain causal attention: SDPA's fused causal path, no mask tensor
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        else:
+            # Query t (absolute P + t) sees keys j <= P + t that are not padding, and always itself, so a padded
+            # query never has an empty row (its flag is forced off anyway).
+            j = torch.arange(P + T, device=x.device)
+            i = torch.arange(T, device=x.device) + P
+            causal = j.view(1, -1) <= i.view(-1, 1)
+            mask = (causal.unsqueeze(0) & key_valid.unsqueeze(1)) | (j.view(1, -1) == i.view(-1, 1)).unsqueeze(0)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
         probs, keep = self.score_heads(out, valid=valid, position_offset=position_offset, positions=positions)
         return GateOutput(probs, keep, k, v)
 

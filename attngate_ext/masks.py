@@ -46,7 +46,8 @@ def grouped_attention(
     Args:
         query: ``(B, Hq, T, D)``, Hq a multiple of H; query head q reads KV head ``q // (Hq // H)``.
         key, value: ``(B, H, S, D)``.
-        visible: ``(B, H, T, S)`` bool, at least one True per row.
+        visible: ``(B, H, T, S)`` bool (or ``(B, 1, T, S)`` when it does not depend on the head), at least one True
+            per row.
         scale: softmax scale.
 
     Returns:
@@ -55,6 +56,9 @@ def grouped_attention(
     B, Hq, T, D = query.shape
     H, S = key.shape[1], key.shape[2]
     group = Hq // H
+    if visible.shape[1] == 1 or group == 1:  # the mask is the same for every query head of a group
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=group > 1)
     # Fold each group's query heads into the query axis so that the mask stays per KV head.
     q = query.reshape(B, H, group * T, D)
     mask = visible.unsqueeze(2).expand(B, H, group, T, S).reshape(B, H, group * T, S)

@@ -12,7 +12,8 @@ from .ops import append_kv_, compact_kv_
 class VarLenKV:
     """Keys and values ``(B, H, C, D)`` with int32 ``lengths`` ``(B, H)``; rows ``[0, lengths)`` are live.
 
-    The capacity C grows geometrically (by ``growth`` of itself, at least ``min_growth`` rows) when an append
+    The capacity C grows geometrically (by ``growth`` of itself, 1/32 by default so that at most ~3% of the rows
+    are slack, at least ``min_growth`` rows) when an append
     could overflow, and :meth:`trim` shrinks it to the longest head so freed rows go back to the allocator. To
     avoid a host synchronisation per step, the class tracks ``max_length_bound``, an upper bound of
     ``lengths.max()`` that only a growth or a trim refreshes with a real read-back.
@@ -25,7 +26,7 @@ class VarLenKV:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        growth: float = 1.0 / 16,
+        growth: float = 1.0 / 32,
         min_growth: int = 16,
     ) -> None:
         self.keys = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=device)
@@ -64,8 +65,9 @@ class VarLenKV:
         values[:, :, :keep] = self.values[:, :, :keep]
         self.keys, self.values = keys, values
 
-    def reserve(self, new_rows: int) -> None:
-        """Makes room for ``new_rows`` more rows in every head (growing geometrically if needed)."""
+    def reserve(self, new_rows: int, growth: Optional[float] = None) -> None:
+        """Makes room for ``new_rows`` more rows in every head, growing by ``growth`` (default ``self.growth``) of
+        the capacity, at least ``min_growth`` rows, when needed."""
         needed = self.max_length_bound + new_rows
         if needed <= self.capacity:
             return
@@ -75,7 +77,7 @@ class VarLenKV:
         needed = self.refresh_bound() + new_rows
         if needed + self.min_growth <= self.capacity:
             return
-        grown = self.capacity + max(int(self.capacity * self.growth), self.min_growth)
+        grown = self.capacity + max(int(self.capacity * (self.growth if growth is None else growth)), self.min_growth)
         self._resize(max(needed, grown))
 
     def trim(self) -> None:
