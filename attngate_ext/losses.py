@@ -51,6 +51,7 @@ def eviction_loss(
     target_eviction: float = 0.5,
     alpha: float = 1.0,
     per_layer: bool = False,
+    per_head: bool = False,
 ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """``alpha * (mean retention - rho)^2`` with ``rho = 1 - target_eviction`` (SPEC section 3).
 
@@ -62,6 +63,8 @@ def eviction_loss(
         alpha: the loss weight.
         per_layer: penalise each layer's mean retention separately (the loss is then the mean over layers of the
             squared gaps) instead of the global mean over all layers.
+        per_head: penalise each (layer, KV head) separately. Heads that keep similar fractions make the gated
+            cache compact: one layer's storage is as long as its longest head.
 
     Returns:
         ``(loss, stats)`` with stats from :func:`retention_stats` (floats, detached) for logging.
@@ -74,9 +77,12 @@ def eviction_loss(
     means = []
     for layer_retain in retain:
         weight = _valid_weight(layer_retain, valid).to(layer_retain.device)
-        means.append((layer_retain.float() * weight).sum() / weight.sum().clamp_min(1.0))
+        if per_head:  # (H,) means, one squared gap per (layer, head)
+            means.append((layer_retain.float() * weight).sum(dim=(0, 2)) / weight.sum(dim=(0, 2)).clamp_min(1.0))
+        else:
+            means.append((layer_retain.float() * weight).sum() / weight.sum().clamp_min(1.0))
     means_t = torch.stack(means)
-    if per_layer:
+    if per_layer or per_head:
         loss = alpha * ((means_t - rho) ** 2).mean()
     else:
         loss = alpha * (means_t.mean() - rho) ** 2

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .calibration import randomize_gates
 from .config import AttentionGateConfig
 from .data import Examples, sft_examples, text_examples
 from .losses import collect_retention, eviction_loss
@@ -53,8 +54,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-eviction", type=float, default=0.5, help="target eviction ratio (default 0.5)")
     p.add_argument("--alpha", type=float, default=10.0, help="weight of the eviction loss (default 10)")
     p.add_argument("--per-layer-loss", action="store_true", help="target the ratio in every layer, not globally")
+    p.add_argument("--per-head-loss", action="store_true",
+                   help="target the ratio in every (layer, KV head): balanced heads keep the gated cache compact")
     p.add_argument("--gate-config", help="JSON file with AttentionGateConfig fields (default: the defaults)")
     p.add_argument("--init-gates", help="start from gates saved by save_gates instead of fresh ones")
+    p.add_argument("--init-spread", type=float, default=1.0,
+                   help="fresh gates: std of the initial gate logits around the +3 bias (default 1). With W_g near "
+                        "zero every token has the same logit, so lowering the bias would evict all tokens at once; "
+                        "a spread orders them, and retention falls smoothly. 0 keeps the near-zero W_g init")
     p.add_argument("--lora", action="store_true", help="also train LoRA adapters on q/k/v/o (needs peft)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -92,6 +99,11 @@ def load_model(args: argparse.Namespace):
         if args.gate_config:
             config = AttentionGateConfig.from_json(Path(args.gate_config).read_text())
         add_attention_gates(model, config)
+        if args.init_spread > 0:
+            randomize_gates(model, seed=args.seed, spread=args.init_spread)
+            for gate in gates(model):
+                with torch.no_grad():
+                    gate.score.bias.fill_(config.init_bias)
     return model, tokenizer
 
 
@@ -168,7 +180,8 @@ def training_step(model, batch: Dict[str, torch.Tensor], args: argparse.Namespac
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 use_cache=False)
     retain, valid = collect_retention(model)
-    evict, stats = eviction_loss(retain, valid, args.target_eviction, args.alpha, args.per_layer_loss)
+    evict, stats = eviction_loss(retain, valid, args.target_eviction, args.alpha, args.per_layer_loss,
+                                 args.per_head_loss)
     loss = out.loss + evict
     (loss / args.grad_accum).backward()
     return {"loss": loss.item(), "task_loss": out.loss.item(), "eviction_loss": evict.item(), **stats}

@@ -5,6 +5,7 @@
 
 1. Prepares the real model and text (examples/real_assets.py: GGUF -> HF directory, plays split by document).
 2. Trains the gates (base model frozen) with ``python -m attngate_ext.train`` at target eviction 0.5.
+   The gates keep the first 4 tokens (attention sinks), as the StreamingLLM baseline does.
 3. Evaluates held-out perplexity (the held-out plays, non-overlapping 512-token windows) of the ungated model, of
    the gated model at its measured eviction ratio, and of StreamingLLM (4 sinks + a recent window sized to the
    same ratio), the last two on the same AttnGateCache machinery. Writes OUT/eval.json and prints a table.
@@ -39,12 +40,17 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-len", type=int, default=512, help="tokens per evaluation window")
     p.add_argument("--eval-windows", type=int, default=24, help="held-out windows to evaluate")
     p.add_argument("--gate-head-dim", type=int, default=16,
                    help="gate head_dim d' (default 16: SmolLM2 has only 3 KV heads of dim 64, so the gate's own "
                         "K'/V' cache costs d'/(3*64) of the dense cache: 8%%; the default d' = 64 would cost 33%%)")
+    p.add_argument("--window", type=int, default=16,
+                   help="protect_recent w: an evicted token stays visible to the next w-1 queries (default 16)")
+    p.add_argument("--alpha", type=float, default=100.0, help="eviction loss weight (default 100)")
+    p.add_argument("--global-loss", action="store_true",
+                   help="target the ratio over all heads (default: per (layer, KV head), which keeps the cache compact)")
     p.add_argument("--skip-training", action="store_true", help="evaluate the gates already in OUT/gates")
     args = p.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -55,11 +61,12 @@ def main() -> int:
     started = time.time()
     if not args.skip_training:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gate_config.json").write_text(ag.AttentionGateConfig(head_dim=args.gate_head_dim).to_json())
+        config = ag.AttentionGateConfig(head_dim=args.gate_head_dim, sink_tokens=SINKS, protect_recent=args.window)
+        (out / "gate_config.json").write_text(config.to_json())
         train_main(["--gate-config", str(out / "gate_config.json"),"--model", str(model_dir), "--text", *map(str, train_files), "--out", str(out),
                     "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                     "--lr", str(args.lr), "--warmup", "20", "--target-eviction", "0.5", "--save-every", "50",
-                    "--resume"])
+                    "--alpha", str(args.alpha), *([] if args.global_loss else ["--per-head-loss"]), "--resume"])
     train_seconds = time.time() - started
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,7 +85,10 @@ def main() -> int:
     ratio = results["gated"]["eviction_ratio"]
     # StreamingLLM keeps the sinks and the last w - 1 tokens of each window at its end: match the gated ratio there.
     window = max(int(round((1.0 - ratio) * args.eval_len)) - SINKS + 1, 1)
-    streaming = ag.add_attention_gates(fresh_model(), ag.AttentionGateConfig(sink_tokens=SINKS, protect_recent=window))
+    # decode_gating=False: a constant gate needs no K'/V' cache, so it is dropped after the prompt (the flags of a
+    # single prefill are the same).
+    streaming = ag.add_attention_gates(fresh_model(), ag.AttentionGateConfig(
+        sink_tokens=SINKS, protect_recent=window, decode_gating=False))
     set_constant_gates(streaming, keep=False)
     results[f"streaming_llm(sinks={SINKS},window={window})"] = perplexity(streaming, windows, progress=True)
 

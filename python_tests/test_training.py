@@ -77,6 +77,9 @@ def test_eviction_loss_global_and_per_layer_exclude_padding():
     per_layer, _ = eviction_loss([a, b], valid, target_eviction=0.5, per_layer=True)
     assert per_layer.item() == pytest.approx(((2 / 3 - 0.5) ** 2 + (1 / 3 - 0.5) ** 2) / 2)
     assert retention_stats([a], None)["retention"] == pytest.approx(0.75)
+    two_heads = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])  # (B=1, H=2, T=4): mean exactly 0.5
+    assert eviction_loss([two_heads], None, 0.5)[0].item() == 0.0
+    assert eviction_loss([two_heads], None, 0.5, per_head=True)[0].item() == pytest.approx(0.25)
     with pytest.raises(ValueError, match="target_eviction"):
         eviction_loss([a], None, target_eviction=1.5)
 
