@@ -152,6 +152,7 @@ def test_cli_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
 
 
 def test_cli_with_lora_and_sft(tiny_model_dir, tmp_path):
+    pytest.importorskip("peft", reason="peft is not installed (scripts/bootstrap.sh installs it)")
     model_dir, _ = tiny_model_dir
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"prompt": f"Count {i}:", "answer": " " + "x" * i}) + "\n" for i in range(8)))
