@@ -8,7 +8,8 @@
    The gates keep the first 4 tokens (attention sinks), as the StreamingLLM baseline does.
 3. Evaluates held-out perplexity (the held-out plays, non-overlapping 512-token windows) of the ungated model, of
    the gated model at its measured eviction ratio, and of StreamingLLM (4 sinks + a recent window sized to the
-   same ratio), the last two on the same AttnGateCache machinery. Writes OUT/eval.json and prints a table.
+   same final ratio, and again with the window that gives the same average cache size over a window), all gated
+   variants on the same AttnGateCache machinery. Writes OUT/eval.json and prints a table.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import attngate_ext as ag  # noqa: E402
+from attngate_ext import remove_attention_gates  # noqa: E402
 from attngate_ext.calibration import set_constant_gates  # noqa: E402
 from attngate_ext.perplexity import perplexity, token_windows  # noqa: E402
 from attngate_ext.train import main as train_main  # noqa: E402
@@ -37,7 +39,7 @@ SINKS = 4
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "runs" / "smollm2-gates"))
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -91,13 +93,25 @@ def main() -> int:
         sink_tokens=SINKS, protect_recent=window, decode_gating=False))
     set_constant_gates(streaming, keep=False)
     results[f"streaming_llm(sinks={SINKS},window={window})"] = perplexity(streaming, windows, progress=True)
+    # Equal final ratio favours StreamingLLM: it evicts nothing until its window fills, so over a window of T tokens
+    # it holds more on average than a gate that evicts at a steady rate. Also compare at an equal *average* cache:
+    # a window w keeps on average (w^2/2 + w(T - w)) / (T^2/2) of a dense cache's; solve for the gate's average.
+    T = args.eval_len
+    kept = 1.0 - ratio
+    avg_window = max(int(round(T * (1.0 - (1.0 - kept) ** 0.5))) - SINKS + 1, 1)
+    remove_attention_gates(streaming)
+    streaming = ag.add_attention_gates(streaming, ag.AttentionGateConfig(
+        sink_tokens=SINKS, protect_recent=avg_window, decode_gating=False))
+    set_constant_gates(streaming, keep=False)
+    results[f"streaming_llm(sinks={SINKS},window={avg_window}) equal average cache"] = perplexity(
+        streaming, windows, progress=True)
 
     print(f"\nheld-out: {[p.name for p in held_out]}, {windows.shape[0]} windows x {args.eval_len} tokens; "
           f"training {train_seconds / 60:.1f} min")
-    print(f"{'policy':<40} {'perplexity':>10} {'eviction':>9} {'KV bytes / dense':>17}")
+    print(f"{'policy':<62} {'perplexity':>10} {'eviction':>9} {'KV bytes / dense':>17}")
     for name, r in results.items():
         share = f"{r['allocated_bytes'] / r['dense_bytes']:.3f}" if r["allocated_bytes"] else "1.000"
-        print(f"{name:<40} {r['perplexity']:>10.2f} {r['eviction_ratio']:>9.3f} {share:>17}")
+        print(f"{name:<62} {r['perplexity']:>10.2f} {r['eviction_ratio']:>9.3f} {share:>17}")
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
     (out / "eval.json").write_text(json.dumps({"results": results, "held_out": [p.name for p in held_out],
                                                "eval_len": args.eval_len, "train_seconds": train_seconds,
