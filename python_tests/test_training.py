@@ -190,3 +190,12 @@ def test_200_steps_reach_the_target_retention(tiny_model_dir, tmp_path):
         retention = retention_stats(*collect_retention(base))["retention"]
     assert abs(retention - 0.5) <= 0.05, (retention, report["final"])
     assert gated.item() <= ungated.item() + 0.1, (gated.item(), ungated.item())  # the stated bound: 0.1 nats
+
+
+def test_module_entry_point_runs():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "attngate_ext.train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--target-eviction" in done.stdout
