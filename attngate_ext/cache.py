@@ -141,6 +141,7 @@ class AttnGateLayer(CacheLayerMixin):
         positions: Optional[torch.Tensor],
         scale: float,
         dropout_p: float = 0.0,
+        flag_source: Optional[Any] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gates the new tokens, attends under SPEC section 2's rule and stores only what stays.
 
@@ -148,6 +149,8 @@ class AttnGateLayer(CacheLayerMixin):
             query: ``(B, Hq, T, D)``; key, value: ``(B, H, T, D)`` (RoPE applied).
             gate_input: ``(B, T, d)`` the layer input the gate reads; gate_cos/gate_sin ``(B, T, d')``.
             valid: ``(B, T)`` bool, False on padding (None: no padding). positions: ``(B, T)`` for sinks.
+            flag_source: optional ``f(valid, positions, heads) -> keep (B, H, T)`` that replaces the gate (a
+                baseline policy deciding at creation time, see :mod:`attngate_ext.policies`).
 
         Returns:
             ``(output (B, Hq, T, D), probs (B, H, T), keep (B, H, T))``; a long prompt is processed in
@@ -172,6 +175,7 @@ class AttnGateLayer(CacheLayerMixin):
                     query[:, :, piece], key[:, :, piece], value[:, :, piece], gate_input[:, piece], gate,
                     None if gate_cos is None else gate_cos[:, piece], None if gate_sin is None else gate_sin[:, piece],
                     valid[:, piece], None if positions is None else positions[:, piece], scale, dropout_p,
+                    flag_source,
                 )
                 outputs.append(out)
                 all_probs.append(probs)
@@ -180,15 +184,18 @@ class AttnGateLayer(CacheLayerMixin):
             self.kv.trim()
             if self.gate_kv is not None:
                 self.gate_kv.trim()
-        if prompt_call and not cfg.decode_gating:
+        if flag_source is not None or (prompt_call and not cfg.decode_gating):
             self.gate_kv = None  # generated tokens are not scored, so the gate's K'/V' are no longer needed
             self.gating_done = True
         return torch.cat(outputs, dim=2), torch.cat(all_probs, dim=2), torch.cat(all_keep, dim=2)
 
     def _attend_chunk(self, query, key, value, gate_input, gate, gate_cos, gate_sin, valid, positions, scale,
-                      dropout_p):
+                      dropout_p, flag_source):
         B, H, T, _ = key.shape
-        if self.gating_done:
+        if flag_source is not None:
+            keep = flag_source(valid, positions, H) & valid.unsqueeze(1)
+            probs = keep.float()
+        elif self.gating_done:
             keep = valid.unsqueeze(1).expand(B, H, T)
             probs = keep.float()
         else:

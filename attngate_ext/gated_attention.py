@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,11 @@ class GatedAttention(nn.Module):
         self.register_buffer("gate_inv_freq", inv_freq, persistent=False)
         # Of the last call, for losses and statistics: probs/keep, the retention weights F (differentiable in
         # training) and the padding mask.
+        # A baseline policy's flags instead of the gate's: f(valid, positions, heads) -> keep (B, H, T).
+        self.flag_source: Optional[Callable[..., torch.Tensor]] = None
+        # When set, the next forward stores its post-RoPE (query, key, valid) here, for post-prefill scoring.
+        self.record_qk = False
+        self.recorded: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
         self.last_gate: Optional[GateOutput] = None
         self.last_retain: Optional[torch.Tensor] = None
         self.last_valid: Optional[torch.Tensor] = None
@@ -93,18 +98,27 @@ class GatedAttention(nn.Module):
         gate_cos, gate_sin = self._gate_rope(hidden_states, position_embeddings, position_ids)
         dropout = attn.attention_dropout if self.training else 0.0
 
+        if self.record_qk:
+            self.recorded = (query, key, valid)
         if cache is not None and not isinstance(cache, AttnGateCache):
             raise TypeError(f"a gated model needs an AttnGateCache, got {type(cache).__name__}")
         if cache is not None:
             layer = cache.layer(self.layer_idx)
             self._check_window(layer.get_seq_length() + T)
             out, probs, keep = layer.attend(query, key, value, hidden_states, self.gate, gate_cos, gate_sin, valid,
-                                            position_ids, self.scaling, dropout)
+                                            position_ids, self.scaling, dropout, self.flag_source)
             self.last_gate = GateOutput(probs, keep, None, None)
             self.last_retain, self.last_valid = keep.to(query.dtype), valid
         else:
             self._check_window(T)
-            gate = self.gate(hidden_states, gate_cos, gate_sin, valid=valid, positions=position_ids)
+            if self.flag_source is not None:
+                keep = self.flag_source(valid if valid is not None else torch.ones(B, T, dtype=torch.bool,
+                                        device=query.device), position_ids, key.shape[1])
+                if valid is not None:
+                    keep = keep & valid.unsqueeze(1)
+                gate = GateOutput(keep.float(), keep, None, None)
+            else:
+                gate = self.gate(hidden_states, gate_cos, gate_sin, valid=valid, positions=position_ids)
             keep = gate.keep
             prompt_length = kwargs.get(PROMPT_LENGTH_KWARG)
             if prompt_length is not None and not self.gate.config.decode_gating:

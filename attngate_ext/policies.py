@@ -1,0 +1,248 @@
+"""Baseline eviction policies on the gated cache machinery, so comparisons measure policies, not implementations.
+
+Every policy scores the tokens of a prompt per (batch row, KV head); :func:`budget_flags` keeps the best
+``ceil((1 - eviction_ratio) * n)`` valid tokens of each head. Two ways to apply them:
+
+* post-prefill pruning (as kvpress does): prefill with every token cached, score, then drop the rest of each head's
+  rows in place with ``compact_kv_`` (:func:`prune_cache`);
+* in context (causal, during prefill, as the gate does) for the policies that decide a token when it is created:
+  :func:`in_context_policy` turns them into a gate replacement (``GatedAttention.flag_source``) plus the window
+  ``protect_recent`` of SPEC section 2.
+
+Scores are computed from the post-RoPE queries and keys the gated layers record (``GatedAttention.record_qk``);
+with grouped-query attention the attention of a KV head is the sum over the query heads of its group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_FORCED = float("inf")  # score of tokens a policy always keeps (sinks, recent window)
+
+
+class Policy:
+    """A scoring rule: higher scores are kept first."""
+
+    name = "policy"
+
+    def scores(self, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B, H, T)`` for queries ``(B, Hq, T, D)``, keys ``(B, H, T, D)``, ``valid`` ``(B, T)`` (False on
+        left padding) and the per-row budget ``(B,)`` of tokens each head will keep."""
+        raise NotImplementedError
+
+
+def _recency(valid: torch.Tensor) -> torch.Tensor:
+    """Index of each valid token counted from the end of its row (0 = the last token); padding gets a large value."""
+    from_end = valid.flip(1).long().cumsum(1).flip(1) - 1
+    return torch.where(valid, from_end, valid.shape[1])
+
+
+def _positions(valid: torch.Tensor) -> torch.Tensor:
+    return valid.long().cumsum(1) - 1
+
+
+class LocalWindow(Policy):
+    """Keeps the most recent tokens only (a sliding window; no sinks)."""
+
+    name = "window"
+
+    def scores(self, query, key, valid, budget):
+        return -_recency(valid).float().unsqueeze(1).expand(key.shape[0], key.shape[1], -1)
+
+
+class StreamingLLM(Policy):
+    """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024): the first
+    ``sinks`` tokens (default 4, the paper's) plus a window of the most recent tokens."""
+
+    name = "streaming_llm"
+
+    def __init__(self, sinks: int = 4) -> None:
+        self.sinks = sinks
+
+    def scores(self, query, key, valid, budget):
+        recent = -_recency(valid).float()
+        sink = (_positions(valid) < self.sinks) & valid
+        return torch.where(sink, _FORCED, recent).unsqueeze(1).expand(key.shape[0], key.shape[1], -1)
+
+
+class RandomPolicy(Policy):
+    """Keeps a uniformly random subset of each head's tokens (seeded)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def scores(self, query, key, valid, budget):
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.rand(key.shape[0], key.shape[1], key.shape[2], generator=generator).to(key.device)
+
+
+def _causal_attention(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Causal softmax attention of the queries ``rows`` over all keys, summed over each KV head's query heads:
+    ``(B, H, len(rows), T)`` float32."""
+    B, Hq, T, D = query.shape
+    H = key.shape[1]
+    q = query[:, :, rows].float().view(B, H, Hq // H, -1, D)
+    scores = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2)) / math.sqrt(D)
+    i = torch.arange(T, device=query.device)[rows].view(-1, 1)
+    j = torch.arange(T, device=query.device).view(1, -1)
+    visible = (j <= i) & valid.view(B, 1, 1, 1, T)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(dim=2)
+
+
+class H2O(Policy):
+    """H2O (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs", NeurIPS 2023):
+    the budget is split between heavy hitters (largest attention accumulated over every query of the prompt) and
+    the most recent tokens, half each (``recent_fraction=0.5``, the paper's equal heavy/recent ratios)."""
+
+    name = "h2o"
+
+    def __init__(self, recent_fraction: float = 0.5) -> None:
+        self.recent_fraction = recent_fraction
+
+    def scores(self, query, key, valid, budget):
+        accumulated = _causal_attention(query, key, valid, slice(None)).sum(dim=2)  # (B, H, T)
+        recent = _recency(valid).unsqueeze(1) < torch.ceil(budget * self.recent_fraction).view(-1, 1, 1)
+        return torch.where(recent, _FORCED, accumulated)
+
+
+class SnapKV(Policy):
+    """SnapKV (Li et al., "SnapKV: LLM Knows What You Are Looking For Before Generation", NeurIPS 2024): the
+    attention of the last ``window`` queries (the observation window, default 32) to each earlier token, summed
+    over the window, smoothed by 1-D pooling (``kernel`` 5, average pooling: the reference implementation's
+    defaults), selects the prefix tokens; the observation window itself is always kept."""
+
+    name = "snapkv"
+
+    def __init__(self, window: int = 32, kernel: int = 5, pooling: str = "avgpool") -> None:
+        if pooling not in ("avgpool", "maxpool"):
+            raise ValueError(f"pooling must be 'avgpool' or 'maxpool', got {pooling!r}")
+        self.window, self.kernel, self.pooling = window, kernel, pooling
+
+    def scores(self, query, key, valid, budget):
+        T = key.shape[2]
+        window = min(self.window, T)
+        votes = _causal_attention(query, key, valid, slice(T - window, T)).sum(dim=2)  # (B, H, T)
+        B, H, _ = votes.shape
+        pool = F.avg_pool1d if self.pooling == "avgpool" else F.max_pool1d
+        pooled = pool(votes.view(B * H, 1, T), kernel_size=self.kernel, stride=1, padding=self.kernel // 2)
+        pooled = pooled.view(B, H, T)
+        in_window = torch.arange(T, device=key.device) >= T - window
+        return torch.where(in_window, _FORCED, pooled)
+
+
+POLICIES = {cls.name: cls for cls in (LocalWindow, StreamingLLM, RandomPolicy, H2O, SnapKV)}
+
+
+def keep_budget(valid: torch.Tensor, eviction_ratio: float) -> torch.Tensor:
+    """Tokens each head of a row keeps: ``ceil((1 - eviction_ratio) * valid tokens)``, ``(B,)``."""
+    if not 0.0 <= eviction_ratio <= 1.0:
+        raise ValueError(f"eviction_ratio must lie in [0, 1], got {eviction_ratio}")
+    return torch.ceil(valid.sum(dim=1) * (1.0 - eviction_ratio) - 1e-9).long()
+
+
+def budget_flags(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Keep flags ``(B, H, T)``: the ``budget[b]`` highest-scoring valid tokens of every head (ties: the earlier)."""
+    B, H, T = scores.shape
+    ranked = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=scores.device).expand(B, H, T))
+    return (rank < budget.view(B, 1, 1)) & valid.unsqueeze(1)
+
+
+def _gated_layers(model: nn.Module) -> List[nn.Module]:
+    from .model import _decoder, _state
+
+    _state(model)
+    return [layer.self_attn for layer in _decoder(model).layers]
+
+
+def record_queries_and_keys(model: nn.Module, enabled: bool) -> None:
+    """Makes the gated layers keep the post-RoPE queries/keys of their next forward (for :func:`prune_cache`)."""
+    for attn in _gated_layers(model):
+        attn.record_qk = enabled
+        attn.recorded = None
+
+
+@torch.no_grad()
+def prune_cache(model: nn.Module, cache, policy: Policy, eviction_ratio: float) -> List[torch.Tensor]:
+    """Post-prefill pruning: scores the prompt the model just prefilled into ``cache`` (every token cached, with
+    :func:`record_queries_and_keys` on) and compacts each layer in place to the policy's budget.
+
+    Returns the keep flags ``(B, H, T)`` of every layer (indexed by sequence slot).
+    """
+    flags = []
+    for attn, layer in zip(_gated_layers(model), cache.layers):
+        if attn.recorded is None:
+            raise RuntimeError("prune_cache needs the prefill's queries and keys: call record_queries_and_keys("
+                               "model, True) before the prefill")
+        query, key, valid = attn.recorded
+        B, H, T, _ = key.shape
+        valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=key.device)
+        if not torch.equal(layer.kv.lengths.long().sum(dim=1), valid.sum(dim=1) * H):
+            raise RuntimeError("prune_cache needs a cache that holds every prompt token (keep-all gates, w = 1)")
+        budget = keep_budget(valid, eviction_ratio)
+        keep = budget_flags(policy.scores(query, key, valid, budget), valid, budget)
+        # Cache rows are the valid slots in order: move each row's flag to its row index.
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        keep_rows = keep.gather(2, order.unsqueeze(1).expand(B, H, T))
+        layer.kv.compact(keep_rows)
+        layer.kv.trim()
+        flags.append(keep)
+        attn.recorded = None
+    return flags
+
+
+def in_context_policy(
+    policy: Policy, eviction_ratio: float, context_length: int
+) -> Tuple[Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor], int, int]:
+    """A creation-time version of a policy for in-context eviction: ``(flag_source, sink_tokens, protect_recent)``.
+
+    The window is sized so that after ``context_length`` tokens each head holds the policy's budget: StreamingLLM
+    keeps its sinks and the last ``w - 1`` tokens, a local window the last ``w - 1``, random keeps each token with
+    probability ``1 - eviction_ratio`` (w = 1). H2O and SnapKV choose tokens from attention that arrives after the
+    token is created, so they have no creation-time form here and raise ``NotImplementedError``.
+    """
+    keep = max(int(math.ceil((1.0 - eviction_ratio) * context_length - 1e-9)), 0)
+    if isinstance(policy, (StreamingLLM, LocalWindow)):
+        sinks = policy.sinks if isinstance(policy, StreamingLLM) else 0
+        window = max(keep - sinks + 1, 1)
+
+        def evict_all(valid, positions, heads):
+            pos = positions if positions is not None else _positions(valid)
+            return ((pos < sinks) & valid).unsqueeze(1).expand(valid.shape[0], heads, valid.shape[1])
+
+        return evict_all, sinks, window
+    if isinstance(policy, RandomPolicy):
+        generator = torch.Generator().manual_seed(policy.seed)
+
+        def coin(valid, positions, heads):
+            draw = torch.rand(valid.shape[0], heads, valid.shape[1], generator=generator).to(valid.device)
+            return draw < (1.0 - eviction_ratio)
+
+        return coin, 0, 1
+    raise NotImplementedError(f"{type(policy).__name__} has no in-context (creation-time) form yet")
+
+
+def use_in_context_policy(model: nn.Module, policy: Optional[Policy], eviction_ratio: float = 0.0,
+                          context_length: int = 0) -> None:
+    """Makes every gated layer take its flags from ``policy`` (see :func:`in_context_policy`) instead of its gate;
+    ``policy=None`` gives the gates back (with the window of the model's gate config)."""
+    import dataclasses
+
+    from .model import gate_config
+
+    if policy is None:
+        source, window = None, gate_config(model).protect_recent
+    else:
+        source, _, window = in_context_policy(policy, eviction_ratio, context_length)
+    for attn in _gated_layers(model):
+        attn.flag_source = source
+        attn.gate.config = dataclasses.replace(attn.gate.config, protect_recent=window)

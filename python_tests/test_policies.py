@@ -1,0 +1,144 @@
+"""Baseline policies: flags match each definition on hand-checkable inputs; pruning and in-context memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attngate_ext as ag
+from attngate_ext.policies import (
+    H2O,
+    LocalWindow,
+    RandomPolicy,
+    SnapKV,
+    StreamingLLM,
+    budget_flags,
+    keep_budget,
+    prune_cache,
+    record_queries_and_keys,
+    use_in_context_policy,
+)
+
+from tiny_models import cache_kwarg, make_model, random_ids
+
+
+def _flags(policy, valid, ratio, q=None, k=None):
+    B, T = valid.shape
+    q = torch.randn(B, 4, T, 8) if q is None else q
+    k = torch.randn(B, 2, T, 8) if k is None else k
+    budget = keep_budget(valid, ratio)
+    return budget_flags(policy.scores(q, k, valid, budget), valid, budget)
+
+
+def _slots(flags_row):
+    return flags_row.nonzero().flatten().tolist()
+
+
+def test_streaming_llm_keeps_exactly_the_sinks_and_the_window():
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :2] = False  # left padding: row 1's positions start at slot 2
+    keep = _flags(StreamingLLM(sinks=4), valid, ratio=0.5)
+    assert _slots(keep[0, 0]) == [0, 1, 2, 3, 10, 11]  # 6 of 12: 4 sinks + the last 2
+    assert _slots(keep[1, 1]) == [2, 3, 4, 5, 11]  # 5 of 10 valid: ceil(0.5 * 10) = 5
+    assert torch.equal(keep[:, 0], keep[:, 1])  # position-based: every head alike
+
+
+def test_local_window_and_random():
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    assert _slots(_flags(LocalWindow(), valid, ratio=0.7)[0, 0]) == [7, 8, 9]
+    random = _flags(RandomPolicy(seed=3), valid, ratio=0.6)
+    assert random.sum(dim=-1).tolist() == [[4, 4]]  # exactly the budget per head
+    assert torch.equal(random, _flags(RandomPolicy(seed=3), valid, ratio=0.6))
+    assert not torch.equal(random[0, 0], random[0, 1]) or not torch.equal(random, _flags(RandomPolicy(4), valid, 0.6))
+
+
+def _naive_attention(q, k, i):
+    """Softmax of query row i over keys 0..i, summed over a KV head's query heads: {(b, h): [weights]}."""
+    B, Hq, T, D = q.shape
+    H = k.shape[1]
+    out = torch.zeros(B, H, T)
+    for b in range(B):
+        for qh in range(Hq):
+            h = qh // (Hq // H)
+            s = torch.tensor([float(q[b, qh, i] @ k[b, h, j]) / math.sqrt(D) for j in range(i + 1)])
+            out[b, h, : i + 1] += torch.softmax(s, dim=0)
+    return out
+
+
+def test_h2o_keeps_heavy_hitters_and_the_recent_half():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8)
+    u = torch.randn(8)
+    q[0, :, 6:] = u + 0.1 * torch.randn(4, 10, 8)  # the later queries all look for u ...
+    k[0, :, 5] = 3 * u  # ... which token 5 holds
+    valid = torch.ones(1, 16, dtype=torch.bool)
+    keep = _flags(H2O(), valid, ratio=0.75, q=q, k=k)  # budget 4: 2 recent + 2 heavy
+    accumulated = sum(_naive_attention(q, k, i) for i in range(16))
+    for h in range(2):
+        heavy = accumulated[0, h, :14].topk(2).indices.sort().values.tolist()
+        assert _slots(keep[0, h]) == sorted(heavy + [14, 15])
+        assert 5 in heavy
+
+
+def test_snapkv_votes_of_the_observation_window_with_pooling():
+    torch.manual_seed(1)
+    T, window, kernel = 20, 4, 3
+    q, k = torch.randn(1, 2, T, 8), torch.randn(1, 2, T, 8)
+    valid = torch.ones(1, T, dtype=torch.bool)
+    keep = _flags(SnapKV(window=window, kernel=kernel), valid, ratio=0.6, q=q, k=k)  # budget 8: window 4 + 4
+    votes = sum(_naive_attention(q, k, i) for i in range(T - window, T))[0]
+    padded = torch.nn.functional.pad(votes, (1, 1))  # avg pooling, kernel 3, zero padding (count_include_pad)
+    pooled = (padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]) / 3
+    for h in range(2):
+        chosen = pooled[h, : T - window].topk(4).indices.sort().values.tolist()
+        assert _slots(keep[0, h]) == chosen + list(range(T - window, T))
+
+
+def test_budget_flags_ties_keep_the_earlier_and_skip_padding():
+    scores = torch.zeros(1, 1, 6)
+    valid = torch.tensor([[False, True, True, True, True, True]])
+    assert _slots(budget_flags(scores, valid, torch.tensor([2]))[0, 0]) == [1, 2]
+    with pytest.raises(ValueError, match="eviction_ratio"):
+        keep_budget(valid, 1.5)
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(), H2O(), SnapKV(window=8), RandomPolicy(), LocalWindow()])
+@torch.no_grad()
+def test_post_prefill_pruning_frees_the_promised_memory(policy):
+    model = ag.add_attention_gates(make_model("mistral"), ag.AttentionGateConfig(decode_gating=False))
+    ids = random_ids(2, 64, seed=2)
+    record_queries_and_keys(model, True)
+    cache = ag.AttnGateCache()
+    model(ids, use_cache=True, **{cache_kwarg(model): cache})
+    flags = prune_cache(model, cache, policy, eviction_ratio=0.75)
+    report = cache.memory_report()
+    for layer, keep in zip(cache.layers, flags):
+        assert layer.kv.lengths.tolist() == [[16, 16], [16, 16]] and keep.sum() == 2 * 2 * 16
+        assert layer.kv.capacity == 16
+    assert report["eviction_ratio"] == 0.75 and report["gate_bytes"] == 0
+    assert report["allocated_bytes"] <= 0.25 * report["dense_bytes"] + 1024  # + lengths and flags
+    step = model(random_ids(2, 1, seed=9), use_cache=True, **{cache_kwarg(model): cache})  # decoding goes on
+    assert torch.isfinite(step.logits).all() and cache.layers[0].kv.lengths.tolist() == [[17, 17], [17, 17]]
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(sinks=4), LocalWindow(), RandomPolicy(seed=1)])
+@torch.no_grad()
+def test_in_context_policies_hold_their_budget_and_match_the_full_forward(policy):
+    model = ag.add_attention_gates(make_model("llama"))
+    ids = random_ids(2, 48, seed=4)
+    use_in_context_policy(model, policy, eviction_ratio=0.5, context_length=48)
+    full = model(ids, use_cache=False).logits
+    use_in_context_policy(model, policy, eviction_ratio=0.5, context_length=48)  # same random draws again
+    cache = ag.AttnGateCache()
+    chunked = model(ids, use_cache=True, **{cache_kwarg(model): cache}).logits
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    lengths = torch.stack([layer.kv.lengths for layer in cache.layers]).float()
+    if isinstance(policy, RandomPolicy):
+        assert abs(lengths.mean().item() - 24) < 5
+    else:
+        assert (lengths == 24).all()  # sinks + w - 1 = 24 rows of 48 in every head
+        assert cache.memory_report()["gate_bytes"] == 0
+    use_in_context_policy(model, None)
+    assert model.model.layers[0].self_attn.flag_source is None
