@@ -165,10 +165,12 @@ def _gated_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def record_queries_and_keys(model: nn.Module, enabled: bool) -> None:
-    """Makes the gated layers keep the post-RoPE queries/keys of their next forward (for :func:`prune_cache`)."""
+    """Makes the gated layers keep the post-RoPE queries/keys of their next forward (for :func:`prune_cache`);
+    ``enabled=False`` stops recording and keeps what was recorded (``prune_cache`` releases it)."""
     for attn in _gated_layers(model):
         attn.record_qk = enabled
-        attn.recorded = None
+        if enabled:
+            attn.recorded = None
 
 
 @torch.no_grad()

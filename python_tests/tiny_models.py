@@ -73,3 +73,9 @@ def make_tokenizer():
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+def save_tiny_model(path, kind: str = "llama") -> None:
+    """Writes a tiny random model and the character tokenizer to ``path`` (a local model directory)."""
+    make_model(kind).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
