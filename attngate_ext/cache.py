@@ -142,6 +142,7 @@ class AttnGateLayer(CacheLayerMixin):
         scale: float,
         dropout_p: float = 0.0,
         flag_source: Optional[Any] = None,
+        after_chunk: Optional[Any] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gates the new tokens, attends under SPEC section 2's rule and stores only what stays.
 
@@ -151,6 +152,8 @@ class AttnGateLayer(CacheLayerMixin):
             valid: ``(B, T)`` bool, False on padding (None: no padding). positions: ``(B, T)`` for sinks.
             flag_source: optional ``f(valid, positions, heads) -> keep (B, H, T)`` that replaces the gate (a
                 baseline policy deciding at creation time, see :mod:`attngate_ext.policies`).
+            after_chunk: optional ``f(layer, query, key, valid)`` called after each chunk is stored; it may prune
+                ``layer.kv`` (baselines that evict later, from the attention tokens receive: H2O, SnapKV).
 
         Returns:
             ``(output (B, Hq, T, D), probs (B, H, T), keep (B, H, T))``; a long prompt is processed in
@@ -177,6 +180,8 @@ class AttnGateLayer(CacheLayerMixin):
                     valid[:, piece], None if positions is None else positions[:, piece], scale, dropout_p,
                     flag_source,
                 )
+                if after_chunk is not None:
+                    after_chunk(self, query[:, :, piece], key[:, :, piece], valid[:, piece])
                 outputs.append(out)
                 all_probs.append(probs)
                 all_keep.append(keep)

@@ -171,8 +171,6 @@ def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, fl
         for mode in args.modes:
             if policy == "gate" and mode == "post_prefill":
                 continue  # the gates decide in context by construction
-            if mode == "in_context" and policy in ("h2o", "snapkv"):
-                continue  # no creation-time form (see attngate_ext.policies.in_context_policy)
             tasks.extend((policy, mode, ratio) for ratio in args.ratios)
     return tasks
 

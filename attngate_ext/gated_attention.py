@@ -46,6 +46,8 @@ class GatedAttention(nn.Module):
         # training) and the padding mask.
         # A baseline policy's flags instead of the gate's: f(valid, positions, heads) -> keep (B, H, T).
         self.flag_source: Optional[Callable[..., torch.Tensor]] = None
+        # Called after each stored chunk with (layer_cache, query, key, valid); may prune the cache (H2O, SnapKV).
+        self.after_chunk: Optional[Callable[..., None]] = None
         # When set, the next forward stores its post-RoPE (query, key, valid) here, for post-prefill scoring.
         self.record_qk = False
         self.recorded: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
@@ -106,10 +108,14 @@ class GatedAttention(nn.Module):
             layer = cache.layer(self.layer_idx)
             self._check_window(layer.get_seq_length() + T)
             out, probs, keep = layer.attend(query, key, value, hidden_states, self.gate, gate_cos, gate_sin, valid,
-                                            position_ids, self.scaling, dropout, self.flag_source)
+                                            position_ids, self.scaling, dropout, self.flag_source,
+                                            self.after_chunk)
             self.last_gate = GateOutput(probs, keep, None, None)
             self.last_retain, self.last_valid = keep.to(query.dtype), valid
         else:
+            if self.after_chunk is not None:
+                raise ValueError("a policy that prunes the cache between chunks (H2O, SnapKV in context) needs a "
+                                 "cache: call the model with use_cache=True")
             self._check_window(T)
             if self.flag_source is not None:
                 keep = self.flag_source(valid if valid is not None else torch.ones(B, T, dtype=torch.bool,

@@ -202,6 +202,77 @@ def prune_cache(model: nn.Module, cache, policy: Policy, eviction_ratio: float) 
     return flags
 
 
+class ChunkPruner:
+    """In-context H2O / SnapKV: every token is cached, and after each prefill chunk (``chunk`` tokens, default 32,
+    SnapKV's observation window) each head is pruned back to ``ceil((1 - eviction_ratio) * tokens seen)`` rows
+    from the attention the cached rows received, so the ratio holds all along the sequence, as with the gates.
+
+    * H2O: scores are the attention each row accumulated from every query since it was cached (greedy H2O at
+      chunk granularity); the most recent ``recent_fraction`` of the budget is always kept.
+    * SnapKV: the chunk's queries are the observation window; their attention, summed and pooled over the cached
+      rows (rows are in token order, with gaps where tokens were evicted), picks the rows; the chunk's own tokens
+      are kept.
+    """
+
+    def __init__(self, policy: Policy, eviction_ratio: float) -> None:
+        if not isinstance(policy, (H2O, SnapKV)):
+            raise TypeError(f"ChunkPruner handles H2O and SnapKV, got {type(policy).__name__}")
+        self.policy = policy
+        self.eviction_ratio = eviction_ratio
+
+    def __call__(self, layer, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor) -> None:
+        kv = layer.kv
+        B, H = kv.lengths.shape
+        rows = kv.used_rows
+        lengths = kv.lengths.long()
+        new = valid.sum(dim=1)  # rows this chunk appended (every valid token: w = 1, keep all)
+        # Attention of the chunk's queries over the cached rows: old rows are visible to all, new ones causally.
+        Hq, T, D = query.shape[1], query.shape[2], query.shape[3]
+        q = query.float().reshape(B, H, Hq // H, T, D)
+        scores = torch.matmul(q, kv.keys[:, :, :rows].float().unsqueeze(2).transpose(-1, -2)) / math.sqrt(D)
+        r = torch.arange(rows, device=key.device).view(1, 1, 1, rows)
+        first_new = (lengths - new.view(-1, 1)).view(B, H, 1, 1)
+        rank = (valid.long().cumsum(1) - 1).view(B, 1, T, 1)
+        visible = (r < first_new) | ((r - first_new <= rank) & (r < lengths.view(B, H, 1, 1)))
+        visible = visible & valid.view(B, 1, T, 1)
+        probs = torch.softmax(scores.masked_fill(~visible.unsqueeze(2), float("-inf")), dim=-1).nan_to_num(0.0)
+        votes = probs.sum(dim=(2, 3))  # (B, H, rows): summed over the group's heads and the chunk's queries
+        live = r.view(1, 1, rows) < lengths.unsqueeze(-1)
+        from_end = lengths.unsqueeze(-1) - 1 - r.view(1, 1, rows)  # 0 = the newest row
+        budget = torch.ceil(layer.valid_count.float() * (1.0 - self.eviction_ratio) - 1e-6).long()
+        if isinstance(self.policy, H2O):
+            acc = getattr(layer, "h2o_accumulated", None)  # kept on the layer cache: one per cache and layer
+            acc = votes if acc is None else votes + _fit(acc, rows)
+            recent = from_end < torch.ceil(budget * self.policy.recent_fraction).view(B, 1, 1)
+            ranked = torch.where(recent, _FORCED, acc)
+        else:
+            pool = F.avg_pool1d if self.policy.pooling == "avgpool" else F.max_pool1d
+            k = self.policy.kernel
+            pooled = pool(votes.reshape(B * H, 1, rows), kernel_size=k, stride=1, padding=k // 2).view(B, H, rows)
+            ranked = torch.where(from_end < new.view(B, 1, 1), _FORCED, pooled)
+        keep_rows = _row_budget(ranked, live, budget)
+        order = torch.argsort((~keep_rows).to(torch.int8), dim=-1, stable=True)
+        kv.compact(torch.cat([keep_rows, keep_rows.new_zeros(B, H, kv.capacity - rows)], dim=-1))
+        if isinstance(self.policy, H2O):  # follow the rows compact_kv_ moved; rows past the new length are free
+            layer.h2o_accumulated = acc.gather(-1, order) * keep_rows.gather(-1, order)
+
+
+def _fit(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pads or cuts the last axis to ``rows``."""
+    if tensor.shape[-1] >= rows:
+        return tensor[..., :rows]
+    return F.pad(tensor, (0, rows - tensor.shape[-1]))
+
+
+def _row_budget(scores: torch.Tensor, live: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """The ``budget[b]`` best live rows of every head (ties: the earlier row)."""
+    B, H, R = scores.shape
+    ranked = scores.masked_fill(~live, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(R, device=scores.device).expand(B, H, R))
+    return (rank < budget.view(B, 1, 1)) & live
+
+
 def in_context_policy(
     policy: Policy, eviction_ratio: float, context_length: int
 ) -> Tuple[Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor], int, int]:
@@ -230,7 +301,8 @@ def in_context_policy(
             return draw < (1.0 - eviction_ratio)
 
         return coin, 0, 1
-    raise NotImplementedError(f"{type(policy).__name__} has no in-context (creation-time) form yet")
+    raise NotImplementedError(f"{type(policy).__name__} decides from attention that arrives after a token is "
+                              "created: use ChunkPruner (use_in_context_policy does)")
 
 
 def use_in_context_policy(model: nn.Module, policy: Optional[Policy], eviction_ratio: float = 0.0,
@@ -241,10 +313,20 @@ def use_in_context_policy(model: nn.Module, policy: Optional[Policy], eviction_r
 
     from .model import gate_config
 
+    pruner, chunk = None, gate_config(model).prefill_chunk
     if policy is None:
         source, window = None, gate_config(model).protect_recent
+    elif isinstance(policy, (H2O, SnapKV)):
+        # Cache every token, prune between chunks of SnapKV's window (32 by default) from received attention.
+        pruner = ChunkPruner(policy, eviction_ratio)
+        chunk = policy.window if isinstance(policy, SnapKV) else 32
+        window = 1
+
+        def source(valid, positions, heads):
+            return valid.unsqueeze(1).expand(valid.shape[0], heads, valid.shape[1])
     else:
         source, _, window = in_context_policy(policy, eviction_ratio, context_length)
     for attn in _gated_layers(model):
         attn.flag_source = source
-        attn.gate.config = dataclasses.replace(attn.gate.config, protect_recent=window)
+        attn.after_chunk = pruner
+        attn.gate.config = dataclasses.replace(attn.gate.config, protect_recent=window, prefill_chunk=chunk)

@@ -142,3 +142,67 @@ def test_in_context_policies_hold_their_budget_and_match_the_full_forward(policy
         assert cache.memory_report()["gate_bytes"] == 0
     use_in_context_policy(model, None)
     assert model.model.layers[0].self_attn.flag_source is None
+
+
+@pytest.mark.parametrize("policy", [H2O(), SnapKV(window=8, kernel=3)])
+@torch.no_grad()
+def test_in_context_h2o_and_snapkv_hold_the_ratio_after_every_chunk(policy):
+    model = ag.add_attention_gates(make_model("qwen2"))
+    ids = random_ids(2, 50, seed=6)
+    use_in_context_policy(model, policy, eviction_ratio=0.5)
+    cache = ag.AttnGateCache()
+    seen = []
+    for attn in (layer.self_attn for layer in model.model.layers):
+        inner = attn.after_chunk
+
+        def spy(layer, q, k, valid, inner=inner):
+            inner(layer, q, k, valid)
+            seen.append((int(layer.valid_count[0]), layer.kv.lengths.clone()))
+
+        attn.after_chunk = spy
+    out = model(ids, use_cache=True, **{cache_kwarg(model): cache})
+    assert torch.isfinite(out.logits).all()
+    assert len(seen) == 2 * math.ceil(50 / (8 if isinstance(policy, SnapKV) else 32))  # layers x chunks
+    for tokens, lengths in seen:
+        assert (lengths == math.ceil(tokens * 0.5)).all()  # pruned to the budget after each chunk
+    assert cache.memory_report()["eviction_ratio"] == 0.5
+    with pytest.raises(ValueError, match="needs a cache"):
+        model(ids, use_cache=False)
+    # Decoding goes on with the pruned cache (one token per chunk: pruned again every step).
+    model(random_ids(2, 1, seed=8), use_cache=True, **{cache_kwarg(model): cache})
+    assert cache.layers[0].kv.lengths.max() <= 26
+
+
+def test_chunk_pruner_h2o_matches_a_naive_simulation():
+    from types import SimpleNamespace
+
+    from attngate_ext.policies import ChunkPruner
+    from attngate_ext.varlen_kv import VarLenKV
+
+    torch.manual_seed(2)
+    B, Hq, H, D, T, chunk, ratio = 1, 2, 1, 8, 40, 8, 0.5
+    q, k = torch.randn(B, Hq, T, D) * 2, torch.randn(B, H, T, D) * 2
+    layer = SimpleNamespace(kv=VarLenKV(B, H, D, torch.float32, torch.device("cpu")),
+                            valid_count=torch.zeros(B, dtype=torch.long))
+    pruner = ChunkPruner(H2O(), ratio)
+    # Naive: explicit list of cached token ids and their accumulated attention.
+    cached, acc = [], {}
+    for start in range(0, T, chunk):
+        sl = slice(start, start + chunk)
+        layer.kv.append(k[:, :, sl], k[:, :, sl], None)
+        layer.valid_count += chunk
+        pruner(layer, q[:, :, sl], k[:, :, sl], torch.ones(B, chunk, dtype=torch.bool))
+        cached += list(range(start, start + chunk))
+        for i in range(start, start + chunk):
+            visible = [j for j in cached if j <= i]
+            for qh in range(Hq):
+                s = torch.stack([q[0, qh, i] @ k[0, 0, j] for j in visible]) / math.sqrt(D)
+                for j, p in zip(visible, torch.softmax(s, 0).tolist()):
+                    acc[j] = acc.get(j, 0.0) + p
+        budget = math.ceil((start + chunk) * (1 - ratio))
+        recent = sorted(cached)[-math.ceil(budget * 0.5):]
+        rest = sorted((j for j in cached if j not in recent), key=lambda j: (-acc[j], cached.index(j)))
+        cached = sorted(recent + rest[: budget - len(recent)])
+        n = int(layer.kv.lengths[0, 0])
+        got = [int(torch.nonzero((k[0, 0] == layer.kv.keys[0, 0, r]).all(-1))[0]) for r in range(n)]
+        assert got == cached, start
