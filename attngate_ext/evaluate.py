@@ -230,11 +230,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                                "continuation_len": args.continuation_len,
                                                "windows": 0 if windows is None else int(windows.shape[0]),
                                                "mc_records": len(mc)}}
-    if args.plots:
-        output["plots"] = _plots(ev, args, results, windows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(output, indent=2))
     print_table(results)
+    if args.plots:  # after the results are safe on disk
+        output["plots"] = _plots(ev, args, results, windows)
+        Path(args.out).write_text(json.dumps(output, indent=2))
     return output
 
 
