@@ -218,6 +218,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             record.update(_perplexity(ev, windows, policy, mode, ratio))
         if mc:
             record.update(_accuracy(ev, mc, policy, mode, ratio))
+            record.setdefault("eviction_ratio", record["mc_eviction_ratio"])
         results.append(record)
         if progress is not None:
             progress.set_postfix_str(f"{policy}/{mode}/{ratio}")
@@ -257,16 +258,17 @@ def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ra
 
 def _accuracy(ev: Evaluator, records: List[Dict[str, Any]], policy: str, mode: str, ratio: float) -> Dict[str, Any]:
     tok = ev.tokenizer
-    correct = 0
+    correct, ratios = 0, []
     for record in records:
         context = tok(record["context"])["input_ids"]
         scores = []
         for choice in record["choices"]:
             ids = torch.tensor([context + tok(choice, add_special_tokens=False)["input_ids"]])
-            logprobs, _ = ev.continuation_logprobs(ids, len(context), policy, mode, ratio)
+            logprobs, report = ev.continuation_logprobs(ids, len(context), policy, mode, ratio)
             scores.append(float(logprobs.sum()))
+            ratios.append(report["eviction_ratio"])
         correct += int(max(range(len(scores)), key=scores.__getitem__) == int(record["label"]))
-    return {"accuracy": correct / len(records)}
+    return {"accuracy": correct / len(records), "mc_eviction_ratio": sum(ratios) / len(ratios)}
 
 
 def _plots(ev: Evaluator, args: argparse.Namespace, results: List[Dict[str, Any]],
