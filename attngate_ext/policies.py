@@ -117,7 +117,8 @@ class SnapKV(Policy):
     """SnapKV (Li et al., "SnapKV: LLM Knows What You Are Looking For Before Generation", NeurIPS 2024): the
     attention of the last ``window`` queries (the observation window, default 32) to each earlier token, summed
     over the window, smoothed by 1-D pooling (``kernel`` 5, average pooling: the reference implementation's
-    defaults), selects the prefix tokens; the observation window itself is always kept."""
+    defaults), selects the prefix tokens; the observation window itself is always kept (capped at half the budget
+    when the budget is small, see :meth:`protected`)."""
 
     name = "snapkv"
 
@@ -134,8 +135,15 @@ class SnapKV(Policy):
         pool = F.avg_pool1d if self.pooling == "avgpool" else F.max_pool1d
         pooled = pool(votes.view(B * H, 1, T), kernel_size=self.kernel, stride=1, padding=self.kernel // 2)
         pooled = pooled.view(B, H, T)
-        in_window = torch.arange(T, device=key.device) >= T - window
-        return torch.where(in_window, _FORCED, pooled)
+        protected = self.protected(window, budget).view(B, 1, 1)
+        return torch.where(_recency(valid).unsqueeze(1) < protected, _FORCED, pooled)
+
+    @staticmethod
+    def protected(window, budget: torch.Tensor) -> torch.Tensor:
+        """How many of the newest tokens are always kept: the observation window, but at most half the budget.
+        SnapKV assumes a budget larger than its window; without the cap a small budget would keep the window only
+        and drop every older token (in context, at every chunk)."""
+        return torch.minimum(torch.as_tensor(window, device=budget.device), torch.ceil(budget / 2).long())
 
 
 POLICIES = {cls.name: cls for cls in (LocalWindow, StreamingLLM, RandomPolicy, H2O, SnapKV)}
@@ -211,7 +219,7 @@ class ChunkPruner:
       chunk granularity); the most recent ``recent_fraction`` of the budget is always kept.
     * SnapKV: the chunk's queries are the observation window; their attention, summed and pooled over the cached
       rows (rows are in token order, with gaps where tokens were evicted), picks the rows; the chunk's own tokens
-      are kept.
+      are kept, up to half the budget (:meth:`SnapKV.protected`).
     """
 
     def __init__(self, policy: Policy, eviction_ratio: float) -> None:
@@ -249,7 +257,8 @@ class ChunkPruner:
             pool = F.avg_pool1d if self.policy.pooling == "avgpool" else F.max_pool1d
             k = self.policy.kernel
             pooled = pool(votes.reshape(B * H, 1, rows), kernel_size=k, stride=1, padding=k // 2).view(B, H, rows)
-            ranked = torch.where(from_end < new.view(B, 1, 1), _FORCED, pooled)
+            protected = SnapKV.protected(new, budget).view(B, 1, 1)
+            ranked = torch.where(from_end < protected, _FORCED, pooled)
         keep_rows = _row_budget(ranked, live, budget)
         order = torch.argsort((~keep_rows).to(torch.int8), dim=-1, stable=True)
         kv.compact(torch.cat([keep_rows, keep_rows.new_zeros(B, H, kv.capacity - rows)], dim=-1))

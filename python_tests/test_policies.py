@@ -206,3 +206,23 @@ def test_chunk_pruner_h2o_matches_a_naive_simulation():
         n = int(layer.kv.lengths[0, 0])
         got = [int(torch.nonzero((k[0, 0] == layer.kv.keys[0, 0, r]).all(-1))[0]) for r in range(n)]
         assert got == cached, start
+
+
+def test_chunk_pruner_snapkv_keeps_older_tokens_when_the_budget_is_small():
+    from types import SimpleNamespace
+
+    from attngate_ext.policies import ChunkPruner
+    from attngate_ext.varlen_kv import VarLenKV
+
+    torch.manual_seed(3)
+    q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 1, 32, 8)
+    layer = SimpleNamespace(kv=VarLenKV(1, 1, 8, torch.float32, torch.device("cpu")),
+                            valid_count=torch.zeros(1, dtype=torch.long))
+    pruner = ChunkPruner(SnapKV(window=16, kernel=3), 0.5)
+    for start in (0, 16):
+        layer.kv.append(k[:, :, start : start + 16], k[:, :, start : start + 16], None)
+        layer.valid_count += 16
+        pruner(layer, q[:, :, start : start + 16], k[:, :, start : start + 16], torch.ones(1, 16, dtype=torch.bool))
+    rows = [int(torch.nonzero((k[0, 0] == layer.kv.keys[0, 0, r]).all(-1))[0]) for r in range(16)]
+    assert len(rows) == 16 and sum(t >= 24 for t in rows) == 8  # newest half of the budget protected ...
+    assert any(t < 16 for t in rows)  # ... and the rest chosen by votes, older chunks included
