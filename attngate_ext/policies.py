@@ -157,12 +157,16 @@ def keep_budget(valid: torch.Tensor, eviction_ratio: float) -> torch.Tensor:
 
 
 def budget_flags(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Keep flags ``(B, H, T)``: the ``budget[b]`` highest-scoring valid tokens of every head (ties: the earlier)."""
+    """Keep flags ``(B, H, T)``: the ``budget[b]`` highest-scoring valid tokens of every head (ties: the earlier).
+
+    ``valid`` is ``(B, T)`` (per row) or ``(B, H, T)`` (per head, e.g. the live rows of a cache).
+    """
     B, H, T = scores.shape
-    ranked = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    valid = valid.unsqueeze(1) if valid.dim() == 2 else valid
+    ranked = scores.masked_fill(~valid, float("-inf"))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=scores.device).expand(B, H, T))
-    return (rank < budget.view(B, 1, 1)) & valid.unsqueeze(1)
+    return (rank < budget.view(B, 1, 1)) & valid
 
 
 def _gated_layers(model: nn.Module) -> List[nn.Module]:
@@ -259,10 +263,10 @@ class ChunkPruner:
             pooled = pool(votes.reshape(B * H, 1, rows), kernel_size=k, stride=1, padding=k // 2).view(B, H, rows)
             protected = SnapKV.protected(new, budget).view(B, 1, 1)
             ranked = torch.where(from_end < protected, _FORCED, pooled)
-        keep_rows = _row_budget(ranked, live, budget)
-        order = torch.argsort((~keep_rows).to(torch.int8), dim=-1, stable=True)
+        keep_rows = budget_flags(ranked, live, budget)
         kv.compact(torch.cat([keep_rows, keep_rows.new_zeros(B, H, kv.capacity - rows)], dim=-1))
         if isinstance(self.policy, H2O):  # follow the rows compact_kv_ moved; rows past the new length are free
+            order = torch.argsort((~keep_rows).to(torch.int8), dim=-1, stable=True)
             layer.h2o_accumulated = acc.gather(-1, order) * keep_rows.gather(-1, order)
 
 
@@ -271,15 +275,6 @@ def _fit(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     if tensor.shape[-1] >= rows:
         return tensor[..., :rows]
     return F.pad(tensor, (0, rows - tensor.shape[-1]))
-
-
-def _row_budget(scores: torch.Tensor, live: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """The ``budget[b]`` best live rows of every head (ties: the earlier row)."""
-    B, H, R = scores.shape
-    ranked = scores.masked_fill(~live, float("-inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(R, device=scores.device).expand(B, H, R))
-    return (rank < budget.view(B, 1, 1)) & live
 
 
 def in_context_policy(
