@@ -16,15 +16,14 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
         "from the repository root (torch must already be installed)."
     ) from exc
 
-from . import reference
-from .config import AttentionGateConfig
-from .gate import AttentionGate, GateOutput
+from .gate import AttentionGate, AttentionGateConfig, GateOutput
 from .ops import (
     append_kv_,
     compact_kv_,
     cuda_kernels_available,
     decode_attention,
     gate_flags,
+    reference,
     set_sync_checks,
     sync_checks,
 )
@@ -56,13 +55,13 @@ __version__ = "0.1.0"
 # (torch.ops.attngate.*) do not pay for it.
 _LAZY = {
     "AttnGateCache": "cache",
-    "add_attention_gates": "model",
-    "gate_config": "model",
-    "gate_state_dict": "model",
-    "gates": "model",
-    "load_gates": "model",
-    "remove_attention_gates": "model",
-    "save_gates": "model",
+    "add_attention_gates": "models.model",
+    "gate_config": "models.model",
+    "gate_state_dict": "models.model",
+    "gates": "models.model",
+    "load_gates": "models.model",
+    "remove_attention_gates": "models.model",
+    "save_gates": "models.model",
 }
 
 
