@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
         "from the repository root (torch must already be installed)."
     ) from exc
 
-from .gate import AttentionGate, AttentionGateConfig, GateOutput
+from .gate import AttentionGate, AttentionGateConfig, GateOutput, default_gate_head_dim
 from .ops import (
     append_kv_,
     compact_kv_,
@@ -33,6 +33,8 @@ __all__ = [
     "AttentionGateConfig",
     "AttnGateCache",
     "add_attention_gates",
+    "default_gate_head_dim",
+    "eviction_loss",
     "gate_config",
     "gate_state_dict",
     "gates",
@@ -56,6 +58,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AttnGateCache": "cache",
     "add_attention_gates": "models.model",
+    "eviction_loss": "training.losses",
     "gate_config": "models.model",
     "gate_state_dict": "models.model",
     "gates": "models.model",

@@ -8,6 +8,27 @@ import math
 from typing import Any, Dict, Optional
 
 
+# The gate caches its own K'/V' for every token: h'_kv * d' values each, against H * D for the model's K/V. The
+# default width keeps that share at or below GATE_CACHE_SHARE, with at least MIN_GATE_HEAD_DIM dims.
+GATE_CACHE_SHARE = 0.03
+MIN_GATE_HEAD_DIM = 8
+
+
+def default_gate_head_dim(model_kv_heads: int, model_head_dim: int, gate_kv_heads: int = 1,
+                          share: float = GATE_CACHE_SHARE) -> int:
+    """The default gate head_dim d': the gate's K'/V' cache costs ``h'_kv * d' / (H * D)`` of the dense cache.
+
+    d' is the largest multiple of 8 (aligned rows for the kernels' vector loads) with ``h'_kv * d' <= share * H * D``,
+    at most the model's head_dim D and never below 8. Examples with h'_kv = 1: SmolLM2-135M (H = 3, D = 64) gets 8
+    (4.2%: the floor wins), Llama-3-8B (H = 8, D = 128) 24 (2.3%), Llama-2-7B (H = 32, D = 128) 120 (2.9%).
+    """
+    if min(model_kv_heads, model_head_dim, gate_kv_heads) < 1:
+        raise ValueError(f"model_kv_heads, model_head_dim and gate_kv_heads must be >= 1, got {model_kv_heads}, "
+                         f"{model_head_dim} and {gate_kv_heads}")
+    widest = int(share * model_kv_heads * model_head_dim / gate_kv_heads) // 8 * 8
+    return max(MIN_GATE_HEAD_DIM, min(widest, model_head_dim))
+
+
 @dataclasses.dataclass
 class AttentionGateConfig:
     """Settings of the Attention-Gate (SPEC section 1) and of the eviction rule (SPEC section 2).
@@ -15,7 +36,8 @@ class AttentionGateConfig:
     Attributes:
         num_heads: query heads h' of the gate's own small attention.
         num_kv_heads: key/value heads h'_kv of that attention (1 = multi-query); must divide ``num_heads``.
-        head_dim: head dimension d'; ``None`` means "the model's head_dim" (filled in when gates are added).
+        head_dim: head dimension d'; ``None`` means the cheap default of :func:`default_gate_head_dim` (filled in when
+            gates are added): the gate's own K'/V' cache then costs at most about 3% of the model's dense cache.
         threshold: tau, a token is kept where its retention probability is ``>= threshold``; in (0, 1).
         sink_tokens: the first ``sink_tokens`` positions are always kept.
         rope: apply rotary position embeddings to the gate's Q'/K'.

@@ -80,3 +80,83 @@ def set_constant_gates(model: nn.Module, keep: bool) -> None:
         with torch.no_grad():
             gate.score.weight.zero_()
             gate.score.bias.fill_(30.0 if keep else -30.0)
+
+
+def _measured_masks(valid: torch.Tensor, window: int, sinks: int) -> tuple:
+    """``(eligible, forced)`` ``(B, T)``: tokens whose flag decides whether a cache still holds them at the end of
+    the sequence, and tokens it holds whatever their flag (sinks, and the last ``window - 1`` valid tokens, still
+    pending inside the protected window)."""
+    position = valid.long().cumsum(dim=1) - 1
+    count = valid.sum(dim=1, keepdim=True)
+    forced = valid & ((position < sinks) | (position >= count - (window - 1)))
+    return valid & ~forced, forced
+
+
+def _shift_for(scores: torch.Tensor, keep: float, threshold_logit: float) -> float:
+    """The logit shift that puts ``threshold_logit`` between the ``keep`` highest ``scores`` and the rest."""
+    if scores.numel() == 0:
+        return 0.0
+    ordered = scores.sort(descending=True).values
+    k = int(round(keep))
+    if k <= 0:
+        return threshold_logit - float(ordered[0]) - 1.0
+    if k >= ordered.numel():
+        return threshold_logit - float(ordered[-1]) + 1.0
+    return threshold_logit - 0.5 * float(ordered[k - 1] + ordered[k])
+
+
+@torch.no_grad()
+def calibrate_gate_threshold(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    eviction_ratio: float,
+    attention_mask: Optional[torch.Tensor] = None,
+    per_head: bool = False,
+    iterations: int = 2,
+) -> float:
+    """Shifts the gates' biases so that a cache filled with ``input_ids`` evicts ``eviction_ratio`` *as measured*
+    by :meth:`AttnGateCache.memory_report` at the end of the sequence: a head still holds the sinks and the last
+    ``protect_recent - 1`` tokens whatever their flags, so only the other tokens' flags are moved.
+
+    ``per_head=False`` adds one shift to every gate (a global threshold on the gates' logits): the differences the
+    gates learned between layers and heads stay, so heads keep different fractions (learned per-head budgets).
+    ``per_head=True`` shifts each (layer, KV head) to evict the ratio on its own.
+
+    Each iteration is one no-cache forward (a layer's gate input depends on the flags of the layers before it);
+    one more forward measures the result, which is returned.
+    """
+    if not 0.0 <= eviction_ratio <= 1.0:
+        raise ValueError(f"eviction_ratio must lie in [0, 1], got {eviction_ratio}")
+    config = gate_config(model)
+    threshold_logit = math.log(config.threshold / (1.0 - config.threshold))
+    decoder = _decoder(model)
+    valid = (attention_mask.bool() if attention_mask is not None
+             else torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
+    eligible, forced = _measured_masks(valid, config.protect_recent, config.sink_tokens)
+    measured = 0.0
+    for step in range(iterations + 1):
+        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        layers = [layer.self_attn for layer in decoder.layers]
+        flags = torch.stack([attn.last_gate.keep for attn in layers])  # (L, B, H, T)
+        held = (flags & eligible.unsqueeze(1)) | forced.unsqueeze(1)
+        total = valid.sum() * flags.shape[0] * flags.shape[2]
+        measured = 1.0 - float(held.sum()) / float(total)
+        if step == iterations:
+            break
+        probs = torch.stack([attn.last_gate.probs for attn in layers]).double().clamp(1e-30, 1 - 1e-7)
+        logits = torch.log(probs) - torch.log1p(-probs)  # (L, B, H, T)
+        L, _, H, _ = logits.shape
+        if per_head:
+            for l, attn in enumerate(layers):
+                shift = torch.empty(H, dtype=torch.float64)
+                for h in range(H):
+                    keep = (1.0 - eviction_ratio) * float(valid.sum()) - float(forced.sum())
+                    shift[h] = _shift_for(logits[l, :, h][eligible], keep, threshold_logit)
+                attn.gate.score.bias.add_(shift.to(attn.gate.score.bias))
+        else:
+            keep = (1.0 - eviction_ratio) * float(total) - float(forced.sum()) * L * H
+            scores = logits.permute(0, 2, 1, 3)[:, :, eligible]  # (L, H, eligible tokens)
+            shift = _shift_for(scores.flatten(), keep, threshold_logit)
+            for attn in layers:
+                attn.gate.score.bias.add_(shift)
+    return measured

@@ -26,6 +26,11 @@ class GatedAttention(nn.Module):
     forward computes the model's q/k/v exactly as the wrapped module does, scores the tokens with ``gate`` and
     attends under SPEC section 2's rule: with an :class:`AttnGateCache` only kept rows are stored; without a
     cache the same rule is applied as a mask over the whole sequence.
+
+    In training mode with autograd on and trainable gate parameters, the forward always takes the straight-through
+    path (hard flags forward, the sigmoid's gradient backward) and ignores an empty cache, whatever ``use_cache``
+    says, so a standard training loop (``model(ids, labels=ids).loss.backward()``, ``transformers.Trainer``) trains
+    the gates; continuing from a cache that already holds tokens is then an error.
     """
 
     def __init__(
@@ -104,6 +109,13 @@ class GatedAttention(nn.Module):
             self.recorded = (query, key, valid)
         if cache is not None and not isinstance(cache, AttnGateCache):
             raise TypeError(f"a gated model needs an AttnGateCache, got {type(cache).__name__}")
+        if cache is not None and self._training_gates():
+            # A standard training loop leaves use_cache at the model's default (True). The cache keeps hard flags
+            # only, so the gates would get no gradient: train through the straight-through path instead.
+            if cache.get_seq_length(self.layer_idx) > 0:
+                raise ValueError("a gated model in training mode with trainable gates cannot continue from a cache "
+                                 "that already holds tokens; call model.eval() (or freeze the gates) to decode")
+            cache = None
         if cache is not None:
             layer = cache.layer(self.layer_idx)
             self._check_window(layer.get_seq_length() + T)
@@ -148,6 +160,11 @@ class GatedAttention(nn.Module):
 
         out = out.transpose(1, 2).reshape(B, T, -1).contiguous()
         return attn.o_proj(out), None
+
+    def _training_gates(self) -> bool:
+        """Training mode, autograd on and a gate parameter that needs a gradient: the straight-through path."""
+        return (self.training and torch.is_grad_enabled() and self.flag_source is None
+                and any(p.requires_grad for p in self.gate.parameters()))
 
     def _check_window(self, total: int) -> None:
         if self.sliding_window is not None and total > self.sliding_window:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..cache.cache import AttnGateCache
-from ..gate.config import AttentionGateConfig
+from ..gate.config import AttentionGateConfig, default_gate_head_dim
 from ..gate.gate import AttentionGate
 from .gated_attention import PADDING_MASK_KWARG, GatedAttention
 
@@ -118,7 +118,8 @@ def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] 
 
     Args:
         model: the model; modified in place and returned.
-        config: gate settings; ``head_dim=None`` takes the model's head dimension.
+        config: gate settings; ``head_dim=None`` takes :func:`~attngate_ext.gate.config.default_gate_head_dim`
+            (the gate's K'/V' cache at most ~3% of the dense cache, never below 8 dims).
     """
     config = dataclasses.replace(config) if config is not None else AttentionGateConfig()
     decoder = _decoder(model)
@@ -127,9 +128,10 @@ def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] 
     for idx, layer in enumerate(decoder.layers):
         _check_attention(idx, getattr(layer, "self_attn", None))
     first = decoder.layers[0].self_attn
-    if config.head_dim is None:
-        config = dataclasses.replace(config, head_dim=int(first.head_dim))
     facts = _model_facts(model)
+    if config.head_dim is None:
+        width = default_gate_head_dim(facts["num_key_value_heads"], int(first.head_dim), config.num_kv_heads)
+        config = dataclasses.replace(config, head_dim=width)
     theta = _rope_theta(model.config)
     for layer in decoder.layers:
         attn = layer.self_attn
@@ -173,6 +175,27 @@ def _state(model: nn.Module) -> _GatingState:
 def gate_config(model: nn.Module) -> AttentionGateConfig:
     """The AttentionGateConfig of a gated model."""
     return _state(model).config
+
+
+# Fields that change the eviction rule but not the gates' weights: they may change after the gates are trained.
+_RULE_FIELDS = ("threshold", "sink_tokens", "protect_recent", "decode_gating", "prefill_chunk")
+
+
+def update_gate_config(model: nn.Module, **changes: Any) -> AttentionGateConfig:
+    """Changes rule fields of a gated model's config in place (every layer) and returns the new config.
+
+    Only ``threshold``, ``sink_tokens``, ``protect_recent``, ``decode_gating`` and ``prefill_chunk`` may change: they
+    set how flags are applied, not the gates' shapes. E.g. ``update_gate_config(model, protect_recent=128)``.
+    """
+    bad = sorted(set(changes) - set(_RULE_FIELDS))
+    if bad:
+        raise ValueError(f"update_gate_config changes only {list(_RULE_FIELDS)}, not {bad}")
+    state = _state(model)
+    config = dataclasses.replace(state.config, **changes)
+    state.config = config
+    for gate in gates(model):
+        gate.config = config
+    return config
 
 
 def gates(model: nn.Module) -> List[AttentionGate]:

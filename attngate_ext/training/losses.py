@@ -88,3 +88,37 @@ def eviction_loss(
         loss = alpha * (means_t.mean() - rho) ** 2
     return loss, retention_stats(retain, valid)
 
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      mask: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over the tokens of ``KL(teacher || student)`` of the next-token distributions (logit distillation).
+
+    The teacher is the same frozen model with every token kept, so the gates learn to evict what the model's
+    predictions do not need, whatever the text's labels say.
+
+    Args:
+        student_logits, teacher_logits: ``(B, T, V)``; the teacher's carry no gradient.
+        mask: ``(B, T)`` bool/0-1, the positions that count (e.g. non-padding); None counts every position.
+        temperature: softmax temperature of both distributions (the loss is scaled by ``temperature**2``).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+                         f"{tuple(teacher_logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    per_token = (teacher.exp() * (teacher - student)).sum(dim=-1)  # (B, T)
+    if mask is None:
+        return per_token.mean() * temperature**2
+    weight = mask.to(per_token.dtype)
+    return (per_token * weight).sum() / weight.sum().clamp_min(1.0) * temperature**2
+
+
+def eviction_target(step: int, final: float, ramp_steps: int = 0) -> float:
+    """The eviction target at optimizer step ``step`` (0-based): a linear ramp from 0 to ``final`` over
+    ``ramp_steps`` steps, then ``final`` (``ramp_steps = 0``: ``final`` from the start)."""
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return final
+    return final * (step + 1) / ramp_steps

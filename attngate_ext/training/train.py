@@ -2,37 +2,45 @@
 
     python -m attngate_ext.train --model DIR --text a.txt b.txt --out runs/gates --steps 300
     python -m attngate_ext.train --model DIR --sft data.jsonl --out runs/sft --lora --steps 300
+    torchrun --nproc_per_node=4 -m attngate_ext.train --model DIR --text corpus/ --out runs/gates   # data-parallel
 
 Continual pre-training reads plain text (one document per file, see :mod:`attngate_ext.data` for the packing
 rule); SFT reads JSONL ``{"prompt", "answer"}`` records and learns the answers only. The base model is frozen;
-the gates are trained (``--lora`` adds LoRA adapters through peft). Loss = next-token cross-entropy + the
-eviction loss. Checkpoints under ``OUT/checkpoints/step-N`` hold the gates (``save_gates`` format), the LoRA
-adapter, and the optimizer/scheduler state; ``--resume`` continues from the latest one. ``OUT/report.json`` gets
-the final losses and the measured retention per layer and head. The model directory is read locally only.
+the gates are trained (``--lora`` adds LoRA adapters through peft). ``--objective`` picks the loss: ``lm``
+(cross-entropy of the labels + the eviction loss), ``distill`` (KL to the same model with every token kept + the
+eviction loss) or ``attention`` (each gate regresses the future attention its tokens receive; the eviction ratio
+is then a threshold). Checkpoints under ``OUT/checkpoints/step-N`` hold the gates (``save_gates`` format), the
+LoRA adapter, and the optimizer/scheduler state; ``--resume`` continues from the latest one. ``OUT/report.json``
+gets the history and the measured retention per layer and head. The model directory is read locally only.
+Under torchrun every process trains on its slice of each global batch and gradients are averaged (gloo on CPU,
+NCCL on GPU); process 0 writes the files.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from ..models.calibration import randomize_gates
 from ..gate.config import AttentionGateConfig
+from ..models.calibration import calibrate_gate_threshold, randomize_gates
+from ..models.model import add_attention_gates, gate_config, gates, load_gates, save_gates, update_gate_config
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from .data import Examples, sft_examples, text_examples
-from .losses import collect_retention, eviction_loss
-from ..models.model import add_attention_gates, gates, load_gates, save_gates
+from .distributed import World, average_gradients, barrier, init_world, mean_over_world, shutdown
+from .losses import eviction_target
+from .objectives import OBJECTIVES, STEPS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_TARGETS = r".*\.self_attn\.attention\.(q_proj|k_proj|v_proj|o_proj)"  # the model's, not the gates' projections
+LOGGED = ("loss", "task_loss", "eviction_loss", "retention", "target")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -42,21 +50,40 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     data.add_argument("--text", nargs="+", help="plain-text files or directories of *.txt (continual pre-training)")
     data.add_argument("--sft", help="JSONL file of {prompt, answer} records (supervised fine-tuning)")
     p.add_argument("--out", required=True, help="output directory (checkpoints, final gates, report.json)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="lm",
+                   help="lm: label cross-entropy + eviction loss (straight-through flags); distill: KL to the same "
+                        "model with every token kept + eviction loss; attention: regress each gate on the future "
+                        "attention its tokens receive (one no-grad forward per step, no backward through the model), "
+                        "then set the threshold for --target-eviction (default lm)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per process and micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per training sequence; train at the context length the gates will see (default 256)")
     p.add_argument("--max-documents", type=int, default=None, help="use only the first N text documents")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--lora-lr", type=float, default=1e-4, help="learning rate of the LoRA adapters")
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--target-eviction", type=float, default=0.5, help="target eviction ratio (default 0.5)")
+    p.add_argument("--target-ramp", type=int, default=0,
+                   help="raise the eviction target linearly from 0 to --target-eviction over the first N steps "
+                        "(default 0: the full target from the start)")
     p.add_argument("--alpha", type=float, default=10.0, help="weight of the eviction loss (default 10)")
     p.add_argument("--per-layer-loss", action="store_true", help="target the ratio in every layer, not globally")
     p.add_argument("--per-head-loss", action="store_true",
-                   help="target the ratio in every (layer, KV head): balanced heads keep the gated cache compact")
+                   help="target the ratio in every (layer, KV head) instead of letting heads differ")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of --objective distill")
+    p.add_argument("--min-future", type=int, default=128,
+                   help="--objective attention: train only on tokens seen by at least N queries outside the window "
+                        "(default 128)")
     p.add_argument("--gate-config", help="JSON file with AttentionGateConfig fields (default: the defaults)")
+    p.add_argument("--window", type=int, default=None,
+                   help="protect_recent w, the window of recent tokens every query sees whatever the flags; train "
+                        "at the w the gates will be used with (overrides --gate-config / --init-gates)")
+    p.add_argument("--sinks", type=int, default=None, help="sink_tokens, always kept (overrides the gate config)")
+    p.add_argument("--gate-head-dim", type=int, default=None,
+                   help="the gate's head_dim d' (default: at most ~3%% of the dense cache, never below 8)")
     p.add_argument("--init-gates", help="start from gates saved by save_gates instead of fresh ones")
     p.add_argument("--init-spread", type=float, default=1.0,
                    help="fresh gates: std of the initial gate logits around the +3 bias (default 1). With W_g near "
@@ -79,7 +106,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.target_eviction <= 1.0:
         p.error("--target-eviction must lie in [0, 1]")
+    if args.window is not None and args.window < 1:
+        p.error("--window must be >= 1")
+    if args.objective != "lm" and args.lora:
+        p.error("--lora trains the model itself: use it with --objective lm")
     return args
+
+
+def _config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    changes = {}
+    if args.window is not None:
+        changes["protect_recent"] = args.window
+    if args.sinks is not None:
+        changes["sink_tokens"] = args.sinks
+    return changes
 
 
 def load_model(args: argparse.Namespace):
@@ -94,10 +134,15 @@ def load_model(args: argparse.Namespace):
     model.requires_grad_(False)
     if args.init_gates:
         load_gates(model, args.init_gates)
+        if _config_overrides(args):
+            update_gate_config(model, **_config_overrides(args))
     else:
         config = AttentionGateConfig()
         if args.gate_config:
             config = AttentionGateConfig.from_json(Path(args.gate_config).read_text())
+        config = dataclasses.replace(config, **_config_overrides(args))
+        if args.gate_head_dim is not None:
+            config = dataclasses.replace(config, head_dim=args.gate_head_dim)
         add_attention_gates(model, config)
         if args.init_spread > 0:
             randomize_gates(model, seed=args.seed, spread=args.init_spread)
@@ -118,10 +163,6 @@ def add_lora(model, rank: int):
     return peft_model
 
 
-def trainable_parameters(model) -> Dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
 def lr_lambda(warmup: int, total: int):
     def schedule(step: int) -> float:
         if step < warmup:
@@ -132,73 +173,46 @@ def lr_lambda(warmup: int, total: int):
     return schedule
 
 
-def latest_checkpoint(out: Path) -> Optional[Path]:
-    found = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
-
-
-def save_checkpoint(out: Path, step: int, model, peft_model, optimizer, scheduler, keep: int) -> Path:
-    path = out / "checkpoints" / f"step-{step}"
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_gates(model, str(tmp / "gates"))
-    if peft_model is not None:
-        peft_model.save_pretrained(str(tmp / "lora"))
-    state = {
-        "step": step,
-        "trainable": {k: v.detach().cpu() for k, v in trainable_parameters(model).items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    }
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # a checkpoint directory exists only once complete
-    for old in sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    params = trainable_parameters(model)
-    missing = sorted(set(params) ^ set(state["trainable"]))
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match this run's trainable parameters: {missing[:5]}")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    return int(state["step"])
-
-
-def training_step(model, batch: Dict[str, torch.Tensor], args: argparse.Namespace) -> Dict[str, Any]:
-    """One forward/backward of a micro-batch; returns the losses (floats) and the retention statistics."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                use_cache=False)
-    retain, valid = collect_retention(model)
-    evict, stats = eviction_loss(retain, valid, args.target_eviction, args.alpha, args.per_layer_loss,
-                                 args.per_head_loss)
-    loss = out.loss + evict
-    (loss / args.grad_accum).backward()
-    return {"loss": loss.item(), "task_loss": out.loss.item(), "eviction_loss": evict.item(), **stats}
-
-
 def build_examples(args: argparse.Namespace, tokenizer) -> Examples:
     if args.text:
         return text_examples(tokenizer, args.text, args.seq_len, args.max_documents)
     return sft_examples(tokenizer, args.sft, args.seq_len)
 
 
+def shard(batches: Iterator[dict], world: World) -> Iterator[dict]:
+    """This process's rows of each global batch (process r takes rows ``r*b .. (r+1)*b - 1``)."""
+    for batch in batches:
+        size = batch["input_ids"].shape[0] // world.size
+        yield {k: v[world.rank * size : (world.rank + 1) * size] for k, v in batch.items()}
+
+
+def set_threshold(model, examples: Examples, args: argparse.Namespace) -> Optional[float]:
+    """--objective attention: one global threshold (a shift of every gate bias) for --target-eviction on up to 4
+    training sequences, as a cache would measure it. Returns the measured eviction."""
+    if args.objective != "attention":
+        return None
+    take = min(len(examples), 4)
+    ids = examples.input_ids[:take].to(args.device)
+    mask = examples.attention_mask[:take].to(args.device)
+    return calibrate_gate_threshold(model, ids, args.target_eviction, mask)
+
+
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Runs the training described by ``args`` and returns the final report (also written to OUT/report.json)."""
+    world = init_world(args.device)
+    args.device = world.device
+    try:
+        return _train(args, world)
+    finally:
+        shutdown(world)
+
+
+def _train(args: argparse.Namespace, world: World) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args)
     peft_model = add_lora(model, args.lora_rank) if args.lora else None
     for gate in gates(model):
@@ -213,48 +227,63 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     step = 0
     if args.resume and (ckpt := latest_checkpoint(out)) is not None:
         step = load_checkpoint(ckpt, model, optimizer, scheduler)
-        print(f"resumed from {ckpt} at step {step}")
+        if world.main:
+            print(f"resumed from {ckpt} at step {step}")
     examples = build_examples(args, tokenizer)
-    batches = examples.batches(args.batch_size, args.seed, start_step=step * args.grad_accum)
+    global_batch = args.batch_size * world.size
+    batches = shard(examples.batches(global_batch, args.seed, start_step=step * args.grad_accum), world)
+    step_fn = STEPS[args.objective]
     history: List[Dict[str, Any]] = []
     started = time.time()
-    progress = _progress(args, initial=step)
+    progress = _progress(args, initial=step) if world.main else None
     logs: List[Dict[str, Any]] = []
     stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
     while step < stop:
         optimizer.zero_grad(set_to_none=True)
+        target = eviction_target(step, args.target_eviction, args.target_ramp)
         logs = []
         for _ in range(args.grad_accum):
             batch = {k: v.to(args.device) for k, v in next(batches).items()}
-            logs.append(training_step(model, batch, args))
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model).values(), 1.0)
+            logs.append(step_fn(model, batch, target, args))
+        trainable = list(trainable_parameters(model).values())
+        average_gradients(trainable, world)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
-        record = {"step": step, **{k: sum(l[k] for l in logs) / len(logs)
-                                   for k in ("loss", "task_loss", "eviction_loss", "retention")}}
+        record = {"step": step, **{k: mean_over_world(sum(l[k] for l in logs) / len(logs), world)
+                                   for k in LOGGED if k in logs[0]}}
         history.append(record)
-        _show(progress, record, args)
+        _show(progress, record, args, world)
         if step % args.save_every == 0 or step == stop:
-            save_checkpoint(out, step, model, peft_model, optimizer, scheduler, args.keep_checkpoints)
+            if world.main:
+                save_checkpoint(out, step, model, peft_model, optimizer, scheduler, args.keep_checkpoints)
+            barrier(world)
     if progress is not None:
         progress.close()
-    save_gates(model, str(out / "gates"))
-    if peft_model is not None:
-        peft_model.save_pretrained(str(out / "lora"))
     last = logs[-1] if logs else {}
     report = {
         "steps": step,
+        "processes": world.size,
         "examples": len(examples),
         "seconds": round(time.time() - started, 1),
         "target_eviction": args.target_eviction,
+        "gate_config": gate_config(model).to_dict(),
         "final": history[-1] if history else None,
         "retention_per_layer": last.get("retention_per_layer"),
         "retention_per_head": last.get("retention_per_head"),
         "history": history,
         "args": {k: v for k, v in vars(args).items()},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if world.main:
+        if step >= args.steps:
+            model.eval()
+            report["threshold_eviction"] = set_threshold(model, examples, args)
+        save_gates(model, str(out / "gates"))
+        if peft_model is not None:
+            peft_model.save_pretrained(str(out / "lora"))
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    barrier(world)
     return report
 
 
@@ -266,8 +295,12 @@ def _progress(args: argparse.Namespace, initial: int):
     return tqdm(total=args.steps, initial=initial, desc="gates", dynamic_ncols=True)
 
 
-def _show(progress, record: Dict[str, Any], args: argparse.Namespace) -> None:
-    text = {"loss": f"{record['loss']:.3f}", "task": f"{record['task_loss']:.3f}", "ret": f"{record['retention']:.3f}"}
+def _show(progress, record: Dict[str, Any], args: argparse.Namespace, world: World) -> None:
+    if not world.main:
+        return
+    text = {"loss": f"{record['loss']:.3f}", "task": f"{record['task_loss']:.3f}"}
+    if "retention" in record:
+        text["ret"] = f"{record['retention']:.3f}"
     if progress is not None:
         progress.set_postfix(text)
         progress.update(1)

@@ -1,0 +1,119 @@
+"""What one training micro-batch computes, per objective of ``python -m attngate_ext.train --objective``.
+
+* ``lm``: next-token cross-entropy of the labels + the eviction loss (straight-through flags).
+* ``distill``: ``KL(teacher || student)`` of the next-token distributions, where the teacher is the same frozen
+  model with every token kept (one no-grad forward), + the eviction loss. The gates learn to evict what the
+  model's own predictions do not need.
+* ``attention``: each gate regresses the log future-attention score of its tokens
+  (:mod:`attngate_ext.training.attention_targets`) on the frozen model with every token kept; one no-grad forward
+  of the decoder and a small backward through the gates only. The eviction ratio is then set by a threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List
+
+import torch
+import torch.nn as nn
+
+from ..models.model import _decoder, gate_config
+from .attention_targets import future_attention_scores, gate_logits, regression_loss, trainable_tokens
+from .losses import collect_retention, distillation_loss, eviction_loss
+
+OBJECTIVES = ("lm", "distill", "attention")
+
+
+def _keep_everything(valid: torch.Tensor, positions: Any, heads: int) -> torch.Tensor:
+    return valid.unsqueeze(1).expand(valid.shape[0], heads, valid.shape[1])
+
+
+@contextlib.contextmanager
+def every_token_kept(model: nn.Module) -> Iterator[None]:
+    """Within the block the gated model keeps every token (its gates are bypassed): the unmodified model."""
+    layers = [layer.self_attn for layer in _decoder(model).layers]
+    saved = [attn.flag_source for attn in layers]
+    for attn in layers:
+        attn.flag_source = _keep_everything
+    try:
+        yield
+    finally:
+        for attn, source in zip(layers, saved):
+            attn.flag_source = source
+
+
+def lm_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any) -> Dict[str, Any]:
+    """Cross-entropy of the labels + the eviction loss; backward; returns the losses and retention statistics."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                use_cache=False)
+    return _with_eviction(model, out.loss, target, args)
+
+
+def distill_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any) -> Dict[str, Any]:
+    """KL to the same model with every token kept (over the non-padding positions) + the eviction loss."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    with torch.no_grad(), every_token_kept(model):
+        teacher = model(**kwargs).logits
+    student = model(**kwargs).logits
+    kl = distillation_loss(student, teacher, batch["attention_mask"].bool(), args.temperature)
+    return _with_eviction(model, kl, target, args)
+
+
+def _with_eviction(model: nn.Module, task: torch.Tensor, target: float, args: Any) -> Dict[str, Any]:
+    retain, valid = collect_retention(model)
+    evict, stats = eviction_loss(retain, valid, target, args.alpha, args.per_layer_loss, args.per_head_loss)
+    loss = task + evict
+    (loss / args.grad_accum).backward()
+    return {"loss": loss.item(), "task_loss": task.item(), "eviction_loss": evict.item(), "target": target, **stats}
+
+
+def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any) -> Dict[str, Any]:
+    """Regresses every gate's logits on the log future-attention scores of the unmodified model; backward."""
+    decoder = _decoder(model)
+    layers = [layer.self_attn for layer in decoder.layers]
+    config = gate_config(model)
+    inputs: List[Dict[str, Any]] = [{} for _ in layers]
+
+    def capture(index: int):
+        def hook(module, args_, kwargs):
+            hidden = kwargs.get("hidden_states", args_[0] if args_ else None)
+            inputs[index].update(hidden=hidden, rope=kwargs.get("position_embeddings"),
+                                 position_ids=kwargs.get("position_ids"))
+        return hook
+
+    handles = [attn.register_forward_pre_hook(capture(i), with_kwargs=True) for i, attn in enumerate(layers)]
+    try:
+        for attn in layers:
+            attn.record_qk = True
+        with torch.no_grad(), every_token_kept(model):
+            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for attn in layers:
+            attn.record_qk = False
+    valid = batch["attention_mask"].bool()
+    mask = trainable_tokens(valid, tuple(valid.shape), config.protect_recent, config.sink_tokens, args.min_future,
+                            valid.device)
+    total = 0.0
+    for attn, captured in zip(layers, inputs):
+        query, key, _ = attn.recorded
+        attn.recorded = None
+        hidden = captured["hidden"]
+        wrapped = attn.attention
+        B, T, _ = hidden.shape
+        value = wrapped.v_proj(hidden).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        scores = future_attention_scores(query, key, value, wrapped.o_proj.weight, hidden, valid,
+                                         config.protect_recent, attn.scaling)
+        position_ids = captured["position_ids"]
+        if position_ids is not None:
+            position_ids = position_ids.expand(B, T)
+        cos, sin = attn._gate_rope(hidden, captured["rope"], position_ids)
+        loss = regression_loss(gate_logits(attn.gate, hidden, cos, sin), scores, mask) / len(layers)
+        (loss / args.grad_accum).backward()
+        total += loss.item()
+    return {"loss": total, "task_loss": total, "eviction_loss": 0.0, "target": target,
+            "trained_tokens": int(mask.sum())}
+
+
+STEPS = {"lm": lm_step, "distill": distill_step, "attention": attention_step}
