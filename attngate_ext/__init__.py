@@ -33,6 +33,7 @@ __all__ = [
     "AttentionGateConfig",
     "AttnGateCache",
     "add_attention_gates",
+    "collect_retention",
     "default_gate_head_dim",
     "eviction_loss",
     "gate_config",
@@ -58,6 +59,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AttnGateCache": "cache",
     "add_attention_gates": "models.model",
+    "collect_retention": "training.losses",
     "eviction_loss": "training.losses",
     "gate_config": "models.model",
     "gate_state_dict": "models.model",

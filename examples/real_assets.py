@@ -20,6 +20,11 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("ATTNGATE_CACHE", Path.home() / ".cache" / "attngate_ext"))
 # Held out by document: these plays are never trained on (about 10% of the text).
 HELD_OUT_PLAYS = ("hamlet_gut.txt", "tempest_gut.txt", "twelfth_night_gut.txt", "macbeth_gut.txt")
+# Validation: training recipes and hyper-parameters are chosen on these plays, never on the held-out ones.
+VALIDATION_PLAYS = ("julius_caesar_gut.txt", "much_ado_about_nothing_gut.txt", "othello_gut.txt")
+# Debian python3.11-doc: technical English nothing here trains on. Evaluation: the tutorial and the HOWTOs;
+# threshold calibration (unlabelled text of the same domain): the FAQ.
+PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 
 
 def _package_dir(module: str, pip_args: List[str]) -> Path:
@@ -68,6 +73,24 @@ def shakespeare_split() -> Tuple[List[Path], List[Path]]:
     if len(held_out) != len(HELD_OUT_PLAYS):
         raise RuntimeError(f"expected the held-out plays {HELD_OUT_PLAYS} in {folder}")
     return [p for p in plays if p.name not in HELD_OUT_PLAYS], held_out
+
+
+def shakespeare_splits() -> Tuple[List[Path], List[Path], List[Path]]:
+    """(training, validation, held-out test) plays: the validation plays are taken out of the training plays."""
+    train, held_out = shakespeare_split()
+    validation = [p for p in train if p.name in VALIDATION_PLAYS]
+    if len(validation) != len(VALIDATION_PLAYS):
+        raise RuntimeError(f"expected the validation plays {VALIDATION_PLAYS} among the training plays")
+    return [p for p in train if p.name not in VALIDATION_PLAYS], validation, held_out
+
+
+def python_docs() -> Tuple[List[Path], List[Path]]:
+    """(evaluation files: tutorial + HOWTOs, calibration files: FAQ) of the Debian python3.11-doc package."""
+    if not PYTHON_DOCS.is_dir():
+        raise RuntimeError(f"{PYTHON_DOCS} is missing: install the Debian package (apt-get install python3.11-doc)")
+    evaluation = sorted((PYTHON_DOCS / "tutorial").glob("*.rst.txt")) + sorted((PYTHON_DOCS / "howto").glob("*.rst.txt"))
+    calibration = sorted((PYTHON_DOCS / "faq").glob("*.rst.txt"))
+    return evaluation, calibration
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def test_evaluate_is_deterministic_and_measures_what_it_promises(setup, tmp_path
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    windows = token_windows(make_tokenizer()(TEXT)["input_ids"], 64, 4)
+    windows = token_windows(make_tokenizer()(TEXT)["input_ids"], 64, 4, spread=True)  # evaluate spreads its windows
     with torch.no_grad():
         logits = model(windows).logits[:, 31:63]
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 32:].flatten())

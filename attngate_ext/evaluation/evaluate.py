@@ -29,10 +29,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models.calibration import calibrate_gate_bias, set_constant_gates
+from ..models.calibration import calibrate_gate_threshold, set_constant_gates
 from ..gate.config import AttentionGateConfig
 from ..training.data import read_text_documents
-from ..models.model import _state, add_attention_gates, gate_config, load_gates
+from ..models.model import _state, add_attention_gates, gate_config, load_gates, update_gate_config
 from .perplexity import token_windows
 from .policies import POLICIES, Policy, prune_cache, record_queries_and_keys, use_in_context_policy
 
@@ -46,13 +46,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--gates", help="trained gates (save_gates directory); without it the 'gate' policy is skipped")
     p.add_argument("--text", nargs="+", help="held-out text files/directories for perplexity")
     p.add_argument("--mc", help="JSONL of {context, choices, label} for multiple-choice accuracy")
-    p.add_argument("--calibration-text", nargs="+", help="text to set the gates' biases per ratio (default --text)")
+    p.add_argument("--calibration-text", nargs="+",
+                   help="text to set the gates' threshold per ratio (default --text; use other text of the same "
+                        "domain, never the evaluation windows, for an honest number)")
+    p.add_argument("--calibration-windows", type=int, default=4,
+                   help="windows of --calibration-text used to set the threshold (default 4)")
+    p.add_argument("--calibration", choices=["global", "per_head"], default="global",
+                   help="global: one threshold for every gate (heads keep the different fractions they learned); "
+                        "per_head: every (layer, KV head) evicts the ratio (default global). Either way the ratio is "
+                        "the one the cache measures at the end of a window, recent-window tokens included")
+    p.add_argument("--gate-window", type=int, default=None,
+                   help="evaluate the gates with this protect_recent w instead of the one they were trained with")
     p.add_argument("--policies", nargs="+", default=["gate", *POLICIES], choices=["gate", *POLICIES])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     p.add_argument("--context-len", type=int, default=256)
     p.add_argument("--continuation-len", type=int, default=256)
-    p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    p.add_argument("--windows", type=int, default=8,
+                   help="evaluation windows (default 8), evenly spaced over the text (see --first-windows)")
+    p.add_argument("--first-windows", action="store_true",
+                   help="take the first --windows windows of the text instead of evenly spaced ones")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,6 +96,8 @@ class Evaluator:
         self.trained_gates = None
         if args.gates:
             load_gates(self.model, args.gates)
+            if args.gate_window is not None:
+                update_gate_config(self.model, protect_recent=args.gate_window)
             self.trained_gates = {k: v.clone() for k, v in self.model.state_dict().items() if ".gate." in k}
         else:
             add_attention_gates(self.model, AttentionGateConfig(decode_gating=False))
@@ -151,11 +166,14 @@ class Evaluator:
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, context:].unsqueeze(-1)).squeeze(-1)
         return logprobs, report
 
-    def calibrate(self, ratio: float, ids: torch.Tensor) -> None:
-        """Shifts the trained gates' biases so that they evict ``ratio`` of the calibration tokens."""
+    def calibrate(self, ratio: float, ids: torch.Tensor) -> float:
+        """Shifts the trained gates' biases so that a cache evicts ``ratio`` of the calibration windows (as measured
+        at their end); returns that measured ratio."""
         self._reset(None)
-        calibrate_gate_bias(self.model, ids.to(self.args.device), ratio)
+        measured = calibrate_gate_threshold(self.model, ids.to(self.args.device), ratio,
+                                            per_head=self.args.calibration == "per_head")
         self.trained_gates = {k: v.clone() for k, v in self.model.state_dict().items() if ".gate." in k}
+        return measured
 
 
 def _report(cache) -> Dict[str, Any]:
@@ -197,11 +215,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     windows = None
     if args.text:
         stream = tok("\n\n".join(read_text_documents(args.text)))["input_ids"]
-        windows = token_windows(stream, args.context_len + args.continuation_len, args.windows)
+        windows = token_windows(stream, args.context_len + args.continuation_len, args.windows,
+                                spread=not args.first_windows)
     calibration = windows
     if args.calibration_text:
         stream = tok("\n\n".join(read_text_documents(args.calibration_text)))["input_ids"]
-        calibration = token_windows(stream, args.context_len + args.continuation_len, args.windows)
+        calibration = token_windows(stream, args.context_len + args.continuation_len, args.calibration_windows,
+                                    spread=True)
     mc = _mc_records(args.mc) if args.mc else []
     tasks = _tasks(args, ev.trained_gates is not None)
     native = ({k: v.clone() for k, v in ev.trained_gates.items()} if ev.trained_gates is not None else None)
@@ -212,8 +232,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             ev.trained_gates = {k: v.clone() for k, v in native.items()}
             if calibration is None:
                 raise ValueError("the gate policy needs --text or --calibration-text to calibrate its biases")
-            ev.calibrate(ratio, calibration[: args.batch_size])
+            calibrated = ev.calibrate(ratio, calibration[: args.calibration_windows])
         record: Dict[str, Any] = {"policy": policy, "mode": mode, "target_eviction": ratio}
+        if policy == "gate":
+            record["calibration_eviction"] = calibrated
         if windows is not None:
             record.update(_perplexity(ev, windows, policy, mode, ratio))
         if mc:
@@ -230,7 +252,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     output = {"results": results, "protocol": {"context_len": args.context_len,
                                                "continuation_len": args.continuation_len,
                                                "windows": 0 if windows is None else int(windows.shape[0]),
-                                               "mc_records": len(mc)}}
+                                               "mc_records": len(mc), "calibration": args.calibration,
+                                               "gate_config": ev.base_config.to_dict()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(output, indent=2))
     print_table(results)

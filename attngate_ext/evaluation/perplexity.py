@@ -10,16 +10,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def token_windows(token_ids: Sequence[int], length: int, max_windows: Optional[int] = None) -> torch.Tensor:
-    """Non-overlapping windows ``(N, length)`` of a token stream (the incomplete tail is dropped)."""
+def token_windows(token_ids: Sequence[int], length: int, max_windows: Optional[int] = None,
+                  spread: bool = False) -> torch.Tensor:
+    """Non-overlapping windows ``(N, length)`` of a token stream (the incomplete tail is dropped).
+
+    With ``max_windows`` smaller than the number of windows the stream holds, the first ``max_windows`` are taken,
+    or with ``spread=True`` windows evenly spaced over the whole stream (so a few windows sample every document of a
+    concatenated corpus, not only the first one's opening pages).
+    """
     if length < 2:
         raise ValueError(f"length must be >= 2, got {length}")
-    n = len(token_ids) // length
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
+    available = len(token_ids) // length
+    if available == 0:
         raise ValueError(f"fewer than {length} tokens: no window to evaluate")
-    return torch.tensor(list(token_ids[: n * length]), dtype=torch.long).view(n, length)
+    all_windows = torch.tensor(list(token_ids[: available * length]), dtype=torch.long).view(available, length)
+    if max_windows is None or max_windows >= available:
+        return all_windows
+    if not spread:
+        return all_windows[:max_windows]
+    index = torch.div(torch.arange(max_windows) * available, max_windows, rounding_mode="floor")
+    return all_windows[index]
 
 
 @torch.no_grad()
