@@ -112,7 +112,8 @@ def calibrate_gate_threshold(
     eviction_ratio: float,
     attention_mask: Optional[torch.Tensor] = None,
     per_head: bool = False,
-    iterations: int = 2,
+    iterations: int = 6,
+    tolerance: float = 0.004,
 ) -> float:
     """Shifts the gates' biases so that a cache filled with ``input_ids`` evicts ``eviction_ratio`` *as measured*
     by :meth:`AttnGateCache.memory_report` at the end of the sequence: a head still holds the sinks and the last
@@ -122,41 +123,53 @@ def calibrate_gate_threshold(
     gates learned between layers and heads stay, so heads keep different fractions (learned per-head budgets).
     ``per_head=True`` shifts each (layer, KV head) to evict the ratio on its own.
 
-    Each iteration is one no-cache forward (a layer's gate input depends on the flags of the layers before it);
-    one more forward measures the result, which is returned.
+    Every step is one no-cache forward (a layer's gate input depends on the flags of the layers before it): the
+    shift is moved to the quantile of the logits just seen, or, once two measurements bracket the ratio, halfway
+    between them; it stops within ``tolerance`` or after ``iterations`` forwards and keeps the best
+    shift seen. Returns the measured eviction of that shift.
     """
     if not 0.0 <= eviction_ratio <= 1.0:
         raise ValueError(f"eviction_ratio must lie in [0, 1], got {eviction_ratio}")
     config = gate_config(model)
     threshold_logit = math.log(config.threshold / (1.0 - config.threshold))
     decoder = _decoder(model)
+    layers = [layer.self_attn for layer in decoder.layers]
     valid = (attention_mask.bool() if attention_mask is not None
              else torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
     eligible, forced = _measured_masks(valid, config.protect_recent, config.sink_tokens)
-    measured = 0.0
-    for step in range(iterations + 1):
+    H = layers[0].gate.score.bias.numel()
+    base = [attn.gate.score.bias.detach().clone() for attn in layers]
+    shift = torch.zeros(len(layers), H, dtype=torch.float64)  # applied on top of the original biases
+    tried = []  # (measured eviction, shift)
+    for _ in range(max(iterations, 1)):
+        for attn, bias, row in zip(layers, base, shift):
+            attn.gate.score.bias.copy_(bias + row.to(bias))
         decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        layers = [layer.self_attn for layer in decoder.layers]
         flags = torch.stack([attn.last_gate.keep for attn in layers])  # (L, B, H, T)
         held = (flags & eligible.unsqueeze(1)) | forced.unsqueeze(1)
-        total = valid.sum() * flags.shape[0] * flags.shape[2]
-        measured = 1.0 - float(held.sum()) / float(total)
-        if step == iterations:
+        total = float(valid.sum()) * flags.shape[0] * flags.shape[2]
+        measured = 1.0 - float(held.sum()) / total
+        tried.append((measured, shift.clone()))
+        if abs(measured - eviction_ratio) <= tolerance:
             break
+        above = [t for t in tried if t[0] > eviction_ratio]  # evicting too much: the shift must grow
+        below = [t for t in tried if t[0] < eviction_ratio]
+        if above and below and not per_head:
+            hi = min(above, key=lambda t: t[0])
+            lo = max(below, key=lambda t: t[0])
+            shift = 0.5 * (hi[1] + lo[1])  # bisection: robust where ties make the ratio jump
+            continue
         probs = torch.stack([attn.last_gate.probs for attn in layers]).double().clamp(1e-30, 1 - 1e-7)
-        logits = torch.log(probs) - torch.log1p(-probs)  # (L, B, H, T)
-        L, _, H, _ = logits.shape
+        logits = (torch.log(probs) - torch.log1p(-probs)).permute(0, 2, 1, 3)[:, :, eligible]  # (L, H, tokens)
         if per_head:
-            for l, attn in enumerate(layers):
-                shift = torch.empty(H, dtype=torch.float64)
+            keep = (1.0 - eviction_ratio) * float(valid.sum()) - float(forced.sum())
+            for l in range(len(layers)):
                 for h in range(H):
-                    keep = (1.0 - eviction_ratio) * float(valid.sum()) - float(forced.sum())
-                    shift[h] = _shift_for(logits[l, :, h][eligible], keep, threshold_logit)
-                attn.gate.score.bias.add_(shift.to(attn.gate.score.bias))
+                    shift[l, h] += _shift_for(logits[l, h], keep, threshold_logit)
         else:
-            keep = (1.0 - eviction_ratio) * float(total) - float(forced.sum()) * L * H
-            scores = logits.permute(0, 2, 1, 3)[:, :, eligible]  # (L, H, eligible tokens)
-            shift = _shift_for(scores.flatten(), keep, threshold_logit)
-            for attn in layers:
-                attn.gate.score.bias.add_(shift)
+            keep = (1.0 - eviction_ratio) * total - float(forced.sum()) * len(layers) * H
+            shift += _shift_for(logits.flatten(), keep, threshold_logit)
+    measured, best = min(tried, key=lambda t: abs(t[0] - eviction_ratio))
+    for attn, bias, row in zip(layers, base, best):
+        attn.gate.score.bias.copy_(bias + row.to(bias))
     return measured
