@@ -48,6 +48,15 @@ def init_world(device: str) -> World:
     return World(rank, size, device)
 
 
+def broadcast_parameters(parameters: Iterable[torch.nn.Parameter], world: World) -> None:
+    """Copies process 0's values of ``parameters`` to every process (the same start, whatever the seeds did)."""
+    if world.size <= 1:
+        return
+    with torch.no_grad():
+        for p in parameters:
+            dist.broadcast(p.data, src=0)
+
+
 def average_gradients(parameters: Iterable[torch.nn.Parameter], world: World) -> None:
     """Replaces every gradient by its mean over the processes (one flattened all-reduce)."""
     if world.size <= 1:
@@ -64,15 +73,32 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], world: World) ->
         offset += n
 
 
+def sum_over_world(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over the processes (a new tensor; ``tensor`` itself is unchanged)."""
+    total = tensor.detach().clone()
+    if world.size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def batch_share(count: float, world: World) -> float:
+    """``processes * count / (count summed over the processes)``: the factor that turns this process's mean loss
+    over its ``count`` items into its share of the global batch's mean, once gradients are averaged."""
+    if world.size <= 1:
+        return 1.0
+    total = float(sum_over_world(torch.tensor([float(count)], dtype=torch.float64, device=_reduce_device()), world))
+    return world.size * float(count) / max(total, 1.0)
+
+
+def _reduce_device() -> str:
+    return "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+
+
 def mean_over_world(value: float, world: World) -> float:
     """The mean of a float over the processes (for logging)."""
     if world.size <= 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / world.size
+    return float(sum_over_world(torch.tensor([value], dtype=torch.float64, device=_reduce_device()), world)) / world.size
 
 
 def barrier(world: World) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,8 @@ def eviction_loss(
     alpha: float = 1.0,
     per_layer: bool = False,
     per_head: bool = False,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    processes: int = 1,
 ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """``alpha * (mean retention - rho)^2`` with ``rho = 1 - target_eviction`` (SPEC section 3).
 
@@ -63,31 +65,42 @@ def eviction_loss(
         alpha: the loss weight.
         per_layer: penalise each layer's mean retention separately (the loss is then the mean over layers of the
             squared gaps) instead of the global mean over all layers.
-        per_head: penalise each (layer, KV head) separately. Heads that keep similar fractions make the gated
-            cache compact: one layer's storage is as long as its longest head.
+        per_head: penalise each (layer, KV head) separately, instead of letting heads keep different fractions.
+        reduce: data-parallel training: a function summing a tensor over the ``processes`` processes (an
+            all-reduce). The means are then those of the whole global batch, and the loss is built so that the
+            mean of the processes' gradients is the gradient of that global loss (its value is the global loss).
 
     Returns:
-        ``(loss, stats)`` with stats from :func:`retention_stats` (floats, detached) for logging.
+        ``(loss, stats)`` with stats from :func:`retention_stats` (floats, detached, this process's batch) for logging.
     """
     if not retain:
         raise ValueError("retain must hold one tensor per gated layer, got none")
     if not 0.0 <= target_eviction <= 1.0:
         raise ValueError(f"target_eviction must lie in [0, 1], got {target_eviction}")
     rho = 1.0 - target_eviction
-    means = []
+    sums, counts = [], []
     for layer_retain in retain:
         weight = _valid_weight(layer_retain, valid).to(layer_retain.device)
-        if per_head:  # (H,) means, one squared gap per (layer, head)
-            means.append((layer_retain.float() * weight).sum(dim=(0, 2)) / weight.sum(dim=(0, 2)).clamp_min(1.0))
-        else:
-            means.append((layer_retain.float() * weight).sum() / weight.sum().clamp_min(1.0))
-    means_t = torch.stack(means)
-    if per_layer or per_head:
-        loss = alpha * ((means_t - rho) ** 2).mean()
-    else:
-        loss = alpha * (means_t.mean() - rho) ** 2
-    return loss, retention_stats(retain, valid)
+        dims = (0, 2) if per_head else (0, 1, 2)  # per head: (H,) sums, one squared gap per (layer, head)
+        sums.append((layer_retain.float() * weight).sum(dim=dims))
+        counts.append(weight.sum(dim=dims))
+    sums_t, counts_t = torch.stack(sums), torch.stack(counts)
 
+    def penalty(means: torch.Tensor) -> torch.Tensor:
+        if per_layer or per_head:
+            return alpha * ((means - rho) ** 2).mean()
+        return alpha * (means.mean() - rho) ** 2
+
+    if reduce is None:
+        return penalty(sums_t / counts_t.clamp_min(1.0)), retention_stats(retain, valid)
+    total_counts = reduce(counts_t.detach().clone()).clamp_min(1.0)
+    means = (reduce(sums_t.detach().clone()) / total_counts).requires_grad_(True)
+    value = penalty(means)
+    (grad,) = torch.autograd.grad(value, means)
+    # Zero-valued term whose gradient is this process's share of d(global loss): averaged over the processes, the
+    # gradients sum every process's d(sums) / total_counts.
+    share = (grad * processes * (sums_t - sums_t.detach()) / total_counts).sum()
+    return value.detach() + share, retention_stats(retain, valid)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

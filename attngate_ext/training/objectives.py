@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..models.model import _decoder, gate_config
 from .attention_targets import future_attention_scores, gate_logits, regression_loss, trainable_tokens
+from .distributed import World, batch_share, sum_over_world
 from .losses import collect_retention, distillation_loss, eviction_loss
 
 OBJECTIVES = ("lm", "distill", "attention")
@@ -42,32 +43,44 @@ def every_token_kept(model: nn.Module) -> Iterator[None]:
             attn.flag_source = source
 
 
-def lm_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any) -> Dict[str, Any]:
+def lm_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any,
+            world: World = World()) -> Dict[str, Any]:
     """Cross-entropy of the labels + the eviction loss; backward; returns the losses and retention statistics."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 use_cache=False)
-    return _with_eviction(model, out.loss, target, args)
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    return _with_eviction(model, out.loss, targets, target, args, world)
 
 
-def distill_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any) -> Dict[str, Any]:
+def distill_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any,
+                 world: World = World()) -> Dict[str, Any]:
     """KL to the same model with every token kept (over the non-padding positions) + the eviction loss."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     with torch.no_grad(), every_token_kept(model):
         teacher = model(**kwargs).logits
     student = model(**kwargs).logits
     kl = distillation_loss(student, teacher, batch["attention_mask"].bool(), args.temperature)
-    return _with_eviction(model, kl, target, args)
+    return _with_eviction(model, kl, int(batch["attention_mask"].sum()), target, args, world)
 
 
-def _with_eviction(model: nn.Module, task: torch.Tensor, target: float, args: Any) -> Dict[str, Any]:
+def _with_eviction(model: nn.Module, task: torch.Tensor, count: int, target: float, args: Any,
+                   world: World) -> Dict[str, Any]:
+    """Adds the eviction loss and runs the backward. Under data parallelism both terms are this process's share
+    of the global batch's loss, so that averaging the gradients gives the global batch's gradient."""
     retain, valid = collect_retention(model)
-    evict, stats = eviction_loss(retain, valid, target, args.alpha, args.per_layer_loss, args.per_head_loss)
-    loss = task + evict
+    reduce = (lambda t: sum_over_world(t, world)) if world.size > 1 else None
+    evict, stats = eviction_loss(retain, valid, target, args.alpha, args.per_layer_loss, args.per_head_loss,
+                                 reduce=reduce, processes=world.size)
+    share = batch_share(count, world)
+    loss = task * share + evict
     (loss / args.grad_accum).backward()
-    return {"loss": loss.item(), "task_loss": task.item(), "eviction_loss": evict.item(), "target": target, **stats}
+    # Logged values: averaged over the processes they are the global batch's (the task loss weighted by share).
+    return {"loss": task.item() * share + evict.item(), "task_loss": task.item() * share,
+            "eviction_loss": evict.item(), "target": target, **stats}
 
 
-def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any) -> Dict[str, Any]:
+def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any,
+                   world: World = World()) -> Dict[str, Any]:
     """Regresses every gate's logits on the log future-attention scores of the unmodified model; backward."""
     decoder = _decoder(model)
     layers = [layer.self_attn for layer in decoder.layers]
@@ -96,6 +109,7 @@ def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: flo
     mask = trainable_tokens(valid, tuple(valid.shape), config.protect_recent, config.sink_tokens, args.min_future,
                             valid.device)
     total = 0.0
+    share = batch_share(int(mask.sum()), world)
     for attn, captured in zip(layers, inputs):
         query, key, _ = attn.recorded
         attn.recorded = None
@@ -110,8 +124,8 @@ def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: flo
             position_ids = position_ids.expand(B, T)
         cos, sin = attn._gate_rope(hidden, captured["rope"], position_ids)
         loss = regression_loss(gate_logits(attn.gate, hidden, cos, sin), scores, mask) / len(layers)
-        (loss / args.grad_accum).backward()
-        total += loss.item()
+        (loss * share / args.grad_accum).backward()
+        total += loss.item() * share
     return {"loss": total, "task_loss": total, "eviction_loss": 0.0, "target": target,
             "trained_tokens": int(mask.sum())}
 

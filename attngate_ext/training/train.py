@@ -34,7 +34,8 @@ from ..models.calibration import calibrate_gate_threshold, randomize_gates
 from ..models.model import add_attention_gates, gate_config, gates, load_gates, save_gates, update_gate_config
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from .data import Examples, sft_examples, text_examples
-from .distributed import World, average_gradients, barrier, init_world, mean_over_world, shutdown
+from .distributed import (World, average_gradients, barrier, broadcast_parameters, init_world, mean_over_world,
+                          shutdown)
 from .losses import eviction_target
 from .objectives import OBJECTIVES, STEPS
 
@@ -224,6 +225,7 @@ def _train(args: argparse.Namespace, world: World) -> Dict[str, Any]:
     groups = [{"params": gate_params, "lr": args.lr}] + ([{"params": other, "lr": args.lora_lr}] if other else [])
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
+    broadcast_parameters(trainable_parameters(model).values(), world)
     step = 0
     if args.resume and (ckpt := latest_checkpoint(out)) is not None:
         step = load_checkpoint(ckpt, model, optimizer, scheduler)
@@ -244,7 +246,7 @@ def _train(args: argparse.Namespace, world: World) -> Dict[str, Any]:
         logs = []
         for _ in range(args.grad_accum):
             batch = {k: v.to(args.device) for k, v in next(batches).items()}
-            logs.append(step_fn(model, batch, target, args))
+            logs.append(step_fn(model, batch, target, args, world))
         trainable = list(trainable_parameters(model).values())
         average_gradients(trainable, world)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
