@@ -43,7 +43,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m attngate_ext.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--gates", help="trained gates (save_gates directory); without it the 'gate' policy is skipped")
+    p.add_argument("--gates", help="trained gates (save_gates directory); default: the gates shipped with the package "
+                                   "for this model (attngate_ext.list_pretrained_gates()) if there are any")
+    p.add_argument("--no-gates", action="store_true", help="evaluate the baselines only (no 'gate' policy)")
     p.add_argument("--text", nargs="+", help="held-out text files/directories for perplexity")
     p.add_argument("--mc", help="JSONL of {context, choices, label} for multiple-choice accuracy")
     p.add_argument("--calibration-text", nargs="+",
@@ -94,8 +96,16 @@ class Evaluator:
         self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype],
                                                           local_files_only=True).to(args.device).eval()
         self.trained_gates = None
-        if args.gates:
-            load_gates(self.model, args.gates)
+        self.gates_source = None if args.no_gates else args.gates
+        if args.gates is None and not args.no_gates:
+            from ..pretrained import matching_pretrained_gates, pretrained_gates
+
+            name = matching_pretrained_gates(self.model)
+            if name is not None:
+                self.gates_source = pretrained_gates(name)
+                print(f"gate policy: the shipped gates {name!r}")
+        if self.gates_source:
+            load_gates(self.model, self.gates_source)
             if args.gate_window is not None:
                 update_gate_config(self.model, protect_recent=args.gate_window)
             self.trained_gates = {k: v.clone() for k, v in self.model.state_dict().items() if ".gate." in k}
@@ -253,6 +263,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                                "continuation_len": args.continuation_len,
                                                "windows": 0 if windows is None else int(windows.shape[0]),
                                                "mc_records": len(mc), "calibration": args.calibration,
+                                               "gates": ev.gates_source,
                                                "gate_config": ev.base_config.to_dict()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(output, indent=2))

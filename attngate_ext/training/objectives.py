@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -79,9 +79,10 @@ def _with_eviction(model: nn.Module, task: torch.Tensor, count: int, target: flo
             "eviction_loss": evict.item(), "target": target, **stats}
 
 
-def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any,
-                   world: World = World()) -> Dict[str, Any]:
-    """Regresses every gate's logits on the log future-attention scores of the unmodified model; backward."""
+def attention_targets(model: nn.Module, batch: Dict[str, torch.Tensor], args: Any) -> Iterator[Tuple[Any, ...]]:
+    """Per gated layer ``(attention module, layer input, gate cos, gate sin, log-scores (B, H, T))`` from one
+    no-grad forward of the decoder with every token kept; also the ``(B, T)`` mask of trainable tokens, as the
+    first item yielded."""
     decoder = _decoder(model)
     layers = [layer.self_attn for layer in decoder.layers]
     config = gate_config(model)
@@ -106,10 +107,8 @@ def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: flo
         for attn in layers:
             attn.record_qk = False
     valid = batch["attention_mask"].bool()
-    mask = trainable_tokens(valid, tuple(valid.shape), config.protect_recent, config.sink_tokens, args.min_future,
-                            valid.device)
-    total = 0.0
-    share = batch_share(int(mask.sum()), world)
+    yield trainable_tokens(valid, tuple(valid.shape), config.protect_recent, config.sink_tokens, args.min_future,
+                           valid.device)
     for attn, captured in zip(layers, inputs):
         query, key, _ = attn.recorded
         attn.recorded = None
@@ -123,11 +122,38 @@ def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: flo
         if position_ids is not None:
             position_ids = position_ids.expand(B, T)
         cos, sin = attn._gate_rope(hidden, captured["rope"], position_ids)
-        loss = regression_loss(gate_logits(attn.gate, hidden, cos, sin), scores, mask) / len(layers)
+        yield attn, hidden, cos, sin, scores
+
+
+def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any,
+                   world: World = World()) -> Dict[str, Any]:
+    """Regresses every gate's logits on the log future-attention scores of the unmodified model; backward."""
+    layers = attention_targets(model, batch, args)
+    mask = next(layers)
+    count = len(_decoder(model).layers)
+    total = 0.0
+    share = batch_share(int(mask.sum()), world)
+    for attn, hidden, cos, sin, scores in layers:
+        loss = regression_loss(gate_logits(attn.gate, hidden, cos, sin), scores, mask) / count
         (loss * share / args.grad_accum).backward()
         total += loss.item() * share
     return {"loss": total, "task_loss": total, "eviction_loss": 0.0, "target": target,
             "trained_tokens": int(mask.sum())}
+
+
+@torch.no_grad()
+def init_biases_to_mean_scores(model: nn.Module, batch: Dict[str, torch.Tensor], args: Any,
+                               world: World = World()) -> None:
+    """--objective attention, fresh gates: each gate's bias starts at the mean log-score of its KV head on
+    ``batch`` (over the processes), so the regression starts at the right level instead of climbing down from
+    the keep-everything bias."""
+    layers = attention_targets(model, batch, args)
+    mask = next(layers)
+    weight = mask.unsqueeze(1).float()
+    for attn, _, _, _, scores in layers:
+        sums = sum_over_world((scores * weight).sum(dim=(0, 2)), world)
+        counts = sum_over_world(weight.sum(dim=(0, 2)).expand(scores.shape[1]), world).clamp_min(1.0)
+        attn.gate.score.bias.copy_((sums / counts).to(attn.gate.score.bias))
 
 
 STEPS = {"lm": lm_step, "distill": distill_step, "attention": attention_step}

@@ -37,7 +37,7 @@ from .data import Examples, sft_examples, text_examples
 from .distributed import (World, average_gradients, barrier, broadcast_parameters, init_world, mean_over_world,
                           shutdown)
 from .losses import eviction_target
-from .objectives import OBJECTIVES, STEPS
+from .objectives import OBJECTIVES, STEPS, init_biases_to_mean_scores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_TARGETS = r".*\.self_attn\.attention\.(q_proj|k_proj|v_proj|o_proj)"  # the model's, not the gates' projections
@@ -234,6 +234,9 @@ def _train(args: argparse.Namespace, world: World) -> Dict[str, Any]:
     examples = build_examples(args, tokenizer)
     global_batch = args.batch_size * world.size
     batches = shard(examples.batches(global_batch, args.seed, start_step=step * args.grad_accum), world)
+    if args.objective == "attention" and step == 0 and not args.init_gates:
+        first = next(shard(examples.batches(global_batch, args.seed), world))
+        init_biases_to_mean_scores(model, {k: v.to(args.device) for k, v in first.items()}, args, world)
     step_fn = STEPS[args.objective]
     history: List[Dict[str, Any]] = []
     started = time.time()
