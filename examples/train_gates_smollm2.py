@@ -110,7 +110,7 @@ def main() -> int:
           f"training {train_seconds / 60:.1f} min")
     print(f"{'policy':<62} {'perplexity':>10} {'eviction':>9} {'KV bytes / dense':>17}")
     for name, r in results.items():
-        share = f"{r['allocated_bytes'] / r['dense_bytes']:.3f}" if r["allocated_bytes"] else "1.000"
+        share = f"{r['held_bytes'] / r['dense_bytes']:.3f}" if r["held_bytes"] else "1.000"
         print(f"{name:<62} {r['perplexity']:>10.2f} {r['eviction_ratio']:>9.3f} {share:>17}")
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
     (out / "eval.json").write_text(json.dumps({"results": results, "held_out": [p.name for p in held_out],

@@ -54,6 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--continuation-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--page-size", type=int, default=16,
+                   help="rows per page of the gated cache (default 16); smaller pages waste less on short windows")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -133,13 +135,13 @@ class Evaluator:
                 self._reset(None)
             else:
                 self._reset(POLICIES[policy](), ratio, T)
-            cache = AttnGateCache()
+            cache = AttnGateCache(self.args.page_size)
             logits = self.model(input_ids=ids, **self._cache_kwargs(cache)).logits[:, context - 1 : T - 1]
             report = _report(cache)
         else:  # post_prefill
             self._keep_all()
             record_queries_and_keys(self.model, True)
-            cache = AttnGateCache()
+            cache = AttnGateCache(self.args.page_size)
             first = self.model(input_ids=ids[:, :context], **self._cache_kwargs(cache)).logits[:, -1:]
             record_queries_and_keys(self.model, False)
             prune_cache(self.model, cache, POLICIES[policy](), ratio)
@@ -160,7 +162,7 @@ class Evaluator:
 
 def _report(cache) -> Dict[str, Any]:
     r = cache.memory_report()
-    return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["allocated_bytes"], "dense_bytes": r["dense_bytes"]}
+    return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["held_bytes"], "dense_bytes": r["dense_bytes"]}
 
 
 def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, float]]:
@@ -251,7 +253,8 @@ def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ra
         kv = max(kv, report["kv_bytes"] or 0)
         dense = max(dense, report["dense_bytes"] or 0)
     # Eviction: measured by the cache at the end of each batch (in context: end of the window; post-prefill: right
-    # after pruning the context). KV share: the largest batch's allocated bytes over its dense cache.
+    # after pruning the context). KV share: the largest batch's held bytes (pages held, the window ring and the gates'
+    # K'/V') over its dense cache.
     return {"perplexity": math.exp(nll / count), "eviction_ratio": ratio_sum / windows.shape[0],
             "kv_bytes": kv or None, "kv_share": kv / dense if dense else 1.0}
 

@@ -11,12 +11,25 @@ from ..cache.cache import AttnGateCache
 from ..gate.gate import AttentionGate, GateOutput, apply_rope
 from ..gate.masks import block_visibility, grouped_attention
 from ..gate.ste_attention import ste_gated_attention
+from ..ops.paged import paged_prefill_attention
 
 # Keyword the gated model's pre-forward hook uses to hand the 2-D padding mask down to every layer.
 PADDING_MASK_KWARG = "gate_padding_mask"
 # Keyword a caller may pass to a no-cache forward so that tokens from this position on count as "generated"
 # (kept unscored) when ``decode_gating`` is off, matching what the cache does after the prompt call.
 PROMPT_LENGTH_KWARG = "gate_prompt_length"
+
+
+def rule_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                   valid: Optional[torch.Tensor], window: int, scale: float) -> torch.Tensor:
+    """Attention of ``query`` ``(B, Hq, T, D)`` over ``key``/``value`` ``(B, H, T, D)`` under the eviction rule
+    (flags ``keep`` ``(B, H, T)``, padding ``valid`` ``(B, T)``, window), through ``paged_prefill_attention`` with
+    an empty cache: no ``T x T`` mask is built."""
+    B, H, _, D = key.shape
+    pages = key.new_zeros(0, 1, D)
+    table = torch.zeros(B, H, 0, dtype=torch.int32, device=key.device)
+    lengths = torch.zeros(B, H, dtype=torch.int32, device=key.device)
+    return paged_prefill_attention(query, pages, pages, table, lengths, key, value, keep, valid, window, scale)
 
 
 class GatedAttention(nn.Module):
@@ -107,9 +120,9 @@ class GatedAttention(nn.Module):
         if cache is not None:
             layer = cache.layer(self.layer_idx)
             self._check_window(layer.get_seq_length() + T)
+            # Inference: the cached path applies no attention dropout.
             out, probs, keep = layer.attend(query, key, value, hidden_states, self.gate, gate_cos, gate_sin, valid,
-                                            position_ids, self.scaling, dropout, self.flag_source,
-                                            self.after_chunk)
+                                            position_ids, self.scaling, self.flag_source, self.after_chunk)
             self.last_gate = GateOutput(probs, keep, None, None)
             self.last_retain, self.last_valid = keep.to(query.dtype), valid
         else:
@@ -141,10 +154,13 @@ class GatedAttention(nn.Module):
                 retain = torch.where(forced, torch.ones_like(probs), keep.to(probs.dtype) + probs - probs.detach())
                 self.last_retain = retain
                 out = ste_gated_attention(query, key, value, retain, valid, window, self.scaling)
-            else:
+            elif dropout > 0.0:
                 self.last_retain = keep.to(query.dtype)
                 visible = block_visibility(keep, valid, window)
                 out = grouped_attention(query, key, value, visible, self.scaling, dropout)
+            else:  # the rule inside the attention kernel (an empty paged cache): no T x T mask
+                self.last_retain = keep.to(query.dtype)
+                out = rule_attention(query, key, value, keep, valid, window, self.scaling)
 
         out = out.transpose(1, 2).reshape(B, T, -1).contiguous()
         return attn.o_proj(out), None
