@@ -6,6 +6,7 @@ call :meth:`AttnGateLayer.attend`); the generic ``Cache.update`` path of ungated
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -153,21 +154,31 @@ class AttnGateLayer(CacheLayerMixin):
         cfg = gate.config
         B, _, T, _ = query.shape
         self._padded = valid is not None
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=query.device)
         if not self.is_initialized:
             self._initialise(key, gate, cfg.protect_recent)
         elif self.valid_count.shape[0] != B:
             raise ValueError(f"AttnGateCache holds a batch of {self.valid_count.shape[0]}, the input has {B} rows")
+        # Free pages are guaranteed by PagedKV's host bounds, so the CUDA ops need no status read-back.
+        no_read_back = sync_checks(False) if query.is_cuda else contextlib.nullcontext()
+        if T == 1 and self.seen > 0:  # a decode step: the short path (no chunk loop, no padding mask needed)
+            with no_read_back:
+                out, probs, keep = self._attend_chunk(query, key, value, gate_input, gate, gate_cos, gate_sin, valid,
+                                                      positions, scale, flag_source)
+                if after_chunk is not None:
+                    after_chunk(self, query, key, valid if valid is not None else self._all_valid(B, T, query))
+            return out, probs, keep
+        if valid is None:
+            valid = self._all_valid(B, T, query)
         prompt_call = self.seen == 0
         chunk = cfg.prefill_chunk if cfg.prefill_chunk > 0 and T > 1 else max(T, 1)
         outputs, all_probs, all_keep = [], [], []
-        with sync_checks(False):  # free pages are guaranteed by PagedKV's host bounds, so no read-back is needed
+        with no_read_back:
             for start in range(0, T, chunk):
                 piece = slice(start, start + chunk)
                 out, probs, keep = self._attend_chunk(
                     query[:, :, piece], key[:, :, piece], value[:, :, piece], gate_input[:, piece], gate,
-                    None if gate_cos is None else gate_cos[:, piece], None if gate_sin is None else gate_sin[:, piece],
+                    None if gate_cos is None else gate_cos[..., piece, :],
+                    None if gate_sin is None else gate_sin[..., piece, :],
                     valid[:, piece], None if positions is None else positions[:, piece], scale, flag_source,
                 )
                 if after_chunk is not None:
@@ -182,27 +193,34 @@ class AttnGateLayer(CacheLayerMixin):
         if flag_source is not None or (prompt_call and not cfg.decode_gating):
             self.gate_kv = self.gate_ring = None  # generated tokens are not scored: the gate's K'/V' are not needed
             self.gating_done = True
+        if len(outputs) == 1:
+            return outputs[0], all_probs[0], all_keep[0]
         return torch.cat(outputs, dim=2), torch.cat(all_probs, dim=2), torch.cat(all_keep, dim=2)
+
+    @staticmethod
+    def _all_valid(B: int, T: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.ones(B, T, dtype=torch.bool, device=like.device)
 
     def _attend_chunk(self, query, key, value, gate_input, gate, gate_cos, gate_sin, valid, positions, scale,
                       flag_source):
+        """Flags of a chunk (``valid`` may be None on a decode step: no padding), then attention and storage."""
         B, H, T, _ = key.shape
         if flag_source is not None:
-            keep = flag_source(valid, positions, H) & valid.unsqueeze(1)
+            valid_rows = valid if valid is not None else self._all_valid(B, T, key)
+            keep = flag_source(valid_rows, positions, H) & valid_rows.unsqueeze(1)  # padding is never stored
             probs = keep.float()
         elif self.gating_done:
-            keep = valid.unsqueeze(1).expand(B, H, T)
+            keep = (valid if valid is not None else self._all_valid(B, T, key)).unsqueeze(1).expand(B, H, T)
             probs = keep.float()
         else:
             gate_out = self._gate_attention(gate, gate_input, gate_cos, gate_sin, valid)
             probs, keep = gate.score_heads(gate_out, valid=valid, position_offset=self.seen, positions=positions)
-        keep = keep & valid.unsqueeze(1)  # padding is never stored (the gate already ensures it; policies may not)
         if T == 1 and self.seen > 0:
             out = self._decode_step(query, key, value, keep, valid, scale)
         else:
             out = self._prefill_chunk(query, key, value, keep, valid, scale, gate.config.protect_recent)
         self.seen += T
-        self.valid_count += valid.sum(dim=1)
+        self.valid_count += T if valid is None else valid.sum(dim=1)
         return out, probs, keep
 
     def _gate_attention(self, gate, x, cos, sin, valid) -> torch.Tensor:
@@ -211,15 +229,17 @@ class AttnGateLayer(CacheLayerMixin):
         store = self.gate_kv
         B, Hg, T, d = gk.shape
         scale = d**-0.5
-        gate_keep = valid.unsqueeze(1).expand(B, Hg, T)
-        if T == 1 and self.seen > 0:
+        if T == 1 and self.seen > 0:  # every valid gate token is kept (valid is None: no padding)
             ring = self.gate_ring
+            keep = valid.expand(B, Hg) if valid is not None else torch.ones(B, Hg, dtype=torch.bool, device=x.device)
             taken = store.prepare_append(1)
             out = paged_decode_step_(gq[:, :, 0], store.key_pages, store.value_pages, store.page_table, store.lengths,
-                                     store.free_pages, store.free_count, gk[:, :, 0], gv[:, :, 0], gate_keep[..., 0],
-                                     valid[:, 0], ring.keys, ring.values, ring.visible, 0, scale)
+                                     store.free_pages, store.free_count, gk[:, :, 0], gv[:, :, 0], keep,
+                                     None if valid is None else valid[:, 0], ring.keys, ring.values, ring.visible, 0,
+                                     scale)
             store.appended(1, taken)
             return out.unsqueeze(2)
+        gate_keep = valid.unsqueeze(1).expand(B, Hg, T)
         if self.seen == 0 and not self._padded:  # a prompt without padding: plain causal attention
             out = F.scaled_dot_product_attention(gq, gk, gv, is_causal=True, enable_gqa=gq.shape[1] != Hg)
         else:  # every gate token is kept: query t sees the cached rows and the valid chunk tokens up to itself
@@ -246,8 +266,9 @@ class AttnGateLayer(CacheLayerMixin):
         kv, ring = self.kv, self.window
         taken = kv.prepare_append(1)
         out = paged_decode_step_(query[:, :, 0], kv.key_pages, kv.value_pages, kv.page_table, kv.lengths,
-                                 kv.free_pages, kv.free_count, key[:, :, 0], value[:, :, 0], keep[..., 0], valid[:, 0],
-                                 ring.keys, ring.values, ring.visible, self.seen % ring.size, scale)
+                                 kv.free_pages, kv.free_count, key[:, :, 0], value[:, :, 0], keep[..., 0],
+                                 None if valid is None else valid[:, 0], ring.keys, ring.values, ring.visible,
+                                 self.seen % ring.size, scale)
         kv.appended(1, taken)
         return out.unsqueeze(2)
 
@@ -276,6 +297,8 @@ class AttnGateLayer(CacheLayerMixin):
             "free_page_bytes": pages_free * kv.page_bytes + gate_free,
             "metadata_bytes": kv.metadata_bytes() + gate_meta + self.valid_count.nbytes,
             "dense_bytes": 2 * B * H * self.seen * kv.key_pages.shape[2] * kv.key_pages.element_size(),
+            "dense_valid_bytes": 2 * H * int(self.valid_count.sum().item()) * kv.key_pages.shape[2]
+            * kv.key_pages.element_size(),
             "pages_held": pages_held,
             "pages_free": pages_free,
             "rows_held": int(lengths.sum()),
@@ -333,6 +356,7 @@ class AttnGateCache(Cache):
             ``metadata_bytes``: page tables, lengths, free stacks, counters;
             ``allocated_bytes``: everything: ``held_bytes + free_page_bytes + metadata_bytes``;
             ``dense_bytes``: a ``DynamicCache`` of the same sequence slots (``2 * B * H * seen * D`` per layer);
+            ``dense_valid_bytes``: the same without padding slots (what a dense cache needs for the real tokens);
             ``pages_held`` / ``pages_free`` / ``page_size``; ``pages_needed``: ``ceil(rows held / page_size)`` per
             layer, summed (pages held exceed it by less than one page per (layer, row, head));
             ``kept_rows`` / ``total_rows``: K/V rows the model attends to (paged rows and evicted tokens still in
@@ -342,7 +366,8 @@ class AttnGateCache(Cache):
         This reads lengths and free counts back from the device (a few synchronisations).
         """
         totals = dict.fromkeys(("kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes", "dense_bytes",
-                                "pages_held", "pages_free", "pages_needed", "kept_rows", "total_rows"), 0)
+                                "dense_valid_bytes", "pages_held", "pages_free", "pages_needed", "kept_rows",
+                                "total_rows"), 0)
         per_layer: List[float] = []
         per_head: List[List[float]] = []
         page_size = 0
@@ -351,8 +376,8 @@ class AttnGateCache(Cache):
                 continue
             m = layer.memory()
             page_size = layer.kv.page_size
-            for key in ("kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes", "dense_bytes", "pages_held",
-                        "pages_free"):
+            for key in ("kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes", "dense_bytes",
+                        "dense_valid_bytes", "pages_held", "pages_free"):
                 totals[key] += m[key]
             totals["pages_needed"] += -(-m["rows_held"] // page_size)
             valid_tokens, H = m["valid_tokens"], m["heads"]
@@ -367,6 +392,7 @@ class AttnGateCache(Cache):
             **{k: totals[k] for k in ("kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes")},
             "allocated_bytes": held + totals["free_page_bytes"] + totals["metadata_bytes"],
             "dense_bytes": totals["dense_bytes"],
+            "dense_valid_bytes": totals["dense_valid_bytes"],
             "pages_held": totals["pages_held"],
             "pages_free": totals["pages_free"],
             "pages_needed": totals["pages_needed"],

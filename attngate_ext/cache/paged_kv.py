@@ -126,7 +126,7 @@ class PagedKV:
         need = _ceil_div(rows_bound, self.page_size)
         if need <= M:
             return
-        width = max(need, M + max(M // 4, 4))
+        width = max(need + 4, M + max(M // 4, 4))  # geometric, never less than 4 pages of room
         table = self.page_table.new_full((self.batch, self.heads, width), -1)
         table[:, :, :M] = self.page_table
         self.page_table = table

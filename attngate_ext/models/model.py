@@ -131,12 +131,14 @@ def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] 
         config = dataclasses.replace(config, head_dim=int(first.head_dim))
     facts = _model_facts(model)
     theta = _rope_theta(model.config)
+    rope_memo: Dict[str, Any] = {}
     for layer in decoder.layers:
         attn = layer.self_attn
         weight = attn.q_proj.weight
         gate = AttentionGate(facts["hidden_size"], facts["num_key_value_heads"], config)
         gate.to(device=weight.device, dtype=weight.dtype)
         gated = GatedAttention(attn, gate, theta, _sliding_window(attn))
+        gated.rope_memo = rope_memo  # one gate RoPE table per forward for all layers
         gated.train(attn.training)
         layer.self_attn = gated
     params = inspect.signature(decoder.forward).parameters
