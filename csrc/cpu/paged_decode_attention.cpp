@@ -1,0 +1,177 @@
+// CPU kernel of attngate::paged_decode_attention: one query token per head over each KV head's paged rows plus the
+// valid extra rows.
+//
+// Memory-bound: every K/V row is read once per KV head and shared by the whole GQA group (decode_tile in
+// paged_attention_tiles.inc). Work item = (b, KV head, split of its row stream); with few heads the stream is split
+// along its length so that every thread stays busy, and the splits' online-softmax states are merged in a fixed
+// order afterwards (the result does not depend on the thread count's scheduling).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/paged_attention_common.h"
+#include "cpu/paged_attention_kernels.h"
+#include "dispatch.h"
+#include "paged_attention_checks.h"
+
+namespace attngate::cpu {
+namespace {
+
+using paged::DecodeState;
+using paged::KeyTile;
+using paged::kTileKeys;
+
+constexpr int64_t kMinSplitRows = 256;  // below this a split costs more in set-up and merge than it saves
+constexpr int64_t kItemsPerThread = 8;  // with dynamic scheduling, the imbalance is at most one item
+
+struct DecodeProblem {
+  int64_t B, H, G, D, dp, E, ns;
+  paged::RowType type;
+  float scale;  // scale * log2(e)
+  const std::vector<int64_t>* lens;
+  paged::PagedRows pages;
+  paged::DenseRows extra;
+  const bool* extra_valid;  // null: all extra rows valid
+  int64_t ev_b, ev_h, ev_e;
+};
+
+// The stream of (b, h): paged rows [0, len), then extra rows e at position len + e.
+int64_t stream_length(const DecodeProblem& p, int64_t bh) { return (*p.lens)[bh] + p.E; }
+
+void fill_tile(const DecodeProblem& p, int64_t b, int64_t h, int64_t& r, int64_t r_end, KeyTile& tile) {
+  tile.n = 0;
+  tile.masked = false;
+  const int64_t len = (*p.lens)[b * p.H + h];
+  if (r < len) r = p.pages.fill(b, h, r, std::min(r_end, len), tile);
+  for (; r < r_end && r >= len && tile.n < kTileKeys; ++r) {
+    const int64_t e = r - len;
+    if (p.extra_valid == nullptr || p.extra_valid[b * p.ev_b + h * p.ev_h + e * p.ev_e]) {
+      p.extra.push(b, h, e, 0, 0, tile);
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<float> q, s, zeros;
+  KeyTile tile;
+};
+
+// Runs one (b, h, split) item into acc (G, dp), m (G), l (G).
+template <typename scalar_t>
+void run_item(const DecodeProblem& p, const scalar_t* query, int64_t q_b, int64_t q_h, int64_t item, float* acc,
+              float* m, float* l, Scratch& sc) {
+  const int64_t bh = item / p.ns, split = item % p.ns, b = bh / p.H, h = bh % p.H;
+  const int64_t n = stream_length(p, bh), chunk = (n + p.ns - 1) / p.ns;
+  int64_t r = std::min(n, split * chunk);
+  const int64_t r_end = std::min(n, r + chunk);
+  for (int64_t g = 0; g < p.G; ++g) {
+    const scalar_t* src = query + b * q_b + (h * p.G + g) * q_h;
+    for (int64_t d = 0; d < p.D; ++d) sc.q[g * p.dp + d] = static_cast<float>(src[d]) * p.scale;
+  }
+  std::fill(acc, acc + p.G * p.dp, 0.f);
+  std::fill(m, m + p.G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + p.G, 0.f);
+  DecodeState st{static_cast<int>(p.D), static_cast<int>(p.G), static_cast<int>(p.dp), sc.q.data(), acc, m, l,
+                 sc.s.data(), sc.zeros.data()};
+  const paged::Kernels& kernels = paged::kernels();
+  while (r < r_end) {
+    fill_tile(p, b, h, r, r_end, sc.tile);
+    kernels.decode_tile(sc.tile, p.type, st);
+  }
+}
+
+template <typename scalar_t>
+void decode(const DecodeProblem& p, const at::Tensor& query, at::Tensor& out) {
+  const scalar_t* q = query.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t G = p.G, dp = p.dp, D = p.D, items = p.B * p.H * p.ns;
+  // Per item: acc (G, dp), then m (G), then l (G).
+  const int64_t per_item = G * (dp + 2);
+  std::vector<float> parts(static_cast<size_t>(items * per_item));
+  auto init = [&] {
+    Scratch sc;
+    sc.q.assign(static_cast<size_t>(G * dp), 0.f);
+    sc.s.assign(static_cast<size_t>(G * kTileKeys), 0.f);
+    sc.zeros.assign(static_cast<size_t>(dp), 0.f);
+    return sc;
+  };
+  paged::parallel_items(items, init, [&](int64_t item, Scratch& sc) {
+    float* base = parts.data() + item * per_item;
+    run_item<scalar_t>(p, q, query.stride(0), query.stride(1), item, base, base + G * dp, base + G * dp + G, sc);
+  });
+  // Merge the splits of every (b, h, g) in split order; zeros where no row was visible.
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(static_cast<size_t>(p.ns)), row(static_cast<size_t>(D));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const float* first = parts.data() + bh * p.ns * per_item;
+      for (int64_t g = 0; g < G; ++g) {
+        paged::split_weights(first + G * dp + g, per_item, p.ns, w.data());
+        float total = 0.f;
+        std::fill(row.begin(), row.end(), 0.f);
+        for (int64_t s = 0; s < p.ns; ++s) {
+          if (w[s] == 0.f) continue;
+          const float* part = first + s * per_item;
+          total += w[s] * part[G * dp + G + g];
+          for (int64_t d = 0; d < D; ++d) row[d] += w[s] * part[g * dp + d];
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        scalar_t* dst = o + (bh * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(row[d] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void paged_decode_attention_out(const at::Tensor& query, const at::Tensor& key_pages, const at::Tensor& value_pages,
+                                const at::Tensor& page_table, const at::Tensor& lengths, double scale,
+                                const std::optional<at::Tensor>& extra_key,
+                                const std::optional<at::Tensor>& extra_value,
+                                const std::optional<at::Tensor>& extra_valid, at::Tensor& out, const char* op) {
+  std::vector<int64_t> lens;
+  raise_for_status(op, validate_paged_state_cpu(key_pages, page_table, lengths, lens));
+  if (out.numel() == 0) return;
+  const int64_t B = page_table.size(0), H = page_table.size(1), D = key_pages.size(2);
+  const int64_t E = extra_key.has_value() ? extra_key->size(2) : 0;
+  DecodeProblem p{B, H, query.size(1) / H, D, (D + paged::kMaxWidth - 1) / paged::kMaxWidth * paged::kMaxWidth, E,
+                  1, paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
+                  paged::PagedRows(key_pages, value_pages, page_table), paged::DenseRows(), nullptr, 0, 0, 0};
+  if (E > 0) {
+    p.extra = paged::DenseRows(*extra_key, *extra_value);
+    if (extra_valid.has_value()) {
+      p.extra_valid = extra_valid->data_ptr<bool>();
+      p.ev_b = extra_valid->stride(0), p.ev_h = extra_valid->stride(1), p.ev_e = extra_valid->stride(2);
+    }
+  }
+  int64_t longest = 0;
+  for (int64_t bh = 0; bh < B * H; ++bh) longest = std::max(longest, stream_length(p, bh));
+  const int64_t want = (kItemsPerThread * at::get_num_threads() + B * H - 1) / (B * H);
+  p.ns = std::max<int64_t>(1, std::min(want, longest / kMinSplitRows));
+  ATTNGATE_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_decode_attention_cpu",
+                                   [&] { decode<scalar_t>(p, query, out); });
+}
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& query, const at::Tensor& key_pages,
+                                      const at::Tensor& value_pages, const at::Tensor& page_table,
+                                      const at::Tensor& lengths, double scale,
+                                      const std::optional<at::Tensor>& extra_key,
+                                      const std::optional<at::Tensor>& extra_value,
+                                      const std::optional<at::Tensor>& extra_valid) {
+  check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
+                                    extra_valid);
+  at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
+                             extra_valid, out);
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention_cpu); }
+
+}  // namespace attngate::cpu
