@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels of the paged storage ops (csrc/cuda/paged_*.cu; CUDA-only header):
-// strided access to the page table, lengths and free stack, block scans over heads, and the single-block plans
+// scans over chunks and heads, and the single-block plans
 // that validate a whole call before anything is written and then take pages from / give pages back to the free
 // stack in the reference's order (attngate_ext/ops/paged_reference.py).
 //
@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cuda/cuda_utils.cuh"
+#include "paged_storage_tables.h"
 
 namespace attngate {
 namespace cuda {
@@ -17,33 +18,9 @@ namespace paged {
 
 constexpr int kStages = 4;
 
-// The int32 bookkeeping of one layer on the device, any strides: page_table (B, H, M), lengths (B, H),
-// free_pages (P), free_count (1).
-struct Tables {
-  int32_t* table;
-  int64_t t_sb, t_sh, t_sm;
-  int32_t* len;
-  int64_t l_sb, l_sh;
-  int32_t* free_pages;
-  int64_t f_s;
-  int32_t* free_count;
-  int64_t H, M, P, S;
-
-  __device__ __forceinline__ int32_t* entry(int64_t bh, int64_t i) const {
-    return table + (bh / H) * t_sb + (bh % H) * t_sh + i * t_sm;
-  }
-  __device__ __forceinline__ int32_t* length(int64_t bh) const { return len + (bh / H) * l_sb + (bh % H) * l_sh; }
-  __device__ __forceinline__ int32_t* free_at(int64_t i) const { return free_pages + i * f_s; }
-  __device__ __forceinline__ bool id_ok(int64_t id) const { return id >= 0 && id < P; }
-};
-
-inline Tables make_tables(const at::Tensor& key_pages, at::Tensor& page_table, at::Tensor& lengths,
-                          at::Tensor& free_pages, at::Tensor& free_count) {
-  return Tables{page_table.data_ptr<int32_t>(), page_table.stride(0), page_table.stride(1), page_table.stride(2),
-                lengths.data_ptr<int32_t>(),    lengths.stride(0),    lengths.stride(1),    free_pages.data_ptr<int32_t>(),
-                free_pages.stride(0),           free_count.data_ptr<int32_t>(), page_table.size(1),
-                page_table.size(2),             key_pages.size(0),    key_pages.size(1)};
-}
+using ::attngate::paged::make_tables;
+using ::attngate::paged::pages_for;
+using ::attngate::paged::Tables;
 
 // Per-head scratch of the plans, int32 [B * H] each: rows before and after the op, pages taken or given back, and
 // the exclusive prefix of the latter over heads in (b, h) order.
@@ -65,18 +42,24 @@ struct PoolStrides {
   __device__ __forceinline__ int64_t at(int64_t page, int64_t slot) const { return page * sp + slot * ss; }
 };
 
+// All 32 lanes of a warp: the sum of v over lanes [0, lane].
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_sum(T v, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const T up = __shfl_up_sync(kFullMask, v, off);
+    v += lane >= off ? up : T(0);
+  }
+  return v;
+}
+
 // All 32 lanes of a warp: turns the counts c[0, n) into exclusive prefixes in place; every lane gets the total.
 __device__ __forceinline__ int64_t warp_exclusive_prefix(int32_t* c, int64_t n, int lane) {
   int64_t total = 0;
   for (int64_t base = 0; base < n; base += 32) {
     const int64_t i = base + lane;
     const int v = i < n ? c[i] : 0;
-    int incl = v;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int up = __shfl_up_sync(kFullMask, incl, off);
-      incl += lane >= off ? up : 0;
-    }
+    const int incl = warp_inclusive_sum(v, lane);
     if (i < n) c[i] = static_cast<int32_t>(total) + incl - v;
     total += __shfl_sync(kFullMask, incl, 31);
   }
@@ -94,12 +77,7 @@ __device__ int64_t block_exclusive_scan(const int32_t* in, int32_t* out, int64_t
   for (int64_t base = 0; base < n; base += kThreads) {
     const int64_t i = base + threadIdx.x;
     const int64_t v = i < n ? in[i] : 0;
-    int64_t incl = v;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int64_t up = __shfl_up_sync(kFullMask, incl, off);
-      incl += lane >= off ? up : 0;
-    }
+    const int64_t incl = warp_inclusive_sum(v, lane);
     if (lane == 31) warp_sums[warp] = incl;
     __syncthreads();
     int64_t before = 0, tile = 0;
@@ -149,9 +127,9 @@ __device__ bool plan_take(const Tables& t, int64_t BH, const KeptFn& kept, const
         old = 0;
       } else {
         next = old + n_kept;
-        const int64_t pages = ceil_div(next, t.S);
+        const int64_t pages = pages_for(next, t.S);
         if (pages > t.M) atomicOr(&stage[1], kStatusPageTableFull);
-        else need = pages - ceil_div(old, t.S);
+        else need = pages - pages_for(old, t.S);
         // The partly filled last page is written too.
         if (next > old && old % t.S != 0 && !t.id_ok(*t.entry(bh, old / t.S))) atomicOr(&stage[3], kStatusBadPageId);
       }
@@ -177,7 +155,7 @@ __device__ bool plan_take(const Tables& t, int64_t BH, const KeptFn& kept, const
   if (threadIdx.x == 0) *status = bits;
   if (bits != 0) return false;
   for (int64_t bh = warp; bh < BH; bh += kThreads / 32) {
-    const int64_t first = ceil_div(s.old_len[bh], t.S), need = s.count[bh], top = free - 1 - s.before[bh];
+    const int64_t first = pages_for(s.old_len[bh], t.S), need = s.count[bh], top = free - 1 - s.before[bh];
     for (int64_t i = lane; i < need; i += 32) *t.entry(bh, first + i) = *t.free_at(top - i);
     if (lane == 0) *t.length(bh) = s.new_len[bh];
   }
@@ -201,7 +179,7 @@ __device__ void plan_give_back(const Tables& t, int64_t BH, const HeadScratch& s
     if (free_s < 0 || free_s > t.P) atomicOr(&stage[0], kStatusFreeCountOutOfRange);
   }
   for (int64_t bh = threadIdx.x; bh < BH; bh += kThreads) {
-    s.count[bh] = static_cast<int32_t>(ceil_div(s.old_len[bh], t.S) - ceil_div(s.new_len[bh], t.S));
+    s.count[bh] = static_cast<int32_t>(pages_for(s.old_len[bh], t.S) - pages_for(s.new_len[bh], t.S));
   }
   __syncthreads();
   const int64_t total = block_exclusive_scan<kThreads>(s.count, s.before, BH);
@@ -214,7 +192,7 @@ __device__ void plan_give_back(const Tables& t, int64_t BH, const HeadScratch& s
   if (threadIdx.x == 0) *status = bits;
   if (bits != 0) return;
   for (int64_t bh = warp; bh < BH; bh += kThreads / 32) {
-    const int64_t first = ceil_div(s.new_len[bh], t.S), n = s.count[bh], top = free + s.before[bh];
+    const int64_t first = pages_for(s.new_len[bh], t.S), n = s.count[bh], top = free + s.before[bh];
     for (int64_t i = lane; i < n; i += 32) {
       *t.free_at(top + i) = *t.entry(bh, first + i);
       *t.entry(bh, first + i) = -1;
@@ -231,7 +209,7 @@ __device__ void plan_give_back(const Tables& t, int64_t BH, const HeadScratch& s
 // the new length, else on the free stack where the plan pushed it.
 __device__ __forceinline__ int64_t page_after_give_back(const Tables& t, const HeadScratch& s, int64_t free0,
                                                         int64_t bh, int64_t page_index) {
-  const int64_t kept_pages = ceil_div(s.new_len[bh], t.S);
+  const int64_t kept_pages = pages_for(s.new_len[bh], t.S);
   return page_index < kept_pages ? *t.entry(bh, page_index)
                                  : *t.free_at(free0 + s.before[bh] + (page_index - kept_pages));
 }

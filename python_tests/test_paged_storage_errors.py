@@ -117,8 +117,9 @@ def _compact_case(device, case):
     state = _state(device)
     keep = torch.rand(B, H, 16, generator=torch.Generator().manual_seed(2)).to(device) < 0.5
     P = state.key_pages.shape[0]
-    message = {"length_high": LENGTH_MSG, "free_count_high": FREE_MSG, "keep_too_short": "keep must cover every live row",
-               "bad_used_page": ID_MSG, "free_overflow": "pages given back must fit|free_pages would overflow"}[case]
+    message = {"length_high": LENGTH_MSG, "free_count_high": FREE_MSG, "bad_used_page": ID_MSG,
+               "keep_too_short": "keep must cover every live row",
+               "free_overflow": "pages given back must fit|free_pages would overflow"}[case]
     if case == "length_high":
         _set(state.lengths, (0, 1), M * S + 1)
     elif case == "free_count_high":

@@ -111,12 +111,6 @@ def test_compact_non_contiguous(device, dtype):
     assert_invariant(state)
 
 
-@pytest.mark.parametrize("B,H", [(0, 2), (2, 0)])
-def test_compact_no_heads(device, B, H):
-    state = make_state(B, H, 3, 4, 16, [], device=device, spare_pages=3)
-    run_both("paged_compact_kv_", state, torch.ones(B, H, 5, dtype=torch.bool, device=device))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_compact_opcheck(device, dtype):
     state = make_state(2, 2, 4, 4, 16, [3, 9, 0, 16], dtype, device)
@@ -193,18 +187,39 @@ def test_remove_non_contiguous(device):
     assert_invariant(state)
 
 
-@pytest.mark.parametrize("B,H", [(0, 2), (2, 0)])
-def test_remove_no_heads(device, B, H):
-    state = make_state(B, H, 3, 4, 16, [], device=device, spare_pages=3)
-    run_both("paged_remove_rows_", state, torch.zeros(B, H, 4, dtype=torch.int32, device=device))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_remove_opcheck(device, dtype):
     state = make_state(2, 2, 4, 4, 16, [12, 13, 0, 16], dtype, device)
     # opcheck calls the op several times on the same tensors: each call deletes one row of heads 0, 1 and 3.
     rows = torch.tensor([[[0, -1], [-3, 1]], [[-1, -1], [0, -1]]], dtype=torch.int32, device=device)
     torch.library.opcheck(torch.ops.attngate.paged_remove_rows_.default, (*state.tensors(), rows))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# All ops: no heads
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _op_args(op: str, B: int, H: int, D: int, device):
+    if op == "paged_append_kv_":
+        key = torch.randn(B, H, 4, D, device=device)
+        return key, key.clone(), None
+    if op == "paged_compact_kv_":
+        return (torch.ones(B, H, 5, dtype=torch.bool, device=device),)
+    return (torch.zeros(B, H, 4, dtype=torch.int32, device=device),)
+
+
+@pytest.mark.parametrize("op", ["paged_append_kv_", "paged_compact_kv_", "paged_remove_rows_"])
+@pytest.mark.parametrize("B,H", [(0, 2), (3, 0)])
+def test_no_heads(device, op, B, H):
+    """B * H = 0: nothing to do, but free_count is still checked (as the reference does)."""
+    state = make_state(B, H, 3, 4, 16, [], device=device, spare_pages=5)
+    run_both(op, state, *_op_args(op, B, H, 16, device))
+    state.free_count.fill_(6)
+    snap = state.snapshot()
+    with attngate_ext.sync_checks(True), pytest.raises(RuntimeError, match=r"free_count must lie in \[0, P\]"):
+        getattr(attngate_ext, op)(*state.tensors(), *_op_args(op, B, H, 16, device))
+    state.assert_unchanged(snap)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ namespace {
 
 template <typename scalar_t>
 void paged_append_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S, D)
-                       const cpu::PagedTables& t,                      // page table already holds the new pages
+                       const cpu::Tables& t,                      // page table already holds the new pages
                        const at::Tensor& key, const at::Tensor& value,  // (B, H, T, D)
                        const at::Tensor& keep,                          // (B, H, T) bool or undefined
                        const std::vector<int64_t>& old) {               // [b * H + h] rows before the append
@@ -34,7 +34,7 @@ void paged_append_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S
       int64_t dst = old[bh];
       for (int64_t i = 0; i < T; ++i) {
         if (keep_p != nullptr && !keep_p[b * keep.stride(0) + h * keep.stride(1) + i * keep.stride(2)]) continue;
-        const int64_t page = t.entry(bh, dst / S), slot = dst % S;
+        const int64_t page = *t.entry(bh, dst / S), slot = dst % S;
         std::copy_n(k + b * key.stride(0) + h * key.stride(1) + i * key.stride(2), D, pool.key_row(page, slot));
         std::copy_n(v + b * value.stride(0) + h * value.stride(1) + i * value.stride(2), D,
                     pool.value_row(page, slot));
@@ -48,7 +48,7 @@ void paged_append_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Ten
                          at::Tensor& free_pages, at::Tensor& free_count, const at::Tensor& key,
                          const at::Tensor& value, const std::optional<at::Tensor>& keep) {
   check_paged_append_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
-  const cpu::PagedTables t(key_pages, page_table, lengths, free_pages, free_count);
+  const cpu::Tables t = paged::make_tables(key_pages, page_table, lengths, free_pages, free_count);
   const int64_t H = t.H, T = key.size(2), S = t.S, BH = t.B * t.H;
 
   // 1. lengths in [0, M * S], free_count in [0, P].
@@ -77,17 +77,18 @@ void paged_append_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Ten
   if (total_need > free) raise_for_status("paged_append_kv_", kStatusOutOfPages);
   // 4. every page written: the partly filled last page of a head that grows, and the pages popped.
   for (int64_t bh = 0; bh < BH; ++bh) {
-    if (next[bh] > old[bh] && old[bh] % S != 0 && !t.id_ok(t.entry(bh, old[bh] / S))) status |= kStatusBadPageId;
+    if (next[bh] > old[bh] && old[bh] % S != 0 && !t.id_ok(*t.entry(bh, old[bh] / S))) status |= kStatusBadPageId;
   }
   for (int64_t c = 0; c < total_need; ++c) {
-    if (!t.id_ok(t.free_at(free - 1 - c))) status |= kStatusBadPageId;
+    if (!t.id_ok(*t.free_at(free - 1 - c))) status |= kStatusBadPageId;
   }
   raise_for_status("paged_append_kv_", status);
 
   // Pop: head by head in (b, h) order, each head's pages in table order, from the top of the stack.
   int64_t top = free;
   for (int64_t bh = 0; bh < BH; ++bh) {
-    for (int64_t i = 0, first = cpu::pages_for(old[bh], S); i < need[bh]; ++i) t.entry(bh, first + i) = t.free_at(--top);
+    const int64_t first = cpu::pages_for(old[bh], S);
+    for (int64_t i = 0; i < need[bh]; ++i) *t.entry(bh, first + i) = *t.free_at(--top);
   }
   if (T > 0 && key.size(3) > 0) {
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_pages.scalar_type(), "paged_append_kv_cpu", [&] {
@@ -95,7 +96,7 @@ void paged_append_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Ten
                                   old);
     });
   }
-  for (int64_t bh = 0; bh < BH; ++bh) t.length(bh) = static_cast<int32_t>(next[bh]);
+  for (int64_t bh = 0; bh < BH; ++bh) *t.length(bh) = static_cast<int32_t>(next[bh]);
   *t.free_count = static_cast<int32_t>(top);
 }
 

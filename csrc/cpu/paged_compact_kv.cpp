@@ -19,7 +19,7 @@ namespace {
 
 template <typename scalar_t>
 void paged_compact_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S, D)
-                        const cpu::PagedTables& t, const at::Tensor& keep,  // keep (B, H, L) bool
+                        const cpu::Tables& t, const at::Tensor& keep,  // keep (B, H, L) bool
                         const std::vector<int64_t>& old,                    // [b * H + h] rows before
                         const std::vector<int64_t>& stay) {                 // [b * H + h] rows before the 1st drop
   const int64_t H = t.H;
@@ -41,7 +41,7 @@ void paged_compact_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, 
 void paged_compact_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Tensor& page_table, at::Tensor& lengths,
                           at::Tensor& free_pages, at::Tensor& free_count, const at::Tensor& keep) {
   check_paged_compact_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, keep);
-  const cpu::PagedTables t(key_pages, page_table, lengths, free_pages, free_count);
+  const cpu::Tables t = paged::make_tables(key_pages, page_table, lengths, free_pages, free_count);
   const int64_t H = t.H, L = keep.size(2), BH = t.B * t.H;
   const char* op = "paged_compact_kv_";
 

@@ -36,7 +36,7 @@ void for_each_mover(int64_t m, const int64_t* high, int64_t n_high, int64_t move
 }
 
 template <typename scalar_t>
-void paged_remove_moves(at::Tensor& key_pages, at::Tensor& value_pages, const cpu::PagedTables& t,
+void paged_remove_moves(at::Tensor& key_pages, at::Tensor& value_pages, const cpu::Tables& t,
                         const std::vector<HeadRemoval>& plans, const std::vector<int64_t>& next) {
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
   at::parallel_for(0, static_cast<int64_t>(plans.size()), 1, [&](int64_t begin, int64_t end) {
@@ -52,7 +52,7 @@ void paged_remove_moves(at::Tensor& key_pages, at::Tensor& value_pages, const cp
 void paged_remove_rows_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Tensor& page_table, at::Tensor& lengths,
                            at::Tensor& free_pages, at::Tensor& free_count, const at::Tensor& rows) {
   check_paged_remove_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, rows);
-  const cpu::PagedTables t(key_pages, page_table, lengths, free_pages, free_count);
+  const cpu::Tables t = paged::make_tables(key_pages, page_table, lengths, free_pages, free_count);
   const int64_t H = t.H, K = rows.size(2), BH = t.B * t.H;
   const char* op = "paged_remove_rows_";
 

@@ -44,14 +44,15 @@ struct AppendParams {
   int units_per_row;            // D / vector width
 };
 
-// Copies unit u of new row t of head bh onto (page, slot) of the pools.
+// Copies unit u of new row t of head (b, h) onto (page, slot) of the pools.
 template <typename scalar_t, int kVec>
 __device__ __forceinline__ void copy_new_unit(scalar_t* __restrict__ key_pages, scalar_t* __restrict__ value_pages,
                                               const scalar_t* __restrict__ key, const scalar_t* __restrict__ value,
                                               const AppendParams& p, int64_t b, int64_t h, int64_t t, int64_t page,
                                               int64_t slot, int u) {
   const int64_t col = static_cast<int64_t>(u) * kVec;
-  cuda::copy_elems<scalar_t, kVec>(key_pages + p.kp.at(page, slot) + col, key + b * p.k_sb + h * p.k_sh + t * p.k_st + col);
+  cuda::copy_elems<scalar_t, kVec>(key_pages + p.kp.at(page, slot) + col,
+                                   key + b * p.k_sb + h * p.k_sh + t * p.k_st + col);
   cuda::copy_elems<scalar_t, kVec>(value_pages + p.vp.at(page, slot) + col,
                                    value + b * p.v_sb + h * p.v_sh + t * p.v_st + col);
 }

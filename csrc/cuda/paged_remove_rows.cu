@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) head_kernel(
     n_holes += __syncthreads_count(i < valid && out[i] < m);
   }
   bool bad_id = false;
-  for (int64_t i = threadIdx.x; i < cuda::ceil_div(n, t.S); i += kThreads) bad_id |= !t.id_ok(*t.entry(bh, i));
+  for (int64_t i = threadIdx.x; i < pg::pages_for(n, t.S); i += kThreads) bad_id |= !t.id_ok(*t.entry(bh, i));
   bad_row = __syncthreads_or(bad_row);
   bad_id = __syncthreads_or(bad_id);
   if (threadIdx.x == 0) {
