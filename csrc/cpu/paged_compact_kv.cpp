@@ -1,0 +1,86 @@
+// CPU kernel of attngate::paged_compact_kv_: stable in-place compaction of each head's paged rows; the pages that
+// empty go back onto the free stack (semantics: attngate_ext/ops/paged_reference.py).
+//
+// Validate everything (including the free-stack overflow, which needs the kept counts), then move rows in
+// parallel over heads, then give the pages back: a failing call leaves every tensor untouched.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "dispatch.h"
+#include "paged_storage_checks.h"
+#include "paged_storage_cpu.h"
+
+namespace attngate {
+namespace {
+
+template <typename scalar_t>
+void paged_compact_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S, D)
+                        const cpu::Tables& t, const at::Tensor& keep,  // keep (B, H, L) bool
+                        const std::vector<int64_t>& old,                    // [b * H + h] rows before
+                        const std::vector<int64_t>& stay) {                 // [b * H + h] rows before the 1st drop
+  const int64_t H = t.H;
+  const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
+  const bool* kp = keep.data_ptr<bool>();
+  at::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const bool* flags = kp + (bh / H) * keep.stride(0) + (bh % H) * keep.stride(1);
+      // Rows before the first dropped one stay where they are. After it dst < src at every step, so copying
+      // forward never overwrites a row not yet read.
+      int64_t dst = stay[bh];
+      for (int64_t src = stay[bh] + 1; src < old[bh]; ++src) {
+        if (flags[src * keep.stride(2)]) pool.move(t, bh, src, dst++);
+      }
+    }
+  });
+}
+
+void paged_compact_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Tensor& page_table, at::Tensor& lengths,
+                          at::Tensor& free_pages, at::Tensor& free_count, const at::Tensor& keep) {
+  check_paged_compact_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, keep);
+  const cpu::Tables t = paged::make_tables(key_pages, page_table, lengths, free_pages, free_count);
+  const int64_t H = t.H, L = keep.size(2), BH = t.B * t.H;
+  const char* op = "paged_compact_kv_";
+
+  // 1. lengths in [0, M * S], free_count in [0, P]; 2. keep covers every row; 3. used page ids in [0, P).
+  std::vector<int64_t> old;
+  int64_t free = 0;
+  raise_for_status(op, cpu::check_state(t, old, free));
+  if (BH > 0 && *std::max_element(old.begin(), old.end()) > L) raise_for_status(op, kStatusKeepTooShort);
+  if (!cpu::used_ids_ok(t, old)) raise_for_status(op, kStatusBadPageId);
+
+  // Kept rows of each head, and its rows before the first dropped one (they do not move).
+  std::vector<int64_t> next(static_cast<size_t>(BH), 0), stay(static_cast<size_t>(BH), 0);
+  const bool* kp = keep.data_ptr<bool>();
+  at::parallel_for(0, BH, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const bool* flags = kp + (bh / H) * keep.stride(0) + (bh % H) * keep.stride(1);
+      int64_t kept = 0, first_drop = old[bh];
+      for (int64_t r = 0; r < old[bh]; ++r) {
+        const bool f = flags[r * keep.stride(2)];
+        kept += f;
+        if (!f && first_drop == old[bh]) first_drop = r;
+      }
+      next[bh] = kept;
+      stay[bh] = first_drop;
+    }
+  });
+  // 4. the emptied pages fit on the free stack.
+  raise_for_status(op, cpu::check_give_back(t, old, next, free));
+
+  if (key_pages.size(2) > 0) {
+    ATTNGATE_DISPATCH_FLOATING_TYPES(key_pages.scalar_type(), "paged_compact_kv_cpu", [&] {
+      paged_compact_rows<scalar_t>(key_pages, value_pages, t, keep, old, stay);
+    });
+  }
+  cpu::give_back(t, old, next, free);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("paged_compact_kv_", &paged_compact_kv_cpu); }
+
+}  // namespace attngate
