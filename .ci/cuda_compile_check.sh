@@ -42,7 +42,7 @@ fi
 grep -q "Compiling entry function.*decode_tiled_kernel" "$log" || { echo "FAIL: no decode kernel in the ptxas report"; status=1; }
 
 # The built library registers CUDA kernels for every op (they cannot run here: no GPU).
-cp attngate_ext/*.py build/cuda-lib/attngate_ext/
+(cd attngate_ext && find . -name "*.py" -exec cp --parents {} ../build/cuda-lib/attngate_ext/ \;)
 (cd build/cuda-lib && "$VENV/bin/python" - <<'PY'
 import torch, attngate_ext
 ops = ["gate_flags", "append_kv_", "compact_kv_", "decode_attention"]

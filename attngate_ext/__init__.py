@@ -16,15 +16,22 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
         "from the repository root (torch must already be installed)."
     ) from exc
 
-from . import reference
-from .config import AttentionGateConfig
-from .gate import AttentionGate, GateOutput
+from .gate import AttentionGate, AttentionGateConfig, GateOutput
 from .ops import (
     append_kv_,
     compact_kv_,
     cuda_kernels_available,
     decode_attention,
     gate_flags,
+    gather_pages,
+    paged_append_kv_,
+    paged_compact_kv_,
+    paged_decode_attention,
+    paged_decode_step_,
+    paged_prefill_attention,
+    paged_reference,
+    paged_remove_rows_,
+    reference,
     set_sync_checks,
     sync_checks,
 )
@@ -46,6 +53,14 @@ __all__ = [
     "cuda_kernels_available",
     "decode_attention",
     "gate_flags",
+    "gather_pages",
+    "paged_append_kv_",
+    "paged_compact_kv_",
+    "paged_decode_attention",
+    "paged_decode_step_",
+    "paged_prefill_attention",
+    "paged_reference",
+    "paged_remove_rows_",
     "reference",
     "set_sync_checks",
     "sync_checks",
@@ -56,13 +71,13 @@ __version__ = "0.1.0"
 # (torch.ops.attngate.*) do not pay for it.
 _LAZY = {
     "AttnGateCache": "cache",
-    "add_attention_gates": "model",
-    "gate_config": "model",
-    "gate_state_dict": "model",
-    "gates": "model",
-    "load_gates": "model",
-    "remove_attention_gates": "model",
-    "save_gates": "model",
+    "add_attention_gates": "models.model",
+    "gate_config": "models.model",
+    "gate_state_dict": "models.model",
+    "gates": "models.model",
+    "load_gates": "models.model",
+    "remove_attention_gates": "models.model",
+    "save_gates": "models.model",
 }
 
 

@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import attngate_ext
-from attngate_ext.calibration import calibrate_gate_bias, randomize_gates
+from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
 from benchmarks.report import Row
 
 if TYPE_CHECKING:  # run.py imports this module

@@ -81,6 +81,16 @@ void raise_for_status(const char* op, int32_t status) {
   TORCH_CHECK(!(status & kStatusCapacityOverflow), op,
               ": capacity overflow, lengths + kept rows would exceed the key_cache capacity C for some (batch, head); "
               "nothing was written");
+  TORCH_CHECK(!(status & kStatusFreeCountOutOfRange), op,
+              ": free_count must lie in [0, P] and the pages given back must fit in free_pages; nothing was written");
+  TORCH_CHECK(!(status & kStatusBadPageId), op,
+              ": a page id in page_table or free_pages is outside [0, P); nothing was written");
+  TORCH_CHECK(!(status & kStatusBadRow), op,
+              ": rows must be distinct live rows (< lengths) of their head; nothing was written");
+  TORCH_CHECK(!(status & kStatusPageTableFull), op,
+              ": page table full, a head would need more than M pages (page_table.size(2)); nothing was written");
+  TORCH_CHECK(!(status & kStatusOutOfPages), op,
+              ": out of pages, the op needs more pages than free_count holds; nothing was written");
   TORCH_CHECK(status == 0, op, ": unknown device status ", status);
 }
 

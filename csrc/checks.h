@@ -23,6 +23,12 @@ enum StatusBits : int32_t {
   kStatusLengthOutOfRange = 1,  // some lengths[b, h] < 0 or > C
   kStatusCapacityOverflow = 2,  // lengths[b, h] + kept rows > C for some head (append_kv_)
   kStatusKeepTooShort = 4,      // lengths[b, h] > L, the keep mask does not cover every live row (compact_kv_)
+  // Paged ops (lengths out of range there means outside [0, M * page_size]).
+  kStatusOutOfPages = 8,         // an append needs more pages than the free stack holds
+  kStatusPageTableFull = 16,     // a head would need more than M pages
+  kStatusBadPageId = 32,         // a page id read from page_table or free_pages is outside [0, P)
+  kStatusFreeCountOutOfRange = 64,  // free_count outside [0, P], or pages given back would overflow free_pages
+  kStatusBadRow = 128,           // paged_remove_rows_: a row >= lengths or listed twice in its head
 };
 // Raises the error for a non-zero status word; `op` names the op in the message.
 void raise_for_status(const char* op, int32_t status);

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import attngate_ext as ag  # noqa: E402
 from attngate_ext import remove_attention_gates  # noqa: E402
-from attngate_ext.calibration import set_constant_gates  # noqa: E402
-from attngate_ext.perplexity import perplexity, token_windows  # noqa: E402
+from attngate_ext.models.calibration import set_constant_gates  # noqa: E402
+from attngate_ext.evaluation.perplexity import perplexity, token_windows  # noqa: E402
 from attngate_ext.train import main as train_main  # noqa: E402
 from real_assets import shakespeare_split, smollm2_dir  # noqa: E402
 

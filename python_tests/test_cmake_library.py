@@ -68,7 +68,7 @@ def test_cmake_library_loads_and_matches_reference():
     lib = _library_path()
     assert lib.is_file(), f"CMake did not produce {lib}"
     result = subprocess.run(
-        [sys.executable, "-c", CHECK_SCRIPT, str(lib), str(ROOT / "attngate_ext" / "reference.py")],
+        [sys.executable, "-c", CHECK_SCRIPT, str(lib), str(ROOT / "attngate_ext" / "ops" / "reference.py")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

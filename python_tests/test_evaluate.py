@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import attngate_ext as ag
-from attngate_ext.calibration import randomize_gates
+from attngate_ext.models.calibration import randomize_gates
 from attngate_ext.evaluate import main as evaluate_main
-from attngate_ext.perplexity import token_windows
+from attngate_ext.evaluation.perplexity import token_windows
 
 from tiny_models import make_model, make_tokenizer, save_tiny_model
 

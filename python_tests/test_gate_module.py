@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attngate_ext.config import AttentionGateConfig
-from attngate_ext.gate import AttentionGate
+from attngate_ext.gate.config import AttentionGateConfig
+from attngate_ext.gate.gate import AttentionGate
 
 
 def _rope_tables(B: int, T: int, d: int, offset: int = 0):

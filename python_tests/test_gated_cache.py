@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
 
 import attngate_ext as ag
-from attngate_ext.calibration import calibrate_gate_bias, randomize_gates
-from attngate_ext.varlen_kv import VarLenKV
+from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
+from attngate_ext.cache.varlen_kv import VarLenKV
 
 from tiny_models import cache_kwarg, make_model, random_ids
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attngate_ext as ag
-from attngate_ext.calibration import calibrate_gate_bias, randomize_gates
+from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
 
 from tiny_models import KINDS, cache_kwarg, left_pad, make_model, random_ids
 

@@ -1,4 +1,4 @@
-"""attngate_ext.plots: each plot writes a non-blank PNG of plausible size, and bad inputs raise clear ValueErrors."""
+"""attngate_ext.evaluation.plots: each plot writes a non-blank PNG of plausible size, and bad inputs raise clear ValueErrors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg  # noqa: E402
 
-from attngate_ext import plots  # noqa: E402
+from attngate_ext.evaluation import plots  # noqa: E402
 
 
 def _check_png(path, min_side: int = 150) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attngate_ext as ag
-from attngate_ext.policies import (
+from attngate_ext.evaluation.policies import (
     H2O,
     LocalWindow,
     RandomPolicy,
@@ -176,8 +176,8 @@ def test_in_context_h2o_and_snapkv_hold_the_ratio_after_every_chunk(policy):
 def test_chunk_pruner_h2o_matches_a_naive_simulation():
     from types import SimpleNamespace
 
-    from attngate_ext.policies import ChunkPruner
-    from attngate_ext.varlen_kv import VarLenKV
+    from attngate_ext.evaluation.policies import ChunkPruner
+    from attngate_ext.cache.varlen_kv import VarLenKV
 
     torch.manual_seed(2)
     B, Hq, H, D, T, chunk, ratio = 1, 2, 1, 8, 40, 8, 0.5
@@ -211,8 +211,8 @@ def test_chunk_pruner_h2o_matches_a_naive_simulation():
 def test_chunk_pruner_snapkv_keeps_older_tokens_when_the_budget_is_small():
     from types import SimpleNamespace
 
-    from attngate_ext.policies import ChunkPruner
-    from attngate_ext.varlen_kv import VarLenKV
+    from attngate_ext.evaluation.policies import ChunkPruner
+    from attngate_ext.cache.varlen_kv import VarLenKV
 
     torch.manual_seed(3)
     q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 1, 32, 8)

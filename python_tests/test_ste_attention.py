@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attngate_ext import reference
-from attngate_ext.ste_attention import ste_gated_attention
+from attngate_ext.gate.ste_attention import ste_gated_attention
 
 
 def _inputs(B, Hq, H, T, D, dtype, seed=0, padded=False, layout="contiguous"):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import attngate_ext as ag
-from attngate_ext.calibration import calibrate_gate_bias, randomize_gates
-from attngate_ext.data import IGNORE_INDEX, pack_documents, sft_examples
-from attngate_ext.losses import collect_retention, eviction_loss, retention_stats
+from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
+from attngate_ext.training.data import IGNORE_INDEX, pack_documents, sft_examples
+from attngate_ext.training.losses import collect_retention, eviction_loss, retention_stats
 from attngate_ext.train import main as train_main
 
 from tiny_models import make_model, make_tokenizer, random_ids
@@ -178,7 +178,7 @@ def test_200_steps_reach_the_target_retention(tiny_model_dir, tmp_path):
     # Measure on the training text with hard flags (no gradients), against the ungated model.
     from transformers import AutoModelForCausalLM
 
-    from attngate_ext.data import text_examples
+    from attngate_ext.training.data import text_examples
 
     tok = make_tokenizer()
     ex = text_examples(tok, [str(text)], 64)

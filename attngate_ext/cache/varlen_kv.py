@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .ops import append_kv_, compact_kv_
+from ..ops.kernels import append_kv_, compact_kv_
 
 
 class VarLenKV:

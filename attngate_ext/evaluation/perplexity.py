@@ -33,7 +33,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     Returns ``{"perplexity", "nll", "tokens", "eviction_ratio", "allocated_bytes", "dense_bytes"}`` (the byte
     counts are per batch, the largest seen; for a dense model ``eviction_ratio`` is 0 and the bytes are None).
     """
-    from .cache import AttnGateCache
+    from ..cache.cache import AttnGateCache
 
     gated = hasattr(model, "_attngate_state")
     device = next(model.parameters()).device

@@ -11,7 +11,7 @@ import torch.nn as nn
 def collect_retention(model: nn.Module) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
     """The retention weights ``F`` ``(B, H, T)`` of every gated layer from the model's last forward, and its padding
     mask ``(B, T)`` (None when there was none). ``F`` is differentiable when the gates were being trained."""
-    from .model import _decoder, _state
+    from ..models.model import _decoder, _state
 
     _state(model)
     layers = _decoder(model).layers

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .config import AttentionGateConfig
-from .gate import AttentionGate
-from .masks import block_visibility, grouped_attention
-from .ops import decode_attention, sync_checks
+from ..gate.config import AttentionGateConfig
+from ..gate.gate import AttentionGate
+from ..gate.masks import block_visibility, grouped_attention
+from ..ops.kernels import decode_attention, sync_checks
 from .varlen_kv import VarLenKV
 
 _NEVER = torch.iinfo(torch.int64).max  # "visible to every later query"

@@ -170,7 +170,7 @@ def budget_flags(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor
 
 
 def _gated_layers(model: nn.Module) -> List[nn.Module]:
-    from .model import _decoder, _state
+    from ..models.model import _decoder, _state
 
     _state(model)
     return [layer.self_attn for layer in _decoder(model).layers]
@@ -315,7 +315,7 @@ def use_in_context_policy(model: nn.Module, policy: Optional[Policy], eviction_r
     ``policy=None`` gives the gates back (with the window of the model's gate config)."""
     import dataclasses
 
-    from .model import gate_config
+    from ..models.model import gate_config
 
     pruner, chunk = None, gate_config(model).prefill_chunk
     if policy is None:

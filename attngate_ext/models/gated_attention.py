@@ -7,10 +7,10 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .cache import AttnGateCache
-from .gate import AttentionGate, GateOutput, apply_rope
-from .masks import block_visibility, grouped_attention
-from .ste_attention import ste_gated_attention
+from ..cache.cache import AttnGateCache
+from ..gate.gate import AttentionGate, GateOutput, apply_rope
+from ..gate.masks import block_visibility, grouped_attention
+from ..gate.ste_attention import ste_gated_attention
 
 # Keyword the gated model's pre-forward hook uses to hand the 2-D padding mask down to every layer.
 PADDING_MASK_KWARG = "gate_padding_mask"

@@ -11,9 +11,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .cache import AttnGateCache
-from .config import AttentionGateConfig
-from .gate import AttentionGate
+from ..cache.cache import AttnGateCache
+from ..gate.config import AttentionGateConfig
+from ..gate.gate import AttentionGate
 from .gated_attention import PADDING_MASK_KWARG, GatedAttention
 
 GATES_FILE = "attention_gates.safetensors"

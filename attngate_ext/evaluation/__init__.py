@@ -1,0 +1,1 @@
+"""The evaluation wing: baseline policies, perplexity and multiple-choice scoring, plots."""

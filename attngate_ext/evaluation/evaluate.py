@@ -1,0 +1,319 @@
+"""Quality against eviction for the dense model, the trained gates and the baseline policies, on one machinery.
+
+    python -m attngate_ext.evaluate --model DIR --gates runs/gates/gates --text heldout/*.txt \\
+        --ratios 0.25 0.5 0.75 --out eval.json --plots eval_plots/
+
+Perplexity protocol: non-overlapping windows of ``--context-len + --continuation-len`` tokens; the loss is the
+next-token NLL of the continuation tokens only, so both modes are compared on the same targets:
+
+* ``in_context``: the whole window is one prefill through an :class:`AttnGateCache`; tokens are evicted as they
+  are created (the trained gates, biases shifted per head to each target ratio on ``--calibration-text``; or a
+  baseline's creation-time form), so the continuation is read with what the policy kept.
+* ``post_prefill``: the context is prefilled with every token cached, pruned in place to the budget
+  (``compact_kv_``, as kvpress does), then the continuation is forwarded through the pruned cache.
+
+Multiple choice (``--mc`` JSONL ``{"context", "choices", "label"}``): each choice is scored by its log-likelihood
+after the context under the same policy and mode; accuracy is the fraction where the best choice is the label.
+Each result carries the measured eviction ratio and KV bytes. Results: JSON (``--out``), a table, and with
+``--plots DIR`` three PNGs (quality vs eviction, the gates' retention per layer x KV head, a token-by-head keep map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..models.calibration import calibrate_gate_bias, set_constant_gates
+from ..gate.config import AttentionGateConfig
+from ..training.data import read_text_documents
+from ..models.model import _state, add_attention_gates, gate_config, load_gates
+from .perplexity import token_windows
+from .policies import POLICIES, Policy, prune_cache, record_queries_and_keys, use_in_context_policy
+
+MODES = ("in_context", "post_prefill")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m attngate_ext.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--gates", help="trained gates (save_gates directory); without it the 'gate' policy is skipped")
+    p.add_argument("--text", nargs="+", help="held-out text files/directories for perplexity")
+    p.add_argument("--mc", help="JSONL of {context, choices, label} for multiple-choice accuracy")
+    p.add_argument("--calibration-text", nargs="+", help="text to set the gates' biases per ratio (default --text)")
+    p.add_argument("--policies", nargs="+", default=["gate", *POLICIES], choices=["gate", *POLICIES])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    p.add_argument("--context-len", type=int, default=256)
+    p.add_argument("--continuation-len", type=int, default=256)
+    p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="eval.json", help="results JSON (default eval.json)")
+    p.add_argument("--plots", help="directory for the PNG plots")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if not args.text and not args.mc:
+        p.error("give --text (perplexity) and/or --mc (multiple choice)")
+    if any(not 0.0 <= r < 1.0 for r in args.ratios):
+        p.error("--ratios must lie in [0, 1)")
+    if args.context_len < 2 or args.continuation_len < 1:
+        p.error("--context-len must be >= 2 and --continuation-len >= 1")
+    return args
+
+
+class Evaluator:
+    """Holds the model in its three shapes (dense, gated with trained gates, gated with keep-all gates)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.args = args
+        self.tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype],
+                                                          local_files_only=True).to(args.device).eval()
+        self.trained_gates = None
+        if args.gates:
+            load_gates(self.model, args.gates)
+            self.trained_gates = {k: v.clone() for k, v in self.model.state_dict().items() if ".gate." in k}
+        else:
+            add_attention_gates(self.model, AttentionGateConfig(decode_gating=False))
+        self.base_config = gate_config(self.model)
+
+    # -- model shapes ------------------------------------------------------------------------------------------
+
+    def _layers(self) -> List[Any]:
+        return [layer.self_attn for layer in self.model.model.layers]
+
+    def _reset(self, policy: Optional[Policy], ratio: float = 0.0, length: int = 0) -> None:
+        """Trained gates and their config back (or keep-all gates), with ``policy``'s creation-time flags if given."""
+        if self.trained_gates is not None:
+            self.model.load_state_dict(self.trained_gates, strict=False)
+        else:
+            set_constant_gates(self.model, keep=True)
+        for attn in self._layers():
+            attn.gate.config = self.base_config
+        use_in_context_policy(self.model, policy, ratio, length)
+
+    def _keep_all(self) -> None:
+        """Every token cached (w = 1, no sinks) and no gate K'/V' cache: the dense prefill of post-prefill pruning."""
+        self._reset(None)
+        set_constant_gates(self.model, keep=True)
+        config = dataclasses.replace(self.base_config, protect_recent=1, sink_tokens=0, decode_gating=False)
+        for attn in self._layers():
+            attn.gate.config = config
+
+    def _cache_kwargs(self, cache) -> Dict[str, Any]:
+        return {"use_cache": True, _state(self.model).cache_kwarg: cache}
+
+    # -- scoring -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def continuation_logprobs(self, ids: torch.Tensor, context: int, policy: str, mode: str,
+                              ratio: float) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Log-probabilities ``(B, T - context)`` of tokens ``context..T-1`` of ``ids`` and the cache report."""
+        from ..cache.cache import AttnGateCache
+
+        ids = ids.to(self.args.device)
+        T = ids.shape[1]
+        report: Dict[str, Any] = {"eviction_ratio": 0.0, "kv_bytes": None, "dense_bytes": None}
+        if policy == "dense":
+            self._keep_all()
+            logits = self.model(input_ids=ids, use_cache=False).logits[:, context - 1 : T - 1]
+        elif mode == "in_context":
+            if policy == "gate":
+                self._reset(None)
+            else:
+                self._reset(POLICIES[policy](), ratio, T)
+            cache = AttnGateCache()
+            logits = self.model(input_ids=ids, **self._cache_kwargs(cache)).logits[:, context - 1 : T - 1]
+            report = _report(cache)
+        else:  # post_prefill
+            self._keep_all()
+            record_queries_and_keys(self.model, True)
+            cache = AttnGateCache()
+            first = self.model(input_ids=ids[:, :context], **self._cache_kwargs(cache)).logits[:, -1:]
+            record_queries_and_keys(self.model, False)
+            prune_cache(self.model, cache, POLICIES[policy](), ratio)
+            report = _report(cache)
+            logits = first
+            if T - 1 > context:
+                rest = self.model(input_ids=ids[:, context : T - 1], **self._cache_kwargs(cache)).logits
+                logits = torch.cat([first, rest], dim=1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, context:].unsqueeze(-1)).squeeze(-1)
+        return logprobs, report
+
+    def calibrate(self, ratio: float, ids: torch.Tensor) -> None:
+        """Shifts the trained gates' biases so that they evict ``ratio`` of the calibration tokens."""
+        self._reset(None)
+        calibrate_gate_bias(self.model, ids.to(self.args.device), ratio)
+        self.trained_gates = {k: v.clone() for k, v in self.model.state_dict().items() if ".gate." in k}
+
+
+def _report(cache) -> Dict[str, Any]:
+    r = cache.memory_report()
+    return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["allocated_bytes"], "dense_bytes": r["dense_bytes"]}
+
+
+def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, float]]:
+    tasks = [("dense", "dense", 0.0)]
+    for policy in args.policies:
+        if policy == "gate" and not has_gates:
+            continue
+        for mode in args.modes:
+            if policy == "gate" and mode == "post_prefill":
+                continue  # the gates decide in context by construction
+            tasks.extend((policy, mode, ratio) for ratio in args.ratios)
+    return tasks
+
+
+def _mc_records(path: str) -> List[Dict[str, Any]]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                r = json.loads(line)
+                if not {"context", "choices", "label"} <= set(r) or not 0 <= int(r["label"]) < len(r["choices"]):
+                    raise ValueError(f"{path}:{number}: need context, choices and a label indexing the choices")
+                records.append(r)
+    if not records:
+        raise ValueError(f"no multiple-choice records in {path!r}")
+    return records
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Evaluates every (policy, mode, ratio) and returns ``{"results": [...], ...}`` (also written to --out)."""
+    torch.manual_seed(args.seed)
+    ev = Evaluator(args)
+    tok = ev.tokenizer
+    windows = None
+    if args.text:
+        stream = tok("\n\n".join(read_text_documents(args.text)))["input_ids"]
+        windows = token_windows(stream, args.context_len + args.continuation_len, args.windows)
+    calibration = windows
+    if args.calibration_text:
+        stream = tok("\n\n".join(read_text_documents(args.calibration_text)))["input_ids"]
+        calibration = token_windows(stream, args.context_len + args.continuation_len, args.windows)
+    mc = _mc_records(args.mc) if args.mc else []
+    tasks = _tasks(args, ev.trained_gates is not None)
+    native = ({k: v.clone() for k, v in ev.trained_gates.items()} if ev.trained_gates is not None else None)
+    progress = None if args.no_progress else _bar(len(tasks))
+    results = []
+    for policy, mode, ratio in tasks:
+        if policy == "gate":
+            ev.trained_gates = {k: v.clone() for k, v in native.items()}
+            if calibration is None:
+                raise ValueError("the gate policy needs --text or --calibration-text to calibrate its biases")
+            ev.calibrate(ratio, calibration[: args.batch_size])
+        record: Dict[str, Any] = {"policy": policy, "mode": mode, "target_eviction": ratio}
+        if windows is not None:
+            record.update(_perplexity(ev, windows, policy, mode, ratio))
+        if mc:
+            record.update(_accuracy(ev, mc, policy, mode, ratio))
+            record.setdefault("eviction_ratio", record["mc_eviction_ratio"])
+        results.append(record)
+        if progress is not None:
+            progress.set_postfix_str(f"{policy}/{mode}/{ratio}")
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    if native is not None:
+        ev.trained_gates = native
+    output = {"results": results, "protocol": {"context_len": args.context_len,
+                                               "continuation_len": args.continuation_len,
+                                               "windows": 0 if windows is None else int(windows.shape[0]),
+                                               "mc_records": len(mc)}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(output, indent=2))
+    print_table(results)
+    if args.plots:  # after the results are safe on disk
+        output["plots"] = _plots(ev, args, results, windows)
+        Path(args.out).write_text(json.dumps(output, indent=2))
+    return output
+
+
+def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ratio: float) -> Dict[str, Any]:
+    nll, count, ratio_sum, kv, dense = 0.0, 0, 0.0, 0, 0
+    for start in range(0, windows.shape[0], ev.args.batch_size):
+        batch = windows[start : start + ev.args.batch_size]
+        logprobs, report = ev.continuation_logprobs(batch, ev.args.context_len, policy, mode, ratio)
+        nll -= float(logprobs.sum())
+        count += logprobs.numel()
+        ratio_sum += report["eviction_ratio"] * batch.shape[0]
+        kv = max(kv, report["kv_bytes"] or 0)
+        dense = max(dense, report["dense_bytes"] or 0)
+    # Eviction: measured by the cache at the end of each batch (in context: end of the window; post-prefill: right
+    # after pruning the context). KV share: the largest batch's allocated bytes over its dense cache.
+    return {"perplexity": math.exp(nll / count), "eviction_ratio": ratio_sum / windows.shape[0],
+            "kv_bytes": kv or None, "kv_share": kv / dense if dense else 1.0}
+
+
+def _accuracy(ev: Evaluator, records: List[Dict[str, Any]], policy: str, mode: str, ratio: float) -> Dict[str, Any]:
+    tok = ev.tokenizer
+    correct, ratios = 0, []
+    for record in records:
+        context = tok(record["context"])["input_ids"]
+        scores = []
+        for choice in record["choices"]:
+            ids = torch.tensor([context + tok(choice, add_special_tokens=False)["input_ids"]])
+            logprobs, report = ev.continuation_logprobs(ids, len(context), policy, mode, ratio)
+            scores.append(float(logprobs.sum()))
+            ratios.append(report["eviction_ratio"])
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == int(record["label"]))
+    return {"accuracy": correct / len(records), "mc_eviction_ratio": sum(ratios) / len(ratios)}
+
+
+def _plots(ev: Evaluator, args: argparse.Namespace, results: List[Dict[str, Any]],
+           windows: Optional[torch.Tensor]) -> List[str]:
+    from . import plots
+
+    out = Path(args.plots)
+    paths = []
+    metric = "perplexity" if windows is not None else "accuracy"
+    paths.append(plots.plot_quality_vs_eviction(results, str(out / f"{metric}_vs_eviction.png"), metric=metric))
+    if ev.trained_gates is not None and windows is not None:
+        ev._reset(None)
+        with torch.no_grad():
+            ev.model(input_ids=windows[:1].to(args.device), use_cache=False)
+        keep = torch.stack([attn.last_gate.keep[0] for attn in ev._layers()]).cpu()  # (L, H, T)
+        retention = keep.float().mean(dim=-1).tolist()
+        paths.append(plots.plot_retention_heatmap(retention, str(out / "gate_retention.png"),
+                                                  title="trained gates: kept fraction (layer x KV head)"))
+        tokens = [ev.tokenizer.decode([t]) for t in windows[0, :64].tolist()]
+        paths.append(plots.plot_keep_map(keep[..., :64], str(out / "keep_map.png"), tokens=tokens,
+                                         title="trained gates: kept (dark) per token and (layer, KV head)"))
+    return paths
+
+
+def print_table(results: List[Dict[str, Any]]) -> None:
+    print(f"\n{'policy':<14} {'mode':<13} {'target':>6} {'evicted':>8} {'perplexity':>11} {'accuracy':>9} "
+          f"{'KV share':>9}")
+    for r in results:
+        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
+        acc = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
+        share = f"{r['kv_share']:.3f}" if "kv_share" in r else "-"
+        print(f"{r['policy']:<14} {r['mode']:<13} {r['target_eviction']:>6.2f} {r.get('eviction_ratio', 0):>8.3f} "
+              f"{ppl:>11} {acc:>9} {share:>9}")
+
+
+def _bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluate", dynamic_ncols=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""Train the Attention-Gates of a pre-trained Llama-style model (SPEC section 3).
+
+    python -m attngate_ext.train --model DIR --text a.txt b.txt --out runs/gates --steps 300
+    python -m attngate_ext.train --model DIR --sft data.jsonl --out runs/sft --lora --steps 300
+
+Continual pre-training reads plain text (one document per file, see :mod:`attngate_ext.data` for the packing
+rule); SFT reads JSONL ``{"prompt", "answer"}`` records and learns the answers only. The base model is frozen;
+the gates are trained (``--lora`` adds LoRA adapters through peft). Loss = next-token cross-entropy + the
+eviction loss. Checkpoints under ``OUT/checkpoints/step-N`` hold the gates (``save_gates`` format), the LoRA
+adapter, and the optimizer/scheduler state; ``--resume`` continues from the latest one. ``OUT/report.json`` gets
+the final losses and the measured retention per layer and head. The model directory is read locally only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..models.calibration import randomize_gates
+from ..gate.config import AttentionGateConfig
+from .data import Examples, sft_examples, text_examples
+from .losses import collect_retention, eviction_loss
+from ..models.model import add_attention_gates, gates, load_gates, save_gates
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_TARGETS = r".*\.self_attn\.attention\.(q_proj|k_proj|v_proj|o_proj)"  # the model's, not the gates' projections
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m attngate_ext.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (Llama/Mistral/Qwen2)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--text", nargs="+", help="plain-text files or directories of *.txt (continual pre-training)")
+    data.add_argument("--sft", help="JSONL file of {prompt, answer} records (supervised fine-tuning)")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, final gates, report.json)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-documents", type=int, default=None, help="use only the first N text documents")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lora-lr", type=float, default=1e-4, help="learning rate of the LoRA adapters")
+    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--target-eviction", type=float, default=0.5, help="target eviction ratio (default 0.5)")
+    p.add_argument("--alpha", type=float, default=10.0, help="weight of the eviction loss (default 10)")
+    p.add_argument("--per-layer-loss", action="store_true", help="target the ratio in every layer, not globally")
+    p.add_argument("--per-head-loss", action="store_true",
+                   help="target the ratio in every (layer, KV head): balanced heads keep the gated cache compact")
+    p.add_argument("--gate-config", help="JSON file with AttentionGateConfig fields (default: the defaults)")
+    p.add_argument("--init-gates", help="start from gates saved by save_gates instead of fresh ones")
+    p.add_argument("--init-spread", type=float, default=1.0,
+                   help="fresh gates: std of the initial gate logits around the +3 bias (default 1). With W_g near "
+                        "zero every token has the same logit, so lowering the bias would evict all tokens at once; "
+                        "a spread orders them, and retention falls smoothly. 0 keeps the near-zero W_g init")
+    p.add_argument("--lora", action="store_true", help="also train LoRA adapters on q/k/v/o (needs peft)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="leave after N steps of this run (checkpointed; continue with --resume), e.g. for time limits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0.0 <= args.target_eviction <= 1.0:
+        p.error("--target-eviction must lie in [0, 1]")
+    return args
+
+
+def load_model(args: argparse.Namespace):
+    """The frozen base model (local files only) with gates (fresh or from --init-gates) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model must be a local model directory, got {args.model!r}")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], local_files_only=True)
+    model.to(args.device)
+    model.requires_grad_(False)
+    if args.init_gates:
+        load_gates(model, args.init_gates)
+    else:
+        config = AttentionGateConfig()
+        if args.gate_config:
+            config = AttentionGateConfig.from_json(Path(args.gate_config).read_text())
+        add_attention_gates(model, config)
+        if args.init_spread > 0:
+            randomize_gates(model, seed=args.seed, spread=args.init_spread)
+            for gate in gates(model):
+                with torch.no_grad():
+                    gate.score.bias.fill_(config.init_bias)
+    return model, tokenizer
+
+
+def add_lora(model, rank: int):
+    """Injects LoRA adapters into the model's attention projections (in place) and returns the peft wrapper."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - peft is installed by the bootstrap
+        raise ImportError("--lora needs peft: pip install peft") from exc
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS,
+                                                  lora_dropout=0.0))
+    return peft_model
+
+
+def trainable_parameters(model) -> Dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def lr_lambda(warmup: int, total: int):
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return schedule
+
+
+def latest_checkpoint(out: Path) -> Optional[Path]:
+    found = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def save_checkpoint(out: Path, step: int, model, peft_model, optimizer, scheduler, keep: int) -> Path:
+    path = out / "checkpoints" / f"step-{step}"
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_gates(model, str(tmp / "gates"))
+    if peft_model is not None:
+        peft_model.save_pretrained(str(tmp / "lora"))
+    state = {
+        "step": step,
+        "trainable": {k: v.detach().cpu() for k, v in trainable_parameters(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # a checkpoint directory exists only once complete
+    for old in sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    params = trainable_parameters(model)
+    missing = sorted(set(params) ^ set(state["trainable"]))
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match this run's trainable parameters: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return int(state["step"])
+
+
+def training_step(model, batch: Dict[str, torch.Tensor], args: argparse.Namespace) -> Dict[str, Any]:
+    """One forward/backward of a micro-batch; returns the losses (floats) and the retention statistics."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                use_cache=False)
+    retain, valid = collect_retention(model)
+    evict, stats = eviction_loss(retain, valid, args.target_eviction, args.alpha, args.per_layer_loss,
+                                 args.per_head_loss)
+    loss = out.loss + evict
+    (loss / args.grad_accum).backward()
+    return {"loss": loss.item(), "task_loss": out.loss.item(), "eviction_loss": evict.item(), **stats}
+
+
+def build_examples(args: argparse.Namespace, tokenizer) -> Examples:
+    if args.text:
+        return text_examples(tokenizer, args.text, args.seq_len, args.max_documents)
+    return sft_examples(tokenizer, args.sft, args.seq_len)
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Runs the training described by ``args`` and returns the final report (also written to OUT/report.json)."""
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(args)
+    peft_model = add_lora(model, args.lora_rank) if args.lora else None
+    for gate in gates(model):
+        gate.requires_grad_(True)  # peft freezes everything it did not add
+    model.train()
+    gate_params = [p for gate in gates(model) for p in gate.parameters()]
+    gate_ids = {id(p) for p in gate_params}
+    other = [p for p in trainable_parameters(model).values() if id(p) not in gate_ids]
+    groups = [{"params": gate_params, "lr": args.lr}] + ([{"params": other, "lr": args.lora_lr}] if other else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
+    step = 0
+    if args.resume and (ckpt := latest_checkpoint(out)) is not None:
+        step = load_checkpoint(ckpt, model, optimizer, scheduler)
+        print(f"resumed from {ckpt} at step {step}")
+    examples = build_examples(args, tokenizer)
+    batches = examples.batches(args.batch_size, args.seed, start_step=step * args.grad_accum)
+    history: List[Dict[str, Any]] = []
+    started = time.time()
+    progress = _progress(args, initial=step)
+    logs: List[Dict[str, Any]] = []
+    stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
+    while step < stop:
+        optimizer.zero_grad(set_to_none=True)
+        logs = []
+        for _ in range(args.grad_accum):
+            batch = {k: v.to(args.device) for k, v in next(batches).items()}
+            logs.append(training_step(model, batch, args))
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(model).values(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        record = {"step": step, **{k: sum(l[k] for l in logs) / len(logs)
+                                   for k in ("loss", "task_loss", "eviction_loss", "retention")}}
+        history.append(record)
+        _show(progress, record, args)
+        if step % args.save_every == 0 or step == stop:
+            save_checkpoint(out, step, model, peft_model, optimizer, scheduler, args.keep_checkpoints)
+    if progress is not None:
+        progress.close()
+    save_gates(model, str(out / "gates"))
+    if peft_model is not None:
+        peft_model.save_pretrained(str(out / "lora"))
+    last = logs[-1] if logs else {}
+    report = {
+        "steps": step,
+        "examples": len(examples),
+        "seconds": round(time.time() - started, 1),
+        "target_eviction": args.target_eviction,
+        "final": history[-1] if history else None,
+        "retention_per_layer": last.get("retention_per_layer"),
+        "retention_per_head": last.get("retention_per_head"),
+        "history": history,
+        "args": {k: v for k, v in vars(args).items()},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _progress(args: argparse.Namespace, initial: int):
+    if args.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=args.steps, initial=initial, desc="gates", dynamic_ncols=True)
+
+
+def _show(progress, record: Dict[str, Any], args: argparse.Namespace) -> None:
+    text = {"loss": f"{record['loss']:.3f}", "task": f"{record['task_loss']:.3f}", "ret": f"{record['retention']:.3f}"}
+    if progress is not None:
+        progress.set_postfix(text)
+        progress.update(1)
+    elif record["step"] % 10 == 0 or record["step"] == args.steps:
+        print(f"step {record['step']}/{args.steps} " + " ".join(f"{k} {v}" for k, v in text.items()), flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
