@@ -103,7 +103,7 @@ fi
 
 rc_tests_cuda=skipped rc_tests_rest=skipped rc_bench=skipped rc_memcheck=skipped rc_synccheck=skipped
 if [ "$rc_build" = 0 ] && "$PY" -c "import pytest" 2>/dev/null; then
-  pytest_args=(-q -rfEs --durations=10 -p no:cacheprovider)
+  pytest_args=(-v -rfEs --durations=10 -p no:cacheprovider)  # -v: a killed run still shows how far it got
   if [ "${GPU_CHECK_CMAKE:-0}" = 1 ] && command -v cmake >/dev/null; then
     cmake -S . -B build/cmake-gpu-check -DATTNGATE_CUDA=OFF \
       -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" >"$OUT/cmake.log" 2>&1 &&
@@ -156,7 +156,7 @@ fi
     [ -f "$OUT/$f.log" ] || continue
     echo "-- $f.log: failures and errors --"
     grep -E "^(FAILED|ERROR) " "$OUT/$f.log" | head -n 40
-    tail -n 1 "$OUT/$f.log"
+    tail -n 1 "$OUT/$f.log"; echo
   done
   for f in memcheck synccheck; do
     [ -f "$OUT/$f.log" ] || continue

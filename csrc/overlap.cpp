@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 
 namespace attngate {
 namespace {
@@ -21,8 +22,10 @@ struct Dim {
 
 // The pieces of a tensor (its rows, or its elements): piece i starts at base + sum_d i_d * dims[d].stride and
 // spans `extent` bytes.
+using Dims = c10::SmallVector<Dim, 6>;  // no heap allocation on the per-call path
+
 struct Layout {
-  std::vector<Dim> dims;
+  Dims dims;
   int64_t extent = 0;
   int64_t base = 0;
   bool empty = true;  // no piece, or pieces of 0 bytes: nothing can overlap
@@ -52,8 +55,8 @@ std::pair<int64_t, int64_t> span_of(const Layout& l) {
 
 // A proof that all pieces are disjoint: sorted by stride, every dimension steps over the whole range that the
 // dimensions below it (and the piece itself) span. True for every slice or permutation of a dense buffer.
-bool nested_disjoint(const std::vector<Dim>& dims, int64_t extent) {
-  std::vector<Dim> moving;
+bool nested_disjoint(const Dims& dims, int64_t extent) {
+  Dims moving;
   for (const Dim& d : dims)
     if (d.size > 1) moving.push_back(d);
   std::sort(moving.begin(), moving.end(), [](const Dim& a, const Dim& b) { return a.stride < b.stride; });
@@ -128,7 +131,7 @@ Verdict pair_verdict(const Layout& a, const Layout& b) {
   if (same_strides) {
     if (delta == 0) return Verdict::kOverlap;  // the first pieces coincide
     // Both tensors are sub-lattices of one lattice with an extra dimension {0, delta}: prove that one disjoint.
-    std::vector<Dim> joint;
+    Dims joint;
     for (size_t d = 0; d < a.dims.size(); ++d)
       joint.push_back({std::max(a.dims[d].size, b.dims[d].size), a.dims[d].stride});
     joint.push_back({2, delta < 0 ? -delta : delta});

@@ -243,3 +243,19 @@ def test_gate_flags_weights_in_global_memory(device, dtype, G):
     bias = randn_strided((H,), dtype, device, generator=g)
     valid = (torch.rand(B, T, generator=g) > 0.2).to(device)
     check_gate_flags(gate_out, weight, bias, 0.5, 2, 0, valid)
+
+
+# ---- opcheck on the unusual paths (schema, fake tensors, AOT dispatch with the scalar and wide kernels) ---------
+
+@pytest.mark.parametrize("D", [66, 300])
+def test_opcheck_unusual_head_dims(device, D):
+    g = torch.Generator().manual_seed(D)
+    B, H, C, T = 2, 2, 24, 3
+    kc, vc = (misaligned_randn((B, H, C, D), torch.bfloat16, device, g) for _ in range(2))
+    lengths = random_lengths(B, H, 0, C - T, device, generator=g)
+    key, value = (randn_strided((B, H, T, D), torch.bfloat16, device, generator=g) for _ in range(2))
+    keep = random_mask((B, H, T), 0.5, device, generator=g)
+    torch.library.opcheck(torch.ops.attngate.append_kv_.default, (kc, vc, lengths, key, value, keep))
+    torch.library.opcheck(torch.ops.attngate.compact_kv_.default, (kc, vc, lengths, random_mask((B, H, C), 0.5, device, generator=g)))
+    query = randn_strided((B, 4 * H, D), torch.bfloat16, device, generator=g)
+    torch.library.opcheck(torch.ops.attngate.decode_attention.default, (query, kc, vc, lengths, D**-0.5))
