@@ -7,7 +7,7 @@
 // Vector path (16-byte aligned rows): K and V tiles are staged in shared memory with cp.async, one buffer each,
 // so the next tile is always in flight: K(i + 1) is requested as soon as the scores of tile i have read K(i),
 // and streams in during the softmax and value phases; V(i + 1) is requested once the values of tile i are done,
-// and streams in during the scores of tile i + 1. No registers hold in-flight data, which keeps the kernel at
+// and streams in during the scores of tile i + 1. No registers hold in-flight data, which keeps the kernel within
 // 128 registers (2 blocks of 256 threads per SM) without spills. The scalar path (unaligned rows) reads global
 // memory directly.
 // Row slices are summed through shared memory once per split (deterministic order). With several splits, the
@@ -53,8 +53,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tiled_kernel(
   constexpr int kLanesPerValue = kN >= kLanesPerRow ? 1 : kLanesPerRow / kN;
   constexpr int kGV = value_heads(kGT, kVec);  // query heads per value-phase thread
   constexpr int kGroupsV = kGT / kGV;
-  // Unrolling only for latency: staged rows come from shared memory, and with 8 heads (32 accumulators per
-  // thread) the register budget is full.
+  // Little unrolling: staged rows come from shared memory (short latency), and 8-head tiles fill the register
+  // budget.
   constexpr int kScoreUnroll = kN >= 8 ? 1 : 2;
   constexpr int kValueUnroll = kGV * kVec >= 32 ? 2 : 4;
   extern __shared__ __align__(16) unsigned char smem[];
