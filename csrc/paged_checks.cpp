@@ -1,12 +1,11 @@
 #include "paged_checks.h"
 
-#include <algorithm>
 #include <limits>
 #include <utility>
-#include <vector>
 
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
+
+#include "overlap.h"
 
 namespace attngate {
 namespace {
@@ -18,32 +17,7 @@ void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* n
               "), got ", t.device());
 }
 
-void check_writable(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(provably_non_overlapping(t), name,
-              " must not overlap itself (an expand()ed or as_strided view whose elements share memory)");
-}
-
-void check_disjoint(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
-  TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, a_name, " and ", b_name,
-              " must not share memory");
-}
-
 }  // namespace
-
-bool provably_non_overlapping(const at::Tensor& t) {
-  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of every dim with more than one element
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
-  }
-  std::sort(dims.begin(), dims.end());
-  int64_t extent = 1;  // elements spanned by the dims seen so far, plus one
-  for (const auto& [stride, size] : dims) {
-    if (stride < extent) return false;
-    extent = stride * (size - 1) + extent;
-  }
-  return true;
-}
 
 void check_paged_cache(const at::Tensor& key_pages, const at::Tensor& value_pages, const at::Tensor& page_table,
                        const at::Tensor& lengths, bool writes) {
@@ -75,12 +49,12 @@ void check_paged_cache(const at::Tensor& key_pages, const at::Tensor& value_page
               lengths.sizes());
   check_same_device(lengths, key_pages, "lengths", "key_pages");
   if (writes) {
-    check_writable(key_pages, "key_pages");
-    check_writable(value_pages, "value_pages");
-    check_writable(page_table, "page_table");
-    check_writable(lengths, "lengths");
-    check_disjoint(key_pages, "key_pages", value_pages, "value_pages");
-    check_disjoint(page_table, "page_table", lengths, "lengths");
+    check_no_row_overlap(key_pages, "key_pages");
+    check_no_row_overlap(value_pages, "value_pages");
+    check_no_element_overlap(page_table, "page_table");
+    check_no_element_overlap(lengths, "lengths");
+    check_no_shared_memory(key_pages, "key_pages", value_pages, "value_pages");
+    check_no_shared_memory(page_table, "page_table", lengths, "lengths", /*b_rows=*/false);
   }
 }
 
@@ -93,8 +67,8 @@ void check_free_stack(const at::Tensor& key_pages, const at::Tensor& free_pages,
               free_count.sizes());
   check_same_device(free_pages, key_pages, "free_pages", "key_pages");
   check_same_device(free_count, key_pages, "free_count", "key_pages");
-  check_writable(free_pages, "free_pages");
-  check_disjoint(free_pages, "free_pages", free_count, "free_count");
+  check_no_element_overlap(free_pages, "free_pages");
+  check_no_shared_memory(free_pages, "free_pages", free_count, "free_count", /*b_rows=*/false);
 }
 
 void check_new_rows(const at::Tensor& rows, const char* name, const at::Tensor& key_pages, const at::Tensor& page_table,

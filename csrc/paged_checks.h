@@ -18,8 +18,4 @@ void check_free_stack(const at::Tensor& key_pages, const at::Tensor& free_pages,
 void check_new_rows(const at::Tensor& rows, const char* name, const at::Tensor& key_pages, const at::Tensor& page_table,
                     bool rows_dim);
 
-// Whether the elements of t provably never share memory: the dims sorted by stride each step over the whole extent
-// of the smaller ones. Stride-0 expansions and as_strided views whose rows overlap fail; plain slices pass.
-bool provably_non_overlapping(const at::Tensor& t);
-
 }  // namespace attngate
