@@ -41,7 +41,7 @@ fi
 (cd attngate_ext && find . -name "*.py" -exec cp --parents {} ../build/cuda-lib/attngate_ext/ \;)
 (cd build/cuda-lib && "$OLDPWD/$VENV/bin/python" - <<'PY'
 import torch, attngate_ext
-ops = ["gate_flags", "append_kv_", "compact_kv_", "decode_attention"]
+ops = ["gate_flags", "append_kv_", "compact_kv_", "decode_attention", "paged_decode_attention", "paged_prefill_attention"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"attngate::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print("CUDA kernels registered for:", ", ".join(ops))

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import attngate_ext  # noqa: E402
 from attngate_ext import reference  # noqa: E402
 from benchmarks.e2e import e2e_section  # noqa: E402
+from benchmarks.paged_attention import paged_attention_section  # noqa: E402
 from benchmarks.report import Row, environment, print_row, print_table_head  # noqa: E402
 from benchmarks.timing import CopyBandwidth, gbps, median_us  # noqa: E402
 
@@ -302,7 +303,7 @@ def ops_section(cfg: Config) -> List[Row]:
             gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
             rows.append(time_case(cfg, CASES[name](cfg, T, gen), copy, "ops"))
             print_row(rows[-1])
-    return rows
+    return rows + paged_attention_section(cfg)  # its own table (benchmarks/paged_attention.py)
 
 
 SECTIONS: List[Tuple[str, Callable[[Config], List[Row]]]] = [
