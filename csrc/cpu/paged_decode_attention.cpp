@@ -59,8 +59,19 @@ void fill_tile(const DecodeProblem& p, int64_t b, int64_t h, int64_t& r, int64_t
 
 struct Scratch {
   std::vector<float> q, s, zeros;
-  KeyTile tile;
+  KeyTile tiles[2];  // the tile being computed and the next one, whose rows are being prefetched
 };
+
+// Pages sit anywhere in memory, so the hardware prefetchers restart at every page: ask for the next tile's rows
+// (into L2) while the current one is computed.
+void prefetch_rows(const KeyTile& tile, int64_t row_bytes) {
+  for (int j = 0; j < tile.n; ++j) {
+    for (int64_t off = 0; off < row_bytes; off += 64) {
+      __builtin_prefetch(static_cast<const char*>(tile.k[j]) + off, 0, 2);
+      __builtin_prefetch(static_cast<const char*>(tile.v[j]) + off, 0, 2);
+    }
+  }
+}
 
 // Runs one (b, h, split) item into acc (G, dp), m (G), l (G).
 template <typename scalar_t>
@@ -80,9 +91,14 @@ void run_item(const DecodeProblem& p, const scalar_t* query, int64_t q_b, int64_
   DecodeState st{static_cast<int>(p.D), static_cast<int>(p.G), static_cast<int>(p.dp), sc.q.data(), acc, m, l,
                  sc.s.data(), sc.zeros.data()};
   const paged::Kernels& kernels = paged::kernels();
-  while (r < r_end) {
-    fill_tile(p, b, h, r, r_end, sc.tile);
-    kernels.decode_tile(sc.tile, p.type, st);
+  const int64_t row_bytes = p.D * (p.type == paged::RowType::kF32 ? 4 : 2);
+  int cur = 0;
+  fill_tile(p, b, h, r, r_end, sc.tiles[cur]);
+  while (sc.tiles[cur].n > 0) {
+    fill_tile(p, b, h, r, r_end, sc.tiles[1 - cur]);
+    prefetch_rows(sc.tiles[1 - cur], row_bytes);
+    kernels.decode_tile(sc.tiles[cur], p.type, st);
+    cur = 1 - cur;
   }
 }
 
@@ -105,10 +121,12 @@ void decode(const DecodeProblem& p, const at::Tensor& query, at::Tensor& out) {
     float* base = parts.data() + item * per_item;
     run_item<scalar_t>(p, q, query.stride(0), query.stride(1), item, base, base + G * dp, base + G * dp + G, sc);
   });
-  // Merge the splits of every (b, h, g) in split order; zeros where no row was visible.
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+  // Merge the splits of every (b, h, g) in split order; zeros where no row was visible. On the calling thread: it
+  // is small (B * Hq * ns * D multiply-adds), and a second parallel region costs more than it whenever the
+  // cores are shared with other processes.
+  {
     std::vector<float> w(static_cast<size_t>(p.ns)), row(static_cast<size_t>(D));
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh = 0; bh < p.B * p.H; ++bh) {
       const float* first = parts.data() + bh * p.ns * per_item;
       for (int64_t g = 0; g < G; ++g) {
         paged::split_weights(first + G * dp + g, per_item, p.ns, w.data());
@@ -125,7 +143,7 @@ void decode(const DecodeProblem& p, const at::Tensor& query, at::Tensor& out) {
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(row[d] * inv);
       }
     }
-  });
+  }
 }
 
 }  // namespace

@@ -184,9 +184,10 @@ void prefill(const PrefillProblem& p, const at::Tensor& query, at::Tensor& out) 
     float* part = parts.data() + task * per_part;
     run_item<scalar_t>(p, query, task / ns, task % ns, part, part + D * Mq, part + D * Mq + Mq, sc);
   });
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  // Merge on the calling thread: splits only happen with few items, so this is small.
+  {
     std::vector<float> w(static_cast<size_t>(ns)), merged(static_cast<size_t>(per_part));
-    for (int64_t index = begin; index < end; ++index) {
+    for (int64_t index = 0; index < items; ++index) {
       const float* first = parts.data() + index * ns * per_part;
       std::fill(merged.begin(), merged.end(), 0.f);
       for (int64_t row = 0; row < Mq; ++row) {
@@ -200,7 +201,7 @@ void prefill(const PrefillProblem& p, const at::Tensor& query, at::Tensor& out) 
       }
       write(item_of(p, index), merged.data(), merged.data() + D * Mq + Mq);
     }
-  });
+  }
 }
 
 }  // namespace
