@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/paged_attention_device.cuh"
 #include "cuda/paged_attention_kernels.cuh"
 #include "cuda/paged_decode_tiles.cuh"
 #include "cuda_utils.cuh"
@@ -98,20 +99,10 @@ __global__ void __launch_bounds__(kThreads, 4) paged_decode_kernel(
     __syncthreads();
 
     for (int g = warp; g < kGT; g += kThreads / 32) {  // online softmax of head g over the tile
-      const float s0 = w_s[g][lane], s1 = w_s[g][lane + 32];
-      const float m_old = m_s[g];
-      const float m_new = fmaxf(m_old, cuda::warp_max(fmaxf(s0, s1)));
-      const float shift = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: every weight is exp2(-inf) = 0
-      const float e0 = exp2f(s0 - shift), e1 = exp2f(s1 - shift);
-      w_s[g][lane] = e0;
-      w_s[g][lane + 32] = e1;
-      const float sum = cuda::warp_sum(e0 + e1);
-      if (lane == 0) {
-        const float alpha = exp2f(m_old - shift);
-        alpha_s[g] = alpha;
-        l_s[g] = l_s[g] * alpha + sum;
-        m_s[g] = m_new;
-      }
+      float w[2] = {w_s[g][lane], w_s[g][lane + 32]};
+      paged_device::warp_softmax_step(w, &m_s[g], &l_s[g], &alpha_s[g], lane);
+      w_s[g][lane] = w[0];
+      w_s[g][lane + 32] = w[1];
     }
     __syncthreads();
 
@@ -246,7 +237,7 @@ void launch_paged_decode_attention(const at::Tensor& query, const at::Tensor& ke
   }
   p.H = H, p.Hq = Hq, p.group = group, p.gtiles = cuda::ceil_div(group, gt), p.P = P, p.S = S;
   p.capacity = M * S, p.E = E, p.D = static_cast<int>(D);
-  p.scale = static_cast<float>(scale) * kLog2e;
+  p.scale = static_cast<float>(scale) * paged_device::kLog2e;
   const int64_t base_blocks = B * H * p.gtiles;
   const int64_t max_tiles = cuda::ceil_div(M * S, kTileRows) + cuda::ceil_div(E, kTileRows);
 

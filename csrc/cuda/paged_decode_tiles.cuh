@@ -15,7 +15,6 @@ constexpr int kLanesPerRow = 8;
 constexpr int kRowGroups = kThreads / kLanesPerRow;   // 16
 constexpr int kMaxSplits = 256;
 constexpr int kMergeThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
 
 struct DecodeParams {
   int64_t q_b, q_h;                          // query strides

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/paged_attention_device.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
 #include "paged_attention_checks.h"
@@ -35,7 +36,6 @@ constexpr int kValueGroups = kThreads / kChunk;  // 4 row groups in the value ph
 constexpr int kMaxScoreRows = kMaxRows / kScoreGroups;
 constexpr int kMaxValueRows = kMaxRows / kValueGroups;
 constexpr int kAll = std::numeric_limits<int32_t>::max();
-constexpr float kLog2e = 1.4426950408889634f;
 
 struct PrefillParams {
   int64_t q_b, q_h, q_t;                       // query strides
@@ -187,19 +187,9 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_kernel(
     __syncthreads();
 
     for (int r = warp; r < R; r += kThreads / 32) {  // online softmax of row r over the tile
-      const float s = s_s[r * (kKeys + 1) + lane];
-      const float m_old = m_s[r];
-      const float m_new = fmaxf(m_old, cuda::warp_max(s));
-      const float shift = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: every weight is exp2(-inf) = 0
-      const float e = exp2f(s - shift);
-      s_s[r * (kKeys + 1) + lane] = e;
-      const float sum = cuda::warp_sum(e);
-      if (lane == 0) {
-        const float alpha = exp2f(m_old - shift);
-        alpha_s[r] = alpha;
-        l_s[r] = l_s[r] * alpha + sum;
-        m_s[r] = m_new;
-      }
+      float w[1] = {s_s[r * (kKeys + 1) + lane]};
+      paged_device::warp_softmax_step(w, &m_s[r], &l_s[r], &alpha_s[r], lane);
+      s_s[r * (kKeys + 1) + lane] = w[0];
     }
     __syncthreads();
 
@@ -294,7 +284,7 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& query, const at::Tenso
   p.P = key_pages.size(0), p.S = key_pages.size(1), p.capacity = page_table.size(2) * p.S, p.E = E, p.T = T;
   p.window = std::min<int64_t>(window, T + 1);
   p.D = static_cast<int>(D), p.rows = static_cast<int>(p.gt * p.tq), p.pitch = static_cast<int>(pitch);
-  p.scale = static_cast<float>(scale) * kLog2e;
+  p.scale = static_cast<float>(scale) * paged_device::kLog2e;
   const int64_t smem = (2 * p.rows * pitch + p.rows * (kKeys + 1) + kKeys * (kChunk + 1)) * 4;
   const int64_t blocks = B * H * p.gtiles * p.qtiles;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "paged_prefill_attention: too many blocks: ", blocks);
