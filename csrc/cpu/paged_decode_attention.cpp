@@ -32,6 +32,7 @@ constexpr int64_t kItemsPerThread = 8;  // with dynamic scheduling, the imbalanc
 
 struct DecodeProblem {
   int64_t B, H, G, D, dp, E, ns;
+  bool serial;  // small enough for the calling thread alone
   paged::RowType type;
   float scale;  // scale * log2(e)
   const std::vector<int64_t>* lens;
@@ -117,7 +118,7 @@ void decode(const DecodeProblem& p, const at::Tensor& query, at::Tensor& out) {
     sc.zeros.assign(static_cast<size_t>(dp), 0.f);
     return sc;
   };
-  paged::parallel_items(items, init, [&](int64_t item, Scratch& sc) {
+  paged::parallel_items(items, p.serial, init, [&](int64_t item, Scratch& sc) {
     float* base = parts.data() + item * per_item;
     run_item<scalar_t>(p, q, query.stride(0), query.stride(1), item, base, base + G * dp, base + G * dp + G, sc);
   });
@@ -159,7 +160,7 @@ void paged_decode_attention_out(const at::Tensor& query, const at::Tensor& key_p
   const int64_t B = page_table.size(0), H = page_table.size(1), D = key_pages.size(2);
   const int64_t E = extra_key.has_value() ? extra_key->size(2) : 0;
   DecodeProblem p{B, H, query.size(1) / H, D, (D + paged::kMaxWidth - 1) / paged::kMaxWidth * paged::kMaxWidth, E,
-                  1, paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
+                  1, false, paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
                   paged::PagedRows(key_pages, value_pages, page_table), paged::DenseRows(), nullptr, 0, 0, 0};
   if (E > 0) {
     p.extra = paged::DenseRows(*extra_key, *extra_value);
@@ -168,10 +169,14 @@ void paged_decode_attention_out(const at::Tensor& query, const at::Tensor& key_p
       p.ev_b = extra_valid->stride(0), p.ev_h = extra_valid->stride(1), p.ev_e = extra_valid->stride(2);
     }
   }
-  int64_t longest = 0;
-  for (int64_t bh = 0; bh < B * H; ++bh) longest = std::max(longest, stream_length(p, bh));
+  int64_t longest = 0, rows = 0;
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    longest = std::max(longest, stream_length(p, bh));
+    rows += stream_length(p, bh);
+  }
+  p.serial = rows * 2 * D * key_pages.element_size() < paged::kSerialBytes;
   const int64_t want = (kItemsPerThread * at::get_num_threads() + B * H - 1) / (B * H);
-  p.ns = std::max<int64_t>(1, std::min(want, longest / kMinSplitRows));
+  p.ns = p.serial ? 1 : std::max<int64_t>(1, std::min(want, longest / kMinSplitRows));
   ATTNGATE_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_decode_attention_cpu",
                                    [&] { decode<scalar_t>(p, query, out); });
 }
