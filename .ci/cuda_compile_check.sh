@@ -45,7 +45,8 @@ grep -q "Compiling entry function.*decode_tiled_kernel" "$log" || { echo "FAIL: 
 (cd attngate_ext && find . -name "*.py" -exec cp --parents {} ../build/cuda-lib/attngate_ext/ \;)
 (cd build/cuda-lib && "$VENV/bin/python" - <<'PY'
 import torch, attngate_ext
-ops = ["gate_flags", "append_kv_", "compact_kv_", "decode_attention", "paged_append_kv_", "paged_compact_kv_", "paged_remove_rows_"]
+ops = ["gate_flags", "append_kv_", "compact_kv_", "decode_attention", "paged_append_kv_", "paged_compact_kv_",
+       "paged_remove_rows_", "paged_decode_attention", "paged_prefill_attention"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"attngate::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print("CUDA kernels registered for:", ", ".join(ops))

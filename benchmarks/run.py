@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import attngate_ext  # noqa: E402
 from attngate_ext import reference  # noqa: E402
 from benchmarks.e2e import e2e_section  # noqa: E402
+from benchmarks.paged_attention import paged_attention_section  # noqa: E402
 from benchmarks.paged_storage import paged_storage_section  # noqa: E402
 from benchmarks.peak_memory import peak_memory_section  # noqa: E402
 from benchmarks.real_model import real_model_section  # noqa: E402
@@ -309,7 +310,7 @@ def ops_section(cfg: Config) -> List[Row]:
             rows.append(time_case(cfg, CASES[name](cfg, T, gen), copy, "ops"))
             print_row(rows[-1])
     rows += paged_storage_section(cfg)  # paged storage ops, their own table (benchmarks/paged_storage.py)
-    return rows
+    return rows + paged_attention_section(cfg)  # its own table (benchmarks/paged_attention.py)
 
 
 SECTIONS: List[Tuple[str, Callable[[Config], List[Row]]]] = [

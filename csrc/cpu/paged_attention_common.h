@@ -89,13 +89,23 @@ struct DenseRows {
   }
 };
 
-// Runs fn(item, scratch) for items [0, n) on torch's intra-op threads; each thread builds one scratch with init()
-// and pulls items from a shared counter, so list the heaviest items first. The result of an item must not depend
-// on the thread that ran it (it does not: items write disjoint outputs).
+// Work below which an op runs on the calling thread: starting a parallel region costs microseconds, more than a
+// decode step of a short cache.
+constexpr int64_t kSerialBytes = 256 * 1024;       // decode: K/V bytes read
+constexpr int64_t kSerialFlops = 4 * 1024 * 1024;  // prefill
+
+// Runs fn(item, scratch) for items [0, n) on torch's intra-op threads (on the calling thread when `serial`); each
+// thread builds one scratch with init() and pulls items from a shared counter, so list the heaviest items first.
+// The result of an item must not depend on the thread that ran it (it does not: items write disjoint outputs).
 template <class Init, class Fn>
-void parallel_items(int64_t n, const Init& init, const Fn& fn) {
+void parallel_items(int64_t n, bool serial, const Init& init, const Fn& fn) {
   if (n <= 0) return;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t threads = serial ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  if (threads == 1) {
+    auto scratch = init();
+    for (int64_t i = 0; i < n; ++i) fn(i, scratch);
+    return;
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     auto scratch = init();

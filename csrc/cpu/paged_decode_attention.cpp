@@ -32,6 +32,7 @@ constexpr int64_t kItemsPerThread = 8;  // with dynamic scheduling, the imbalanc
 
 struct DecodeProblem {
   int64_t B, H, G, D, dp, E, ns;
+  bool serial;  // small enough for the calling thread alone
   paged::RowType type;
   float scale;  // scale * log2(e)
   const std::vector<int64_t>* lens;
@@ -59,8 +60,19 @@ void fill_tile(const DecodeProblem& p, int64_t b, int64_t h, int64_t& r, int64_t
 
 struct Scratch {
   std::vector<float> q, s, zeros;
-  KeyTile tile;
+  KeyTile tiles[2];  // the tile being computed and the next one, whose rows are being prefetched
 };
+
+// Pages sit anywhere in memory, so the hardware prefetchers restart at every page: ask for the next tile's rows
+// (into L2) while the current one is computed.
+void prefetch_rows(const KeyTile& tile, int64_t row_bytes) {
+  for (int j = 0; j < tile.n; ++j) {
+    for (int64_t off = 0; off < row_bytes; off += 64) {
+      __builtin_prefetch(static_cast<const char*>(tile.k[j]) + off, 0, 2);
+      __builtin_prefetch(static_cast<const char*>(tile.v[j]) + off, 0, 2);
+    }
+  }
+}
 
 // Runs one (b, h, split) item into acc (G, dp), m (G), l (G).
 template <typename scalar_t>
@@ -80,9 +92,14 @@ void run_item(const DecodeProblem& p, const scalar_t* query, int64_t q_b, int64_
   DecodeState st{static_cast<int>(p.D), static_cast<int>(p.G), static_cast<int>(p.dp), sc.q.data(), acc, m, l,
                  sc.s.data(), sc.zeros.data()};
   const paged::Kernels& kernels = paged::kernels();
-  while (r < r_end) {
-    fill_tile(p, b, h, r, r_end, sc.tile);
-    kernels.decode_tile(sc.tile, p.type, st);
+  const int64_t row_bytes = p.D * (p.type == paged::RowType::kF32 ? 4 : 2);
+  int cur = 0;
+  fill_tile(p, b, h, r, r_end, sc.tiles[cur]);
+  while (sc.tiles[cur].n > 0) {
+    fill_tile(p, b, h, r, r_end, sc.tiles[1 - cur]);
+    prefetch_rows(sc.tiles[1 - cur], row_bytes);
+    kernels.decode_tile(sc.tiles[cur], p.type, st);
+    cur = 1 - cur;
   }
 }
 
@@ -101,14 +118,16 @@ void decode(const DecodeProblem& p, const at::Tensor& query, at::Tensor& out) {
     sc.zeros.assign(static_cast<size_t>(dp), 0.f);
     return sc;
   };
-  paged::parallel_items(items, init, [&](int64_t item, Scratch& sc) {
+  paged::parallel_items(items, p.serial, init, [&](int64_t item, Scratch& sc) {
     float* base = parts.data() + item * per_item;
     run_item<scalar_t>(p, q, query.stride(0), query.stride(1), item, base, base + G * dp, base + G * dp + G, sc);
   });
-  // Merge the splits of every (b, h, g) in split order; zeros where no row was visible.
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+  // Merge the splits of every (b, h, g) in split order; zeros where no row was visible. On the calling thread: it
+  // is small (B * Hq * ns * D multiply-adds), and a second parallel region costs more than it whenever the
+  // cores are shared with other processes.
+  {
     std::vector<float> w(static_cast<size_t>(p.ns)), row(static_cast<size_t>(D));
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh = 0; bh < p.B * p.H; ++bh) {
       const float* first = parts.data() + bh * p.ns * per_item;
       for (int64_t g = 0; g < G; ++g) {
         paged::split_weights(first + G * dp + g, per_item, p.ns, w.data());
@@ -125,7 +144,7 @@ void decode(const DecodeProblem& p, const at::Tensor& query, at::Tensor& out) {
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(row[d] * inv);
       }
     }
-  });
+  }
 }
 
 }  // namespace
@@ -141,7 +160,7 @@ void paged_decode_attention_out(const at::Tensor& query, const at::Tensor& key_p
   const int64_t B = page_table.size(0), H = page_table.size(1), D = key_pages.size(2);
   const int64_t E = extra_key.has_value() ? extra_key->size(2) : 0;
   DecodeProblem p{B, H, query.size(1) / H, D, (D + paged::kMaxWidth - 1) / paged::kMaxWidth * paged::kMaxWidth, E,
-                  1, paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
+                  1, false, paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
                   paged::PagedRows(key_pages, value_pages, page_table), paged::DenseRows(), nullptr, 0, 0, 0};
   if (E > 0) {
     p.extra = paged::DenseRows(*extra_key, *extra_value);
@@ -150,10 +169,14 @@ void paged_decode_attention_out(const at::Tensor& query, const at::Tensor& key_p
       p.ev_b = extra_valid->stride(0), p.ev_h = extra_valid->stride(1), p.ev_e = extra_valid->stride(2);
     }
   }
-  int64_t longest = 0;
-  for (int64_t bh = 0; bh < B * H; ++bh) longest = std::max(longest, stream_length(p, bh));
+  int64_t longest = 0, rows = 0;
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    longest = std::max(longest, stream_length(p, bh));
+    rows += stream_length(p, bh);
+  }
+  p.serial = rows * 2 * D * key_pages.element_size() < paged::kSerialBytes;
   const int64_t want = (kItemsPerThread * at::get_num_threads() + B * H - 1) / (B * H);
-  p.ns = std::max<int64_t>(1, std::min(want, longest / kMinSplitRows));
+  p.ns = p.serial ? 1 : std::max<int64_t>(1, std::min(want, longest / kMinSplitRows));
   ATTNGATE_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_decode_attention_cpu",
                                    [&] { decode<scalar_t>(p, query, out); });
 }

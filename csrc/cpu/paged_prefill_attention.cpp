@@ -43,6 +43,7 @@ constexpr int32_t kAll = std::numeric_limits<int32_t>::max();
 struct PrefillProblem {
   int64_t B, H, G, T, D, E;
   int64_t gt, tq, Mq, ngt, nqt, ns;  // heads and queries per item, rows, head tiles, query tiles, splits
+  bool serial;                       // small enough for the calling thread alone
   paged::RowType type;
   float scale;  // scale * log2(e)
   const std::vector<int64_t>* lens;
@@ -172,7 +173,7 @@ void prefill(const PrefillProblem& p, const at::Tensor& query, at::Tensor& out) 
     }
   };
   if (ns == 1) {
-    paged::parallel_items(items, init, [&](int64_t index, Scratch& sc) {
+    paged::parallel_items(items, p.serial, init, [&](int64_t index, Scratch& sc) {
       float* part = sc.part.data();
       run_item<scalar_t>(p, query, index, 0, part, part + D * Mq, part + D * Mq + Mq, sc);
       write(item_of(p, index), part, part + D * Mq + Mq);
@@ -180,13 +181,14 @@ void prefill(const PrefillProblem& p, const at::Tensor& query, at::Tensor& out) 
     return;
   }
   std::vector<float> parts(static_cast<size_t>(items * ns * per_part));
-  paged::parallel_items(items * ns, init, [&](int64_t task, Scratch& sc) {
+  paged::parallel_items(items * ns, p.serial, init, [&](int64_t task, Scratch& sc) {
     float* part = parts.data() + task * per_part;
     run_item<scalar_t>(p, query, task / ns, task % ns, part, part + D * Mq, part + D * Mq + Mq, sc);
   });
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  // Merge on the calling thread: splits only happen with few items, so this is small.
+  {
     std::vector<float> w(static_cast<size_t>(ns)), merged(static_cast<size_t>(per_part));
-    for (int64_t index = begin; index < end; ++index) {
+    for (int64_t index = 0; index < items; ++index) {
       const float* first = parts.data() + index * ns * per_part;
       std::fill(merged.begin(), merged.end(), 0.f);
       for (int64_t row = 0; row < Mq; ++row) {
@@ -200,7 +202,7 @@ void prefill(const PrefillProblem& p, const at::Tensor& query, at::Tensor& out) 
       }
       write(item_of(p, index), merged.data(), merged.data() + D * Mq + Mq);
     }
-  });
+  }
 }
 
 }  // namespace
@@ -224,7 +226,7 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& query, const at::Tensor
   const int64_t rows = std::clamp<int64_t>(kItemStateFloats / D, width, kRowsPerItem);
   const int64_t gt = std::min(G, rows), tq = std::clamp<int64_t>(rows / gt, 1, T);
   PrefillProblem p{B, H, G, T, D, extra_key.has_value() ? extra_key->size(2) : 0, gt, tq,
-                   (gt * tq + width - 1) / width * width, (G + gt - 1) / gt, (T + tq - 1) / tq, 1,
+                   (gt * tq + width - 1) / width * width, (G + gt - 1) / gt, (T + tq - 1) / tq, 1, false,
                    paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
                    paged::PagedRows(key_pages, value_pages, page_table), paged::DenseRows(key, value),
                    paged::DenseRows(), nullptr, 0, 0, 0, keep.data_ptr<bool>(), keep.stride(0), keep.stride(1),
@@ -239,9 +241,13 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& query, const at::Tensor
     p.v_b = valid->stride(0), p.v_t = valid->stride(1);
   }
   const int64_t items = B * H * p.ngt * p.nqt, threads = at::get_num_threads();
-  if (items < kItemsPerThread * threads) {
-    int64_t longest = 0;
-    for (int64_t i = 0; i < items; ++i) longest = std::max(longest, raw_length(p, item_of(p, i)));
+  int64_t longest = 0, flops = 0;  // flops of the raw key streams: an upper bound
+  for (int64_t i = 0; i < items; ++i) {
+    longest = std::max(longest, raw_length(p, item_of(p, i)));
+    flops += 4 * p.Mq * D * raw_length(p, item_of(p, i));
+  }
+  p.serial = flops < paged::kSerialFlops;
+  if (!p.serial && items < kItemsPerThread * threads) {
     const int64_t want = (kItemsPerThread * threads + items - 1) / items;
     p.ns = std::max<int64_t>(1, std::min(want, longest / kMinSplitKeys));
   }
