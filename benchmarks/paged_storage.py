@@ -103,7 +103,7 @@ def case_append(cfg: "Config", gen: torch.Generator, T: Optional[int] = None) ->
     nbytes = 2 * 2 * kept * D * es + B * H * T + 4 * new_pages + 2 * 4 * B * H
     return PagedCase(
         op="paged_append_kv_" + (" decode" if decode else ""),
-        shape=f"B{B} H{H} T{T} len~{rows // 2} D{D} S{PAGE_SIZE}",
+        shape=f"B{B} H{H} T{T} len{rows // 4}-{rows // 2} D{D} S{PAGE_SIZE}",
         rect_op="append_kv_", state=state, args=(key, value, keep), ref_args=(key, value, keep),
         rect=lambda: OPS.append_kv_.default(dense[0], dense[1], dense_len, key, value, keep),
         rect_setup=lambda: dense_len.copy_(state[3]), nbytes=nbytes)

@@ -64,6 +64,19 @@ inline void give_back(const Tables& t, const std::vector<int64_t>& old, const st
   *t.free_count = static_cast<int32_t>(top);
 }
 
+// Walks the logical rows of one head, from `row` on, without a division per row: (page id, slot) of the row.
+struct RowCursor {
+  const int32_t* entries;  // the head's page-table row, stride `stride`
+  int64_t stride, S, index, slot;
+
+  RowCursor(const Tables& t, int64_t bh, int64_t row)
+      : entries(t.entry(bh, 0)), stride(t.t_sm), S(t.S), index(row / t.S), slot(row % t.S) {}
+  int64_t page() const { return entries[index * stride]; }
+  void next() {
+    if (++slot == S) slot = 0, ++index;
+  }
+};
+
 // Rows of the key and value pools (P, S, D) addressed by (page, slot).
 template <typename scalar_t>
 struct PagedRows {
@@ -83,11 +96,15 @@ struct PagedRows {
   scalar_t* key_row(int64_t page, int64_t slot) const { return k + page * k_sp + slot * k_ss; }
   scalar_t* value_row(int64_t page, int64_t slot) const { return v + page * v_sp + slot * v_ss; }
 
-  // Copies logical row `src` of head bh onto its logical row `dst` (distinct rows: they never overlap).
+  // Copies the key and value row at (sp, ss) onto (dp, ds) (distinct rows: they never overlap).
+  void copy(int64_t sp, int64_t ss, int64_t dp, int64_t ds) const {
+    std::copy_n(key_row(sp, ss), D, key_row(dp, ds));
+    std::copy_n(value_row(sp, ss), D, value_row(dp, ds));
+  }
+
+  // Copies logical row `src` of head bh onto its logical row `dst`.
   void move(const Tables& t, int64_t bh, int64_t src, int64_t dst) const {
-    const int64_t sp = *t.entry(bh, src / t.S), dp = *t.entry(bh, dst / t.S);
-    std::copy_n(key_row(sp, src % t.S), D, key_row(dp, dst % t.S));
-    std::copy_n(value_row(sp, src % t.S), D, value_row(dp, dst % t.S));
+    copy(*t.entry(bh, src / t.S), src % t.S, *t.entry(bh, dst / t.S), dst % t.S);
   }
 };
 

@@ -23,7 +23,7 @@ void paged_append_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S
                        const at::Tensor& key, const at::Tensor& value,  // (B, H, T, D)
                        const at::Tensor& keep,                          // (B, H, T) bool or undefined
                        const std::vector<int64_t>& old) {               // [b * H + h] rows before the append
-  const int64_t H = key.size(1), T = key.size(2), D = key.size(3), S = t.S;
+  const int64_t H = key.size(1), T = key.size(2), D = key.size(3);
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
   const scalar_t* k = key.data_ptr<scalar_t>();
   const scalar_t* v = value.data_ptr<scalar_t>();
@@ -31,14 +31,14 @@ void paged_append_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S
   at::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      int64_t dst = old[bh];
+      cpu::RowCursor dst(t, bh, old[bh]);
       for (int64_t i = 0; i < T; ++i) {
         if (keep_p != nullptr && !keep_p[b * keep.stride(0) + h * keep.stride(1) + i * keep.stride(2)]) continue;
-        const int64_t page = *t.entry(bh, dst / S), slot = dst % S;
-        std::copy_n(k + b * key.stride(0) + h * key.stride(1) + i * key.stride(2), D, pool.key_row(page, slot));
+        const int64_t page = dst.page();
+        std::copy_n(k + b * key.stride(0) + h * key.stride(1) + i * key.stride(2), D, pool.key_row(page, dst.slot));
         std::copy_n(v + b * value.stride(0) + h * value.stride(1) + i * value.stride(2), D,
-                    pool.value_row(page, slot));
-        ++dst;
+                    pool.value_row(page, dst.slot));
+        dst.next();
       }
     }
   });

@@ -25,14 +25,18 @@ void paged_compact_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, 
   const int64_t H = t.H;
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
   const bool* kp = keep.data_ptr<bool>();
+  const int64_t ks_b = keep.stride(0), ks_h = keep.stride(1), ks_r = keep.stride(2);
   at::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      const bool* flags = kp + (bh / H) * keep.stride(0) + (bh % H) * keep.stride(1);
+      const bool* flags = kp + (bh / H) * ks_b + (bh % H) * ks_h;
       // Rows before the first dropped one stay where they are. After it dst < src at every step, so copying
       // forward never overwrites a row not yet read.
-      int64_t dst = stay[bh];
-      for (int64_t src = stay[bh] + 1; src < old[bh]; ++src) {
-        if (flags[src * keep.stride(2)]) pool.move(t, bh, src, dst++);
+      cpu::RowCursor src(t, bh, stay[bh]), dst(t, bh, stay[bh]);
+      for (int64_t r = stay[bh] + 1; r < old[bh]; ++r) {
+        src.next();
+        if (!flags[r * ks_r]) continue;
+        pool.copy(src.page(), src.slot, dst.page(), dst.slot);
+        dst.next();
       }
     }
   });
@@ -55,12 +59,13 @@ void paged_compact_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Te
   // Kept rows of each head, and its rows before the first dropped one (they do not move).
   std::vector<int64_t> next(static_cast<size_t>(BH), 0), stay(static_cast<size_t>(BH), 0);
   const bool* kp = keep.data_ptr<bool>();
+  const int64_t ks_b = keep.stride(0), ks_h = keep.stride(1), ks_r = keep.stride(2);
   at::parallel_for(0, BH, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      const bool* flags = kp + (bh / H) * keep.stride(0) + (bh % H) * keep.stride(1);
+      const bool* flags = kp + (bh / H) * ks_b + (bh % H) * ks_h;
       int64_t kept = 0, first_drop = old[bh];
       for (int64_t r = 0; r < old[bh]; ++r) {
-        const bool f = flags[r * keep.stride(2)];
+        const bool f = flags[r * ks_r];
         kept += f;
         if (!f && first_drop == old[bh]) first_drop = r;
       }
