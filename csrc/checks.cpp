@@ -75,7 +75,8 @@ bool set_sync_checks(bool enabled) { return g_sync_checks.exchange(enabled); }
 
 void raise_for_status(const char* op, int32_t status) {
   TORCH_CHECK(!(status & kStatusLengthOutOfRange), op,
-              ": lengths must lie in [0, C] for every (batch, head); nothing was written");
+              ": lengths must lie in [0, C] for every (batch, head), C the capacity (M * page_size for a paged cache); "
+              "nothing was written");
   TORCH_CHECK(!(status & kStatusKeepTooShort), op,
               ": keep must cover every live row (L >= max(lengths)); nothing was written");
   TORCH_CHECK(!(status & kStatusCapacityOverflow), op,

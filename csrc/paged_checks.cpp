@@ -54,7 +54,7 @@ void check_paged_cache(const at::Tensor& key_pages, const at::Tensor& value_page
     check_no_element_overlap(page_table, "page_table");
     check_no_element_overlap(lengths, "lengths");
     check_no_shared_memory(key_pages, "key_pages", value_pages, "value_pages");
-    check_no_shared_memory(page_table, "page_table", lengths, "lengths", /*b_rows=*/false);
+    check_no_shared_memory(page_table.unsqueeze(-1), "page_table", lengths, "lengths", /*b_rows=*/false);  // elements, not rows
   }
 }
 
@@ -68,7 +68,7 @@ void check_free_stack(const at::Tensor& key_pages, const at::Tensor& free_pages,
   check_same_device(free_pages, key_pages, "free_pages", "key_pages");
   check_same_device(free_count, key_pages, "free_count", "key_pages");
   check_no_element_overlap(free_pages, "free_pages");
-  check_no_shared_memory(free_pages, "free_pages", free_count, "free_count", /*b_rows=*/false);
+  check_no_shared_memory(free_pages.unsqueeze(-1), "free_pages", free_count, "free_count", /*b_rows=*/false);
 }
 
 void check_new_rows(const at::Tensor& rows, const char* name, const at::Tensor& key_pages, const at::Tensor& page_table,

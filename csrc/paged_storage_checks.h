@@ -6,10 +6,10 @@
 #include <limits>
 #include <optional>
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "overlap.h"
 #include "paged_checks.h"
 
 namespace attngate {
@@ -27,21 +27,15 @@ inline void check_paged_head_tensor(const at::Tensor& t, const char* name, const
 
 // The state every storage op reads and writes: pages, page table, lengths and the free stack. The page table and
 // lengths must not share memory with the free stack either (all four are written).
-inline void check_no_shared_memory(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
-  TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, a_name, " and ", b_name,
-              " must not share memory");
-}
-
 inline void check_paged_storage_state(const at::Tensor& key_pages, const at::Tensor& value_pages,
                                       const at::Tensor& page_table, const at::Tensor& lengths,
                                       const at::Tensor& free_pages, const at::Tensor& free_count) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/true);
   check_free_stack(key_pages, free_pages, free_count);
-  check_no_shared_memory(page_table, "page_table", free_pages, "free_pages");
-  check_no_shared_memory(page_table, "page_table", free_count, "free_count");
-  check_no_shared_memory(lengths, "lengths", free_pages, "free_pages");
-  check_no_shared_memory(lengths, "lengths", free_count, "free_count");
+  check_no_shared_memory(page_table.unsqueeze(-1), "page_table", free_pages, "free_pages", /*b_rows=*/false);
+  check_no_shared_memory(page_table.unsqueeze(-1), "page_table", free_count, "free_count", /*b_rows=*/false);
+  check_no_shared_memory(lengths.unsqueeze(-1), "lengths", free_pages, "free_pages", /*b_rows=*/false);
+  check_no_shared_memory(lengths.unsqueeze(-1), "lengths", free_count, "free_count", /*b_rows=*/false);
 }
 
 inline void check_paged_append_args(const at::Tensor& key_pages, const at::Tensor& value_pages,

@@ -231,6 +231,9 @@ def _paged_append_kv_fake(key_pages, value_pages, page_table, lengths, free_page
     _check_free_fake(key_pages, free_pages, free_count)
     torch._check(key.dim() == 4, lambda: f"key must be 4-D (B, H, T, D), got {tuple(key.shape)}")
     torch._check(value.shape == key.shape, lambda: "value must have the shape of key")
+    for tensor, name in ((key, "key"), (value, "value"), (keep, "keep")):
+        if tensor is not None:
+            _check_same_device(tensor, name, key_pages, "key_pages")
     return None
 
 
@@ -239,6 +242,7 @@ def _paged_compact_kv_fake(key_pages, value_pages, page_table, lengths, free_pag
     _check_paged_fake(key_pages, value_pages, page_table, lengths)
     _check_free_fake(key_pages, free_pages, free_count)
     torch._check(keep.dim() == 3, lambda: f"keep must be 3-D (B, H, L), got {tuple(keep.shape)}")
+    _check_same_device(keep, "keep", key_pages, "key_pages")
     return None
 
 
@@ -247,6 +251,7 @@ def _paged_remove_rows_fake(key_pages, value_pages, page_table, lengths, free_pa
     _check_paged_fake(key_pages, value_pages, page_table, lengths)
     _check_free_fake(key_pages, free_pages, free_count)
     torch._check(rows.dim() == 3, lambda: f"rows must be 3-D (B, H, K), got {tuple(rows.shape)}")
+    _check_same_device(rows, "rows", key_pages, "key_pages")
     return None
 
 
@@ -256,7 +261,10 @@ def _paged_decode_attention_fake(query, key_pages, value_pages, page_table, leng
     _check_paged_fake(key_pages, value_pages, page_table, lengths)
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (B, Hq, D), got {tuple(query.shape)}")
     torch._check(query.dtype == key_pages.dtype, lambda: "query must have the dtype of key_pages")
-    _check_same_device(query, "query", key_pages, "key_pages")
+    for tensor, name in ((query, "query"), (extra_key, "extra_key"), (extra_value, "extra_value"),
+                         (extra_valid, "extra_valid")):
+        if tensor is not None:
+            _check_same_device(tensor, name, key_pages, "key_pages")
     return query.new_empty(query.shape).contiguous()
 
 
@@ -266,7 +274,10 @@ def _paged_prefill_attention_fake(query, key_pages, value_pages, page_table, len
     _check_paged_fake(key_pages, value_pages, page_table, lengths)
     torch._check(query.dim() == 4, lambda: f"query must be 4-D (B, Hq, T, D), got {tuple(query.shape)}")
     torch._check(query.dtype == key_pages.dtype, lambda: "query must have the dtype of key_pages")
-    _check_same_device(query, "query", key_pages, "key_pages")
+    for tensor, name in ((query, "query"), (key, "key"), (value, "value"), (keep, "keep"), (valid, "valid"),
+                         (extra_key, "extra_key"), (extra_value, "extra_value"), (extra_until, "extra_until")):
+        if tensor is not None:
+            _check_same_device(tensor, name, key_pages, "key_pages")
     return query.new_empty(query.shape).contiguous()
 
 
@@ -277,4 +288,8 @@ def _paged_decode_step_fake(query, key_pages, value_pages, page_table, lengths, 
     _check_free_fake(key_pages, free_pages, free_count)
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (B, Hq, D), got {tuple(query.shape)}")
     torch._check(query.dtype == key_pages.dtype, lambda: "query must have the dtype of key_pages")
+    for tensor, name in ((query, "query"), (key, "key"), (value, "value"), (keep, "keep"), (valid, "valid"),
+                         (ring_key, "ring_key"), (ring_value, "ring_value"), (ring_valid, "ring_valid")):
+        if tensor is not None:
+            _check_same_device(tensor, name, key_pages, "key_pages")
     return query.new_empty(query.shape).contiguous()

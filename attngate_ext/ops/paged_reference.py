@@ -124,20 +124,18 @@ def paged_compact_kv_(
         raise RuntimeError(f"{op}: keep must cover every live row (L >= max(lengths)); nothing was written")
     _check_ids(op, _used_ids(page_table, lengths, S), P)
     old = lengths.long().clone()
-    new = torch.zeros_like(old)
+    kept_rows = [[keep[b, h, : int(old[b, h])].nonzero().flatten().tolist() for h in range(H)] for b in range(B)]
+    new = torch.tensor([[len(rows) for rows in row] for row in kept_rows], dtype=torch.long).view(B, H)
+    if free + int(((old + S - 1) // S - (new + S - 1) // S).sum()) > P:
+        raise RuntimeError(f"{op}: free_pages would overflow (more free pages than P); nothing was written")
     for b in range(B):
         for h in range(H):
-            n = int(old[b, h])
-            kept = keep[b, h, :n].nonzero().flatten().tolist()
-            for dst, src in enumerate(kept):
+            for dst, src in enumerate(kept_rows[b][h]):
                 if dst != src:
                     dp, ds = _row(page_table, b, h, dst, S)
                     sp, ss = _row(page_table, b, h, src, S)
                     key_pages[dp, ds] = key_pages[sp, ss]
                     value_pages[dp, ds] = value_pages[sp, ss]
-            new[b, h] = len(kept)
-    if free + int(((old + S - 1) // S - (new + S - 1) // S).sum()) > P:
-        raise RuntimeError(f"{op}: free_pages would overflow (more free pages than P); nothing was written")
     _give_back(page_table, free_pages, free_count, old, new, S)
     lengths.copy_(new.to(lengths.dtype))
 

@@ -1,0 +1,70 @@
+// CPU kernel of attngate::paged_decode_step_: one decode step of a gated layer in one call. The new token goes to
+// the pages of the heads that keep it (the paged_append_kv_ kernel), into its window-ring slot, then the query
+// attends over the pages and the valid ring rows (the paged_decode_attention kernel).
+//
+// Every value check (lengths, every page id, free pages, page-table room) passes before anything is written.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/paged_attention_kernels.h"
+#include "dispatch.h"
+#include "paged_step.h"
+
+namespace attngate {
+namespace {
+
+template <typename scalar_t>
+void write_ring_slot(at::Tensor& ring_key, at::Tensor& ring_value, at::Tensor& ring_valid,  // (B, H, W[, D])
+                     const at::Tensor& key, const at::Tensor& value,                      // (B, H, D)
+                     const at::Tensor& keep, const std::optional<at::Tensor>& valid, int64_t slot) {
+  const int64_t B = key.size(0), H = key.size(1), D = key.size(2);
+  scalar_t* rk = ring_key.data_ptr<scalar_t>();
+  scalar_t* rv = ring_value.data_ptr<scalar_t>();
+  bool* rvalid = ring_valid.data_ptr<bool>();
+  const scalar_t* k = key.data_ptr<scalar_t>();
+  const scalar_t* v = value.data_ptr<scalar_t>();
+  const bool* kp = keep.data_ptr<bool>();
+  const bool* vp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool row_valid = vp == nullptr || vp[b * valid->stride(0)];
+    for (int64_t h = 0; h < H; ++h) {
+      std::copy_n(k + b * key.stride(0) + h * key.stride(1), D,
+                  rk + b * ring_key.stride(0) + h * ring_key.stride(1) + slot * ring_key.stride(2));
+      std::copy_n(v + b * value.stride(0) + h * value.stride(1), D,
+                  rv + b * ring_value.stride(0) + h * ring_value.stride(1) + slot * ring_value.stride(2));
+      rvalid[b * ring_valid.stride(0) + h * ring_valid.stride(1) + slot * ring_valid.stride(2)] =
+          row_valid && !kp[b * keep.stride(0) + h * keep.stride(1)];
+    }
+  }
+}
+
+at::Tensor paged_decode_step_cpu(const at::Tensor& query, at::Tensor& key_pages, at::Tensor& value_pages,
+                                 at::Tensor& page_table, at::Tensor& lengths, at::Tensor& free_pages,
+                                 at::Tensor& free_count, const at::Tensor& key, const at::Tensor& value,
+                                 const at::Tensor& keep, const std::optional<at::Tensor>& valid, at::Tensor& ring_key,
+                                 at::Tensor& ring_value, at::Tensor& ring_valid, int64_t slot, double scale) {
+  check_paged_decode_step_args(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
+                               keep, valid, ring_key, ring_value, ring_valid, slot, scale);
+  // The whole paged state first (the append checks only the pages it writes, the attention reads them all).
+  std::vector<int64_t> lens;
+  raise_for_status("paged_decode_step_", validate_paged_state_cpu(key_pages, page_table, lengths, lens));
+  append_new_token(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
+  ATTNGATE_DISPATCH_FLOATING_TYPES(key.scalar_type(), "paged_decode_step_cpu", [&] {
+    write_ring_slot<scalar_t>(ring_key, ring_value, ring_valid, key, value, keep, valid, slot);
+  });
+  at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  cpu::paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
+                                  ring_valid, out, "paged_decode_step_");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("paged_decode_step_", &paged_decode_step_cpu); }
+
+}  // namespace attngate
