@@ -46,7 +46,7 @@ grep -q "Compiling entry function.*decode_tiled_kernel" "$log" || { echo "FAIL: 
 (cd build/cuda-lib && "$VENV/bin/python" - <<'PY'
 import torch, attngate_ext
 ops = ["gate_flags", "append_kv_", "compact_kv_", "decode_attention", "paged_append_kv_", "paged_compact_kv_",
-       "paged_remove_rows_", "paged_decode_attention", "paged_prefill_attention"]
+       "paged_remove_rows_", "paged_decode_attention", "paged_prefill_attention", "paged_decode_step_"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"attngate::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print("CUDA kernels registered for:", ", ".join(ops))
