@@ -3,8 +3,9 @@
 #include <atomic>
 #include <cmath>
 
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
+
+#include "overlap.h"
 
 namespace attngate {
 namespace {
@@ -49,15 +50,13 @@ void check_cache(const at::Tensor& key_cache, const at::Tensor& value_cache, con
   TORCH_CHECK(key_cache.size(2) <= std::numeric_limits<int32_t>::max(), "key_cache capacity C must fit in int32, got ",
               key_cache.size(2));
   if (writes) {
-    // An expanded or self-overlapping cache would make in-place row moves race with themselves.
-    TORCH_CHECK(at::has_internal_overlap(key_cache) != at::MemOverlap::Yes,
-                "key_cache must not have internal overlap (e.g. an expand()ed view)");
-    TORCH_CHECK(at::has_internal_overlap(value_cache) != at::MemOverlap::Yes,
-                "value_cache must not have internal overlap (e.g. an expand()ed view)");
-    TORCH_CHECK(at::has_internal_overlap(lengths) != at::MemOverlap::Yes, "lengths must not have internal overlap");
-    const at::MemOverlapStatus kv_overlap = at::get_overlap_status(key_cache, value_cache);
-    TORCH_CHECK(kv_overlap != at::MemOverlapStatus::Full && kv_overlap != at::MemOverlapStatus::Partial,
-                "key_cache and value_cache must not share memory");
+    // Rows that share memory would make in-place row moves race with themselves.
+    check_no_row_overlap(key_cache, "key_cache");
+    check_no_row_overlap(value_cache, "value_cache");
+    check_no_element_overlap(lengths, "lengths");
+    check_no_shared_memory(key_cache, "key_cache", value_cache, "value_cache");
+    check_no_shared_memory(key_cache, "key_cache", lengths, "lengths", /*b_rows=*/false);
+    check_no_shared_memory(value_cache, "value_cache", lengths, "lengths", /*b_rows=*/false);
   }
 }
 
@@ -159,16 +158,19 @@ void check_append_kv_args(const at::Tensor& key_cache, const at::Tensor& value_c
     TORCH_CHECK(keep->size(2) == key.size(2), "keep must have shape (B, H, T) with T = ", key.size(2), ", got ",
                 keep->sizes());
   }
-  at::assert_no_overlap(key_cache, key);
-  at::assert_no_overlap(value_cache, value);
-  at::assert_no_overlap(key_cache, value);
-  at::assert_no_overlap(value_cache, key);
+  // The new rows are read while cache rows are written: they must not alias the caches.
+  check_no_shared_memory(key_cache, "key_cache", key, "key");
+  check_no_shared_memory(key_cache, "key_cache", value, "value");
+  check_no_shared_memory(value_cache, "value_cache", key, "key");
+  check_no_shared_memory(value_cache, "value_cache", value, "value");
 }
 
 void check_compact_kv_args(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& lengths,
                            const at::Tensor& keep) {
   check_cache(key_cache, value_cache, lengths, /*writes=*/true);
   check_mask(keep, "keep", key_cache.size(0), key_cache.size(1), key_cache);
+  check_no_shared_memory(key_cache, "key_cache", keep, "keep", /*b_rows=*/false);
+  check_no_shared_memory(value_cache, "value_cache", keep, "keep", /*b_rows=*/false);
 }
 
 void check_decode_attention_args(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
