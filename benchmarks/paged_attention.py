@@ -12,8 +12,9 @@ same shapes (what the dense model runs), side by side in one run.
   GFLOP/s: 4 * D flops per visible (query head, query, key) triple; GB/s: queries, chunk keys / values and the
   cached rows read once, output written.
 
-CPU: op and SDPA alternate rep by rep (load changes hit both alike); medians. CUDA: ``torch.cuda.Event`` medians
-with the L2 flushed; decode GB/s next to a measured ``dst.copy_(src)`` of the same bytes.
+CPU: op and SDPA alternate rep by rep (load changes hit both alike); medians, and the minima (on cores shared
+with other processes a parallel region can lose whole scheduler slices, which the minima leave out). CUDA:
+``torch.cuda.Event`` medians with the L2 flushed; decode GB/s next to a measured ``dst.copy_(src)`` of the same bytes.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def prefill_case(kind, B, Hq, H, T, D, cached, keep_ratio, dtype, device, gen) -
                 4 * D * (B * Hq * T * cached + chunk_pairs))
 
 
-def _interleaved_us(fns: List[Callable[[], object]], reps: int, warmup: int) -> List[float]:
-    """CPU: median µs of each function, the functions alternating rep by rep."""
+def _interleaved_us(fns: List[Callable[[], object]], reps: int, warmup: int) -> List[Tuple[float, float]]:
+    """CPU: (median, min) µs of each function, the functions alternating rep by rep."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -135,7 +136,7 @@ def _interleaved_us(fns: List[Callable[[], object]], reps: int, warmup: int) -> 
             t0 = time.perf_counter()
             fn()
             ts.append((time.perf_counter() - t0) * 1e6)
-    return [statistics.median(ts) for ts in times]
+    return [(statistics.median(ts), min(ts)) for ts in times]
 
 
 def _check(case: Case, dtype) -> str:
@@ -147,10 +148,10 @@ def _check(case: Case, dtype) -> str:
 def time_case(cfg: Config, case: Case, copy: CopyBandwidth) -> Row:
     check = _check(case, cfg.dtype)
     if cfg.device.type == "cpu":
-        op_us, sdpa_us = _interleaved_us([case.run_op, case.run_sdpa], cfg.reps, cfg.warmup)
+        (op_us, op_min), (sdpa_us, sdpa_min) = _interleaved_us([case.run_op, case.run_sdpa], cfg.reps, cfg.warmup)
     else:
-        op_us = median_us(case.run_op, cfg.device, cfg.reps, cfg.warmup, None, cfg.flush_l2)
-        sdpa_us = median_us(case.run_sdpa, cfg.device, cfg.reps, cfg.warmup, None, cfg.flush_l2)
+        op_us = op_min = median_us(case.run_op, cfg.device, cfg.reps, cfg.warmup, None, cfg.flush_l2)
+        sdpa_us = sdpa_min = median_us(case.run_sdpa, cfg.device, cfg.reps, cfg.warmup, None, cfg.flush_l2)
     ref_reps = max(1, min(cfg.ref_reps, 5))
     ref_us = median_us(case.run_ref, cfg.device, ref_reps, min(cfg.ref_warmup, 1), None, cfg.flush_l2)
     op_gbps = gbps(case.nbytes, op_us)
@@ -158,8 +159,8 @@ def time_case(cfg: Config, case: Case, copy: CopyBandwidth) -> Row:
     return Row(section="paged", op=case.op, shape=case.shape, dtype=str(cfg.dtype).replace("torch.", ""),
                device=cfg.device.type, op_us=op_us, ref_us=ref_us, speedup=ref_us / op_us, bytes=case.nbytes,
                gbps=op_gbps, copy_gbps=copy_gbps, pct_copy=100.0 * op_gbps / copy_gbps, check=check,
-               extra={"kind": case.kind, "sdpa_us": sdpa_us, "sdpa_over_op": sdpa_us / op_us,
-                      "gflops": case.flops / op_us / 1e3})
+               extra={"kind": case.kind, "sdpa_us": sdpa_us, "sdpa_over_op": sdpa_us / op_us, "op_min_us": op_min,
+                      "sdpa_min_us": sdpa_min, "gflops": case.flops / op_us / 1e3})
 
 
 COLUMNS: List[Tuple[str, int, Callable[[Row], str]]] = [
@@ -169,6 +170,8 @@ COLUMNS: List[Tuple[str, int, Callable[[Row], str]]] = [
     ("op µs", 9, lambda r: f"{r.op_us:.0f}"),
     ("SDPA µs", 9, lambda r: f"{r.extra['sdpa_us']:.0f}"),
     ("SDPA/op", 8, lambda r: f"{r.extra['sdpa_over_op']:.2f}x"),
+    ("op min", 8, lambda r: f"{r.extra['op_min_us']:.0f}"),
+    ("SDPA min", 9, lambda r: f"{r.extra['sdpa_min_us']:.0f}"),
     ("ref µs", 9, lambda r: f"{r.ref_us:.0f}"),
     ("ref/op", 7, lambda r: f"{r.speedup:.1f}x"),
     ("GFLOP/s", 8, lambda r: f"{r.extra['gflops']:.1f}"),

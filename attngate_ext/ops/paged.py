@@ -104,7 +104,8 @@ def paged_decode_attention(
     ``query`` is ``(B, Hq, D)``, Hq a multiple of H (query head q reads KV head ``q // (Hq // H)``). The keys are the
     head's ``lengths[b, h]`` paged rows and the rows e of ``extra_key``/``extra_value`` ``(B, H, E, D)`` where
     ``extra_valid`` ``(B, H, E)`` is true (all when None). Softmax of ``scale * q.k`` in float32; returns
-    ``(B, Hq, D)`` in the query's dtype, zeros for a head with no visible row.
+    ``(B, Hq, D)`` in the query's dtype, zeros for a head with no visible row. ``query`` and the extra rows need a
+    contiguous last dimension (other strides free), like the pages.
     """
     return _ops.paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, extra_key,
                                        extra_value, extra_valid)
@@ -138,7 +139,8 @@ def paged_prefill_attention(
     * chunk key j iff ``j == t``, or ``j < t`` and ``valid[b, j]`` and (``keep[b, h, j]`` or ``t - j < window``).
 
     Online softmax in float32 over tiles of pages: no ``T x length`` mask and no copy of the cache are built.
-    Returns ``(B, Hq, T, D)`` in the query's dtype.
+    Returns ``(B, Hq, T, D)`` in the query's dtype. ``query``, ``key``, ``value`` and the extra rows need a contiguous
+    last dimension (other strides free), like the pages.
     """
     return _ops.paged_prefill_attention(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid,
                                         window, scale, extra_key, extra_value, extra_until)

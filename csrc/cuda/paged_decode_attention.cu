@@ -9,7 +9,7 @@
 //   scores   8 lanes per row, 16-byte vector loads, every query head of the block per K vector (GQA sharing)
 //   softmax  one warp per head: running max / sum, weights of the tile
 //   values   thread = (head, column vector[, row slice]); slices summed in a fixed order; running output in smem
-// A merge kernel combines the splits in split order (deterministic).
+// decode_attention's merge kernel combines the splits in split order (deterministic).
 #include <algorithm>
 #include <limits>
 
@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/decode_common.cuh"
 #include "cuda/paged_attention_device.cuh"
 #include "cuda/paged_attention_kernels.cuh"
 #include "cuda/paged_decode_tiles.cuh"
@@ -158,40 +159,8 @@ __global__ void __launch_bounds__(kThreads, 4) paged_decode_kernel(
       part_out[((row0 + g) * p.nsplit + split) * D + d] = o_s[i];
     }
   }
-  if (p.nsplit > 1 && tid < gt) part_ml[(row0 + tid) * p.nsplit + split] = make_float2(m_s[tid], l_s[tid]);
-}
-
-// out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s for one (batch, query head), splits in order.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kMergeThreads) paged_decode_merge_kernel(
-    const float2* __restrict__ part_ml,  // (B * Hq, nsplit)
-    const float* __restrict__ part_out,  // (B * Hq, nsplit, D)
-    scalar_t* __restrict__ out,          // (B * Hq, D)
-    int nsplit, int D) {
-  __shared__ float weight_s[kMaxSplits];
-  __shared__ float inv_l_s;
-  const int64_t row = blockIdx.x;
-  const float2* ml = part_ml + row * nsplit;
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    float m = -INFINITY;
-    for (int s = lane; s < nsplit; s += 32) m = fmaxf(m, ml[s].x);
-    m = cuda::warp_max(m);
-    for (int s = lane; s < nsplit; s += 32) weight_s[s] = ml[s].x == -INFINITY ? 0.f : exp2f(ml[s].x - m);
-    __syncwarp();
-    if (lane == 0) {
-      float l = 0.f;
-      for (int s = 0; s < nsplit; ++s) l += weight_s[s] * ml[s].y;
-      inv_l_s = l > 0.f ? 1.f / l : 0.f;  // no visible row: zeros
-    }
-  }
-  __syncthreads();
-  const float* src = part_out + row * nsplit * D;
-  for (int d = threadIdx.x; d < D; d += kMergeThreads) {
-    float acc = 0.f;
-    for (int s = 0; s < nsplit; ++s) acc += weight_s[s] * src[static_cast<int64_t>(s) * D + d];
-    out[row * D + d] = static_cast<scalar_t>(acc * inv_l_s);
-  }
+  // The merge (decode::decode_merge_kernel, shared with decode_attention) works in the natural-log domain.
+  if (p.nsplit > 1 && tid < gt) part_ml[(row0 + tid) * p.nsplit + split] = make_float2(m_s[tid] * kLn2, l_s[tid]);
 }
 
 template <typename T>
@@ -253,7 +222,7 @@ void launch_paged_decode_attention(const at::Tensor& query, const at::Tensor& ke
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, dyn_smem));
       const int64_t target = static_cast<int64_t>(std::max(per_sm, 1)) * props->multiProcessorCount;
       const int64_t nsplit = std::clamp<int64_t>(cuda::ceil_div(target, base_blocks), 1,
-                                                 std::clamp<int64_t>(max_tiles, 1, kMaxSplits));
+                                                 std::clamp<int64_t>(max_tiles, 1, decode::kMaxSplits));
       p.nsplit = static_cast<int>(nsplit);
       const int64_t blocks = base_blocks * nsplit;
       TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "paged_decode_attention: too many blocks: ", blocks);
@@ -272,8 +241,8 @@ void launch_paged_decode_attention(const at::Tensor& query, const at::Tensor& ke
           out.data_ptr<scalar_t>(), part_ml, part_out, status, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (nsplit > 1) {
-        paged_decode_merge_kernel<scalar_t><<<static_cast<unsigned>(B * Hq), kMergeThreads, 0, stream>>>(
-            part_ml, part_out, out.data_ptr<scalar_t>(), static_cast<int>(nsplit), static_cast<int>(D));
+        decode::decode_merge_kernel<scalar_t><<<static_cast<unsigned>(B * Hq), decode::kMergeThreads, 0, stream>>>(
+            part_ml, part_out, out.data_ptr<scalar_t>(), static_cast<int>(nsplit), D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     };

@@ -13,8 +13,7 @@ constexpr int kThreads = 128;
 constexpr int kTileRows = 64;
 constexpr int kLanesPerRow = 8;
 constexpr int kRowGroups = kThreads / kLanesPerRow;   // 16
-constexpr int kMaxSplits = 256;
-constexpr int kMergeThreads = 128;
+constexpr float kLn2 = 0.6931471805599453f;  // partial maxima go to the merge in natural-log units
 
 struct DecodeParams {
   int64_t q_b, q_h;                          // query strides
