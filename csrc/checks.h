@@ -1,21 +1,21 @@
 // Argument validation shared by the CPU and CUDA entry points. Each op calls its check_* function first,
 // before any write, so a failed check leaves every tensor untouched. Messages name the argument.
 #pragma once
-#include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+
+#include "stable_api.h"
 
 namespace attngate {
 
 // Shape/dtype/device checks (metadata only: no device reads).
-void check_gate_flags_args(const at::Tensor& gate_out, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+void check_gate_flags_args(const Tensor& gate_out, const Tensor& weight, const std::optional<Tensor>& bias,
                            double threshold, int64_t sink_tokens, int64_t position_offset,
-                           const std::optional<at::Tensor>& valid);
-void check_append_kv_args(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& lengths,
-                          const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& keep);
-void check_compact_kv_args(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& lengths,
-                           const at::Tensor& keep);
-void check_decode_attention_args(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                 const at::Tensor& lengths, double scale);
+                           const std::optional<Tensor>& valid);
+void check_append_kv_args(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths,
+                          const Tensor& key, const Tensor& value, const std::optional<Tensor>& keep);
+void check_compact_kv_args(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths,
+                           const Tensor& keep);
+void check_decode_attention_args(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
+                                 const Tensor& lengths, double scale);
 
 // Codes that device kernels OR into a status word when a value check fails (lengths out of range, capacity
 // overflow). The host turns a non-zero status into the same error text the CPU path raises.
@@ -39,6 +39,6 @@ bool sync_checks_enabled();
 bool set_sync_checks(bool enabled);
 
 // Whether every pointer and stride (in elements) of a row-wise access allows `bytes`-wide vector access.
-bool rows_aligned_for(int64_t bytes, std::initializer_list<const at::Tensor*> tensors);
+bool rows_aligned_for(int64_t bytes, std::initializer_list<const Tensor*> tensors);
 
 }  // namespace attngate

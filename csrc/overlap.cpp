@@ -1,12 +1,10 @@
 #include "overlap.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <vector>
-
-#include <c10/util/Exception.h>
-#include <c10/util/SmallVector.h>
 
 namespace attngate {
 namespace {
@@ -22,7 +20,28 @@ struct Dim {
 
 // The pieces of a tensor (its rows, or its elements): piece i starts at base + sum_d i_d * dims[d].stride and
 // spans `extent` bytes.
-using Dims = c10::SmallVector<Dim, 6>;  // no heap allocation on the per-call path
+// At most kMaxDims dimensions, held inline: no heap allocation on the per-call path. The ops check their tensors'
+// ranks (<= 4) before any overlap check, and a joint layout adds one dimension.
+constexpr size_t kMaxDims = 8;
+
+class Dims {
+ public:
+  void push_back(const Dim& d) {
+    AG_CHECK(n_ < kMaxDims, "memory-overlap check: tensors of more than ", kMaxDims - 1, " dimensions are not supported");
+    dims_[n_++] = d;
+  }
+  size_t size() const { return n_; }
+  Dim& operator[](size_t i) { return dims_[i]; }
+  const Dim& operator[](size_t i) const { return dims_[i]; }
+  Dim* begin() { return dims_.data(); }
+  Dim* end() { return dims_.data() + n_; }
+  const Dim* begin() const { return dims_.data(); }
+  const Dim* end() const { return dims_.data() + n_; }
+
+ private:
+  std::array<Dim, kMaxDims> dims_{};
+  size_t n_ = 0;
+};
 
 struct Layout {
   Dims dims;
@@ -31,7 +50,7 @@ struct Layout {
   bool empty = true;  // no piece, or pieces of 0 bytes: nothing can overlap
 };
 
-Layout layout_of(const at::Tensor& t, bool rows) {
+Layout layout_of(const Tensor& t, bool rows) {
   Layout l;
   const int64_t elem = static_cast<int64_t>(t.element_size());
   rows = rows && t.dim() > 0;
@@ -145,27 +164,27 @@ Verdict pair_verdict(const Layout& a, const Layout& b) {
   return any_overlap(pieces, true) ? Verdict::kOverlap : Verdict::kDisjoint;
 }
 
-void check_self(const at::Tensor& t, const char* name, bool rows) {
+void check_self(const Tensor& t, const char* name, bool rows) {
   const Verdict v = self_verdict(layout_of(t, rows));
   const char* what = rows ? "rows" : "elements";
-  TORCH_CHECK(v != Verdict::kOverlap, name, " must not have internal overlap: two of its ", what,
+  AG_CHECK(v != Verdict::kOverlap, name, " must not have internal overlap: two of its ", what,
               " share memory (e.g. an expand()ed or as_strided view); sizes ", t.sizes(), ", strides ", t.strides());
-  TORCH_CHECK(v == Verdict::kDisjoint, name, " must not have internal overlap: its strides ",
+  AG_CHECK(v == Verdict::kDisjoint, name, " must not have internal overlap: its strides ",
               t.strides(), " interleave its ", what, " (sizes ", t.sizes(),
               ") in a way too large to verify; use a slice or permutation of a dense buffer");
 }
 
 }  // namespace
 
-void check_no_row_overlap(const at::Tensor& t, const char* name) { check_self(t, name, /*rows=*/true); }
+void check_no_row_overlap(const Tensor& t, const char* name) { check_self(t, name, /*rows=*/true); }
 
-void check_no_element_overlap(const at::Tensor& t, const char* name) { check_self(t, name, /*rows=*/false); }
+void check_no_element_overlap(const Tensor& t, const char* name) { check_self(t, name, /*rows=*/false); }
 
-void check_no_shared_memory(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+void check_no_shared_memory(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name,
                             bool b_rows) {
   const Verdict v = pair_verdict(layout_of(a, /*rows=*/true), layout_of(b, b_rows));
-  TORCH_CHECK(v != Verdict::kOverlap, a_name, " and ", b_name, " must not share memory");
-  TORCH_CHECK(v != Verdict::kUnknown, a_name, " and ", b_name,
+  AG_CHECK(v != Verdict::kOverlap, a_name, " and ", b_name, " must not share memory");
+  AG_CHECK(v != Verdict::kUnknown, a_name, " and ", b_name,
               " must not share memory: they lie in one memory range with strides too interleaved to verify");
 }
 

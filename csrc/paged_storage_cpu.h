@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <vector>
 
-#include <ATen/core/Tensor.h>
 
+#include "stable_api.h"
 #include "checks.h"
 #include "paged_storage_tables.h"
 
@@ -84,9 +84,9 @@ struct PagedRows {
   scalar_t* v;
   int64_t k_sp, k_ss, v_sp, v_ss, D;
 
-  PagedRows(at::Tensor& key_pages, at::Tensor& value_pages)
-      : k(key_pages.data_ptr<scalar_t>()),
-        v(value_pages.data_ptr<scalar_t>()),
+  PagedRows(Tensor& key_pages, Tensor& value_pages)
+      : k(key_pages.mutable_data_ptr<scalar_t>()),
+        v(value_pages.mutable_data_ptr<scalar_t>()),
         k_sp(key_pages.stride(0)),
         k_ss(key_pages.stride(1)),
         v_sp(value_pages.stride(0)),

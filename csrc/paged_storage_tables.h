@@ -3,7 +3,8 @@
 #pragma once
 #include <cstdint>
 
-#include <ATen/core/Tensor.h>
+#include "stable_api.h"
+
 
 #if defined(__CUDACC__)
 #define ATTNGATE_PAGED_HD __host__ __device__ __forceinline__
@@ -36,12 +37,12 @@ struct Tables {
   ATTNGATE_PAGED_HD bool id_ok(int64_t id) const { return id >= 0 && id < P; }
 };
 
-inline Tables make_tables(const at::Tensor& key_pages, at::Tensor& page_table, at::Tensor& lengths,
-                          at::Tensor& free_pages, at::Tensor& free_count) {
-  return Tables{page_table.data_ptr<int32_t>(), page_table.stride(0),          page_table.stride(1),
-                page_table.stride(2),           lengths.data_ptr<int32_t>(),   lengths.stride(0),
-                lengths.stride(1),              free_pages.data_ptr<int32_t>(), free_pages.stride(0),
-                free_count.data_ptr<int32_t>(), page_table.size(0),            page_table.size(1),
+inline Tables make_tables(const Tensor& key_pages, Tensor& page_table, Tensor& lengths,
+                          Tensor& free_pages, Tensor& free_count) {
+  return Tables{page_table.mutable_data_ptr<int32_t>(), page_table.stride(0),          page_table.stride(1),
+                page_table.stride(2),           lengths.mutable_data_ptr<int32_t>(),   lengths.stride(0),
+                lengths.stride(1),              free_pages.mutable_data_ptr<int32_t>(), free_pages.stride(0),
+                free_count.mutable_data_ptr<int32_t>(), page_table.size(0),            page_table.size(1),
                 page_table.size(2),             key_pages.size(0),             key_pages.size(1)};
 }
 

@@ -2,9 +2,9 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "registration.h"
+#include "stable_api.h"
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 #include "dispatch.h"
@@ -13,17 +13,17 @@ namespace attngate {
 namespace {
 
 template <typename scalar_t>
-void append_kv_kernel(at::Tensor& key_cache, at::Tensor& value_cache,  // (B, H, C, D)
-                      const at::Tensor& key, const at::Tensor& value,   // (B, H, T, D)
-                      const at::Tensor& keep,                           // (B, H, T) bool or undefined
+void append_kv_kernel(Tensor& key_cache, Tensor& value_cache,  // (B, H, C, D)
+                      const Tensor& key, const Tensor& value,   // (B, H, T, D)
+                      const Tensor& keep,                           // (B, H, T) bool or undefined
                       const std::vector<int64_t>& start) {              // [b * H + h] first free row
   const int64_t B = key.size(0), H = key.size(1), T = key.size(2), D = key.size(3);
-  scalar_t* kc = key_cache.data_ptr<scalar_t>();
-  scalar_t* vc = value_cache.data_ptr<scalar_t>();
-  const scalar_t* k = key.data_ptr<scalar_t>();
-  const scalar_t* v = value.data_ptr<scalar_t>();
-  const bool* keep_p = keep.defined() ? keep.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  scalar_t* kc = key_cache.mutable_data_ptr<scalar_t>();
+  scalar_t* vc = value_cache.mutable_data_ptr<scalar_t>();
+  const scalar_t* k = key.const_data_ptr<scalar_t>();
+  const scalar_t* v = value.const_data_ptr<scalar_t>();
+  const bool* keep_p = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       int64_t dst = start[bh];
@@ -40,8 +40,8 @@ void append_kv_kernel(at::Tensor& key_cache, at::Tensor& value_cache,  // (B, H,
   });
 }
 
-void append_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& lengths, const at::Tensor& key,
-                   const at::Tensor& value, const std::optional<at::Tensor>& keep) {
+void append_kv_cpu(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, const Tensor& key,
+                   const Tensor& value, const std::optional<Tensor>& keep) {
   check_append_kv_args(key_cache, value_cache, lengths, key, value, keep);
   const int64_t B = key.size(0), H = key.size(1), T = key.size(2), C = key_cache.size(2);
   if (B * H == 0) return;
@@ -49,7 +49,7 @@ void append_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& l
   const std::vector<int64_t> start = cpu::read_lengths(lengths);
   std::vector<int64_t> counts(start.size(), T);
   if (keep.has_value()) {
-    const bool* kp = keep->data_ptr<bool>();
+    const bool* kp = keep->const_data_ptr<bool>();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         int64_t n = 0;
@@ -65,7 +65,7 @@ void append_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& l
   raise_for_status("append_kv_", status);
   if (T > 0 && key.size(3) > 0) {
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "append_kv_cpu", [&] {
-      append_kv_kernel<scalar_t>(key_cache, value_cache, key, value, keep.has_value() ? *keep : at::Tensor(), start);
+      append_kv_kernel<scalar_t>(key_cache, value_cache, key, value, keep.has_value() ? *keep : Tensor(), start);
     });
   }
   for (int64_t b = 0; b < B; ++b)
@@ -74,6 +74,6 @@ void append_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& l
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("append_kv_", &append_kv_cpu); }
+ATTNGATE_IMPL(CPU, append_kv_, append_kv_cpu);
 
 }  // namespace attngate

@@ -2,9 +2,9 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "registration.h"
+#include "stable_api.h"
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 #include "dispatch.h"
@@ -26,13 +26,13 @@ void compact_head(scalar_t* base, int64_t row_stride, int64_t D, const bool* kee
 }
 
 template <typename scalar_t>
-void compact_kv_kernel(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& keep,
+void compact_kv_kernel(Tensor& key_cache, Tensor& value_cache, const Tensor& keep,
                        const std::vector<int64_t>& live, std::vector<int64_t>& kept) {
   const int64_t H = key_cache.size(1), D = key_cache.size(3);
-  scalar_t* kc = key_cache.data_ptr<scalar_t>();
-  scalar_t* vc = value_cache.data_ptr<scalar_t>();
-  const bool* kp = keep.data_ptr<bool>();
-  at::parallel_for(0, static_cast<int64_t>(live.size()), 1, [&](int64_t begin, int64_t end) {
+  scalar_t* kc = key_cache.mutable_data_ptr<scalar_t>();
+  scalar_t* vc = value_cache.mutable_data_ptr<scalar_t>();
+  const bool* kp = keep.const_data_ptr<bool>();
+  torch::stable::parallel_for(0, static_cast<int64_t>(live.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const bool* keep_row = kp + b * keep.stride(0) + h * keep.stride(1);
@@ -44,7 +44,7 @@ void compact_kv_kernel(at::Tensor& key_cache, at::Tensor& value_cache, const at:
   });
 }
 
-void compact_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& lengths, const at::Tensor& keep) {
+void compact_kv_cpu(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, const Tensor& keep) {
   check_compact_kv_args(key_cache, value_cache, lengths, keep);
   const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), L = keep.size(2);
   if (B * H == 0) return;
@@ -65,6 +65,6 @@ void compact_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("compact_kv_", &compact_kv_cpu); }
+ATTNGATE_IMPL(CPU, compact_kv_, compact_kv_cpu);
 
 }  // namespace attngate

@@ -1,7 +1,8 @@
 // Small helpers shared by the CPU kernels.
 #pragma once
-#include <ATen/core/Tensor.h>
 #include <vector>
+
+#include "stable_api.h"
 
 namespace attngate::cpu {
 
@@ -27,17 +28,17 @@ inline void to_float(const scalar_t* src, float* dst, int64_t n) {
 }
 
 // Reads lengths (B, H) int32 with any strides into a dense int64 vector [b * H + h].
-inline std::vector<int64_t> read_lengths(const at::Tensor& lengths) {
+inline std::vector<int64_t> read_lengths(const Tensor& lengths) {
   const int64_t B = lengths.size(0), H = lengths.size(1);
   std::vector<int64_t> out(static_cast<size_t>(B * H));
-  const int32_t* p = lengths.data_ptr<int32_t>();
+  const int32_t* p = lengths.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) out[b * H + h] = p[b * lengths.stride(0) + h * lengths.stride(1)];
   return out;
 }
 
-inline void write_length(at::Tensor& lengths, int64_t b, int64_t h, int64_t value) {
-  lengths.data_ptr<int32_t>()[b * lengths.stride(0) + h * lengths.stride(1)] = static_cast<int32_t>(value);
+inline void write_length(Tensor& lengths, int64_t b, int64_t h, int64_t value) {
+  lengths.mutable_data_ptr<int32_t>()[b * lengths.stride(0) + h * lengths.stride(1)] = static_cast<int32_t>(value);
 }
 
 }  // namespace attngate::cpu

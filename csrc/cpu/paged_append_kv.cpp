@@ -6,11 +6,12 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "registration.h"
+#include "stable_api.h"
 #include "checks.h"
 #include "dispatch.h"
+#include "paged_append.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cpu.h"
 
@@ -18,17 +19,17 @@ namespace attngate {
 namespace {
 
 template <typename scalar_t>
-void paged_append_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S, D)
+void paged_append_rows(Tensor& key_pages, Tensor& value_pages,  // (P, S, D)
                        const cpu::Tables& t,                      // page table already holds the new pages
-                       const at::Tensor& key, const at::Tensor& value,  // (B, H, T, D)
-                       const at::Tensor& keep,                          // (B, H, T) bool or undefined
+                       const Tensor& key, const Tensor& value,  // (B, H, T, D)
+                       const Tensor& keep,                          // (B, H, T) bool or undefined
                        const std::vector<int64_t>& old) {               // [b * H + h] rows before the append
   const int64_t H = key.size(1), T = key.size(2), D = key.size(3);
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
-  const scalar_t* k = key.data_ptr<scalar_t>();
-  const scalar_t* v = value.data_ptr<scalar_t>();
-  const bool* keep_p = keep.defined() ? keep.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
+  const scalar_t* k = key.const_data_ptr<scalar_t>();
+  const scalar_t* v = value.const_data_ptr<scalar_t>();
+  const bool* keep_p = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  torch::stable::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       cpu::RowCursor dst(t, bh, old[bh]);
@@ -44,9 +45,11 @@ void paged_append_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S
   });
 }
 
-void paged_append_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Tensor& page_table, at::Tensor& lengths,
-                         at::Tensor& free_pages, at::Tensor& free_count, const at::Tensor& key,
-                         const at::Tensor& value, const std::optional<at::Tensor>& keep) {
+}  // namespace
+
+void paged_append_kv_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                         Tensor& free_pages, Tensor& free_count, const Tensor& key,
+                         const Tensor& value, const std::optional<Tensor>& keep) {
   check_paged_append_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
   const cpu::Tables t = paged::make_tables(key_pages, page_table, lengths, free_pages, free_count);
   const int64_t H = t.H, T = key.size(2), S = t.S, BH = t.B * t.H;
@@ -63,7 +66,7 @@ void paged_append_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Ten
   for (int64_t bh = 0; bh < BH; ++bh) {
     int64_t kept = T;
     if (keep.has_value()) {
-      const bool* kp = keep->data_ptr<bool>() + (bh / H) * keep->stride(0) + (bh % H) * keep->stride(1);
+      const bool* kp = keep->const_data_ptr<bool>() + (bh / H) * keep->stride(0) + (bh % H) * keep->stride(1);
       kept = 0;
       for (int64_t i = 0; i < T; ++i) kept += kp[i * keep->stride(2)];
     }
@@ -92,7 +95,7 @@ void paged_append_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Ten
   }
   if (T > 0 && key.size(3) > 0) {
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_pages.scalar_type(), "paged_append_kv_cpu", [&] {
-      paged_append_rows<scalar_t>(key_pages, value_pages, t, key, value, keep.has_value() ? *keep : at::Tensor(),
+      paged_append_rows<scalar_t>(key_pages, value_pages, t, key, value, keep.has_value() ? *keep : Tensor(),
                                   old);
     });
   }
@@ -100,8 +103,6 @@ void paged_append_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Ten
   *t.free_count = static_cast<int32_t>(top);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("paged_append_kv_", &paged_append_kv_cpu); }
+ATTNGATE_IMPL(CPU, paged_append_kv_, paged_append_kv_cpu);
 
 }  // namespace attngate

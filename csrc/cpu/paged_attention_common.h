@@ -7,17 +7,16 @@
 #include <cstdint>
 #include <limits>
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 
+#include "stable_api.h"
 #include "cpu/paged_attention_isa.h"
 
 namespace attngate::cpu::paged {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-inline RowType row_type(at::ScalarType t) {
-  return t == at::kHalf ? RowType::kF16 : t == at::kBFloat16 ? RowType::kBF16 : RowType::kF32;
+inline RowType row_type(ScalarType t) {
+  return t == kHalf ? RowType::kF16 : t == kBFloat16 ? RowType::kBF16 : RowType::kF32;
 }
 
 // Byte addressing of the rows of key_pages / value_pages (P, S, D) through page_table (B, H, M). Page ids were
@@ -30,14 +29,14 @@ struct PagedRows {
   int64_t t_b, t_h, t_m;  // page_table strides (elements)
   int64_t S;
 
-  PagedRows(const at::Tensor& key_pages, const at::Tensor& value_pages, const at::Tensor& page_table)
+  PagedRows(const Tensor& key_pages, const Tensor& value_pages, const Tensor& page_table)
       : k(static_cast<const char*>(key_pages.data_ptr())),
         v(static_cast<const char*>(value_pages.data_ptr())),
         k_page(key_pages.stride(0) * key_pages.element_size()),
         k_row(key_pages.stride(1) * key_pages.element_size()),
         v_page(value_pages.stride(0) * value_pages.element_size()),
         v_row(value_pages.stride(1) * value_pages.element_size()),
-        table(page_table.data_ptr<int32_t>()),
+        table(page_table.mutable_data_ptr<int32_t>()),
         t_b(page_table.stride(0)),
         t_h(page_table.stride(1)),
         t_m(page_table.stride(2)),
@@ -70,7 +69,7 @@ struct DenseRows {
   int64_t k_b, k_h, k_n, v_b, v_h, v_n;
 
   DenseRows() : k(nullptr), v(nullptr), k_b(0), k_h(0), k_n(0), v_b(0), v_h(0), v_n(0) {}
-  DenseRows(const at::Tensor& key, const at::Tensor& value)
+  DenseRows(const Tensor& key, const Tensor& value)
       : k(static_cast<const char*>(key.data_ptr())),
         v(static_cast<const char*>(value.data_ptr())),
         k_b(key.stride(0) * key.element_size()),
@@ -100,14 +99,14 @@ constexpr int64_t kSerialFlops = 4 * 1024 * 1024;  // prefill
 template <class Init, class Fn>
 void parallel_items(int64_t n, bool serial, const Init& init, const Fn& fn) {
   if (n <= 0) return;
-  const int64_t threads = serial ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t threads = serial ? 1 : std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(torch::stable::get_num_threads()), n));
   if (threads == 1) {
     auto scratch = init();
     for (int64_t i = 0; i < n; ++i) fn(i, scratch);
     return;
   }
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  torch::stable::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     auto scratch = init();
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, scratch);
   });

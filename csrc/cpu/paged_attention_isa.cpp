@@ -9,6 +9,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+#include "stable_api.h"
 #include "cpu/paged_attention_isa.h"
 
 #include <algorithm>
@@ -18,7 +19,6 @@
 #include <cstring>
 #include <string>
 
-#include <c10/util/Half.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>

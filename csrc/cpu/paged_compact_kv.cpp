@@ -6,9 +6,9 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "registration.h"
+#include "stable_api.h"
 #include "checks.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
@@ -18,15 +18,15 @@ namespace attngate {
 namespace {
 
 template <typename scalar_t>
-void paged_compact_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S, D)
-                        const cpu::Tables& t, const at::Tensor& keep,  // keep (B, H, L) bool
+void paged_compact_rows(Tensor& key_pages, Tensor& value_pages,  // (P, S, D)
+                        const cpu::Tables& t, const Tensor& keep,  // keep (B, H, L) bool
                         const std::vector<int64_t>& old,                    // [b * H + h] rows before
                         const std::vector<int64_t>& stay) {                 // [b * H + h] rows before the 1st drop
   const int64_t H = t.H;
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
-  const bool* kp = keep.data_ptr<bool>();
+  const bool* kp = keep.const_data_ptr<bool>();
   const int64_t ks_b = keep.stride(0), ks_h = keep.stride(1), ks_r = keep.stride(2);
-  at::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* flags = kp + (bh / H) * ks_b + (bh % H) * ks_h;
       // Rows before the first dropped one stay where they are. After it dst < src at every step, so copying
@@ -42,8 +42,8 @@ void paged_compact_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, 
   });
 }
 
-void paged_compact_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Tensor& page_table, at::Tensor& lengths,
-                          at::Tensor& free_pages, at::Tensor& free_count, const at::Tensor& keep) {
+void paged_compact_kv_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                          Tensor& free_pages, Tensor& free_count, const Tensor& keep) {
   check_paged_compact_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, keep);
   const cpu::Tables t = paged::make_tables(key_pages, page_table, lengths, free_pages, free_count);
   const int64_t H = t.H, L = keep.size(2), BH = t.B * t.H;
@@ -58,9 +58,9 @@ void paged_compact_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Te
 
   // Kept rows of each head, and its rows before the first dropped one (they do not move).
   std::vector<int64_t> next(static_cast<size_t>(BH), 0), stay(static_cast<size_t>(BH), 0);
-  const bool* kp = keep.data_ptr<bool>();
+  const bool* kp = keep.const_data_ptr<bool>();
   const int64_t ks_b = keep.stride(0), ks_h = keep.stride(1), ks_r = keep.stride(2);
-  at::parallel_for(0, BH, 16, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, BH, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* flags = kp + (bh / H) * ks_b + (bh % H) * ks_h;
       int64_t kept = 0, first_drop = old[bh];
@@ -86,6 +86,6 @@ void paged_compact_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("paged_compact_kv_", &paged_compact_kv_cpu); }
+ATTNGATE_IMPL(CPU, paged_compact_kv_, paged_compact_kv_cpu);
 
 }  // namespace attngate

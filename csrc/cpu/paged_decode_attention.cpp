@@ -10,10 +10,9 @@
 #include <limits>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
 
+#include "registration.h"
+#include "stable_api.h"
 #include "checks.h"
 #include "cpu/paged_attention_common.h"
 #include "cpu/paged_attention_kernels.h"
@@ -104,9 +103,9 @@ void run_item(const DecodeProblem& p, const scalar_t* query, int64_t q_b, int64_
 }
 
 template <typename scalar_t>
-void decode(const DecodeProblem& p, const at::Tensor& query, at::Tensor& out) {
-  const scalar_t* q = query.data_ptr<scalar_t>();
-  scalar_t* o = out.data_ptr<scalar_t>();
+void decode(const DecodeProblem& p, const Tensor& query, Tensor& out) {
+  const scalar_t* q = query.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t G = p.G, dp = p.dp, D = p.D, items = p.B * p.H * p.ns;
   // Per item: acc (G, dp), then m (G), then l (G).
   const int64_t per_item = G * (dp + 2);
@@ -149,11 +148,11 @@ void decode(const DecodeProblem& p, const at::Tensor& query, at::Tensor& out) {
 
 }  // namespace
 
-void paged_decode_attention_out(const at::Tensor& query, const at::Tensor& key_pages, const at::Tensor& value_pages,
-                                const at::Tensor& page_table, const at::Tensor& lengths, double scale,
-                                const std::optional<at::Tensor>& extra_key,
-                                const std::optional<at::Tensor>& extra_value,
-                                const std::optional<at::Tensor>& extra_valid, at::Tensor& out, const char* op) {
+void paged_decode_attention_out(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                const Tensor& page_table, const Tensor& lengths, double scale,
+                                const std::optional<Tensor>& extra_key,
+                                const std::optional<Tensor>& extra_value,
+                                const std::optional<Tensor>& extra_valid, Tensor& out, const char* op) {
   std::vector<int64_t> lens;
   raise_for_status(op, validate_paged_state_cpu(key_pages, page_table, lengths, lens));
   if (out.numel() == 0) return;
@@ -165,7 +164,7 @@ void paged_decode_attention_out(const at::Tensor& query, const at::Tensor& key_p
   if (E > 0) {
     p.extra = paged::DenseRows(*extra_key, *extra_value);
     if (extra_valid.has_value()) {
-      p.extra_valid = extra_valid->data_ptr<bool>();
+      p.extra_valid = extra_valid->mutable_data_ptr<bool>();
       p.ev_b = extra_valid->stride(0), p.ev_h = extra_valid->stride(1), p.ev_e = extra_valid->stride(2);
     }
   }
@@ -175,26 +174,26 @@ void paged_decode_attention_out(const at::Tensor& query, const at::Tensor& key_p
     rows += stream_length(p, bh);
   }
   p.serial = rows * 2 * D * key_pages.element_size() < paged::kSerialBytes;
-  const int64_t want = (kItemsPerThread * at::get_num_threads() + B * H - 1) / (B * H);
+  const int64_t want = (kItemsPerThread * static_cast<int64_t>(torch::stable::get_num_threads()) + B * H - 1) / (B * H);
   p.ns = p.serial ? 1 : std::max<int64_t>(1, std::min(want, longest / kMinSplitRows));
   ATTNGATE_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_decode_attention_cpu",
                                    [&] { decode<scalar_t>(p, query, out); });
 }
 
-at::Tensor paged_decode_attention_cpu(const at::Tensor& query, const at::Tensor& key_pages,
-                                      const at::Tensor& value_pages, const at::Tensor& page_table,
-                                      const at::Tensor& lengths, double scale,
-                                      const std::optional<at::Tensor>& extra_key,
-                                      const std::optional<at::Tensor>& extra_value,
-                                      const std::optional<at::Tensor>& extra_valid) {
+Tensor paged_decode_attention_cpu(const Tensor& query, const Tensor& key_pages,
+                                      const Tensor& value_pages, const Tensor& page_table,
+                                      const Tensor& lengths, double scale,
+                                      const std::optional<Tensor>& extra_key,
+                                      const std::optional<Tensor>& extra_value,
+                                      const std::optional<Tensor>& extra_valid) {
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
                                     extra_valid);
-  at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
                              extra_valid, out);
   return out;
 }
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention_cpu); }
+ATTNGATE_IMPL(CPU, paged_decode_attention, paged_decode_attention_cpu);
 
 }  // namespace attngate::cpu

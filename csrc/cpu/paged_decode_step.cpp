@@ -6,10 +6,9 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
 
+#include "registration.h"
+#include "stable_api.h"
 #include "checks.h"
 #include "cpu/paged_attention_kernels.h"
 #include "dispatch.h"
@@ -19,17 +18,17 @@ namespace attngate {
 namespace {
 
 template <typename scalar_t>
-void write_ring_slot(at::Tensor& ring_key, at::Tensor& ring_value, at::Tensor& ring_valid,  // (B, H, W[, D])
-                     const at::Tensor& key, const at::Tensor& value,                      // (B, H, D)
-                     const at::Tensor& keep, const std::optional<at::Tensor>& valid, int64_t slot) {
+void write_ring_slot(Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid,  // (B, H, W[, D])
+                     const Tensor& key, const Tensor& value,                      // (B, H, D)
+                     const Tensor& keep, const std::optional<Tensor>& valid, int64_t slot) {
   const int64_t B = key.size(0), H = key.size(1), D = key.size(2);
-  scalar_t* rk = ring_key.data_ptr<scalar_t>();
-  scalar_t* rv = ring_value.data_ptr<scalar_t>();
-  bool* rvalid = ring_valid.data_ptr<bool>();
-  const scalar_t* k = key.data_ptr<scalar_t>();
-  const scalar_t* v = value.data_ptr<scalar_t>();
-  const bool* kp = keep.data_ptr<bool>();
-  const bool* vp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+  scalar_t* rk = ring_key.mutable_data_ptr<scalar_t>();
+  scalar_t* rv = ring_value.mutable_data_ptr<scalar_t>();
+  bool* rvalid = ring_valid.mutable_data_ptr<bool>();
+  const scalar_t* k = key.const_data_ptr<scalar_t>();
+  const scalar_t* v = value.const_data_ptr<scalar_t>();
+  const bool* kp = keep.const_data_ptr<bool>();
+  const bool* vp = valid.has_value() ? valid->const_data_ptr<bool>() : nullptr;
   for (int64_t b = 0; b < B; ++b) {
     const bool row_valid = vp == nullptr || vp[b * valid->stride(0)];
     for (int64_t h = 0; h < H; ++h) {
@@ -43,21 +42,21 @@ void write_ring_slot(at::Tensor& ring_key, at::Tensor& ring_value, at::Tensor& r
   }
 }
 
-at::Tensor paged_decode_step_cpu(const at::Tensor& query, at::Tensor& key_pages, at::Tensor& value_pages,
-                                 at::Tensor& page_table, at::Tensor& lengths, at::Tensor& free_pages,
-                                 at::Tensor& free_count, const at::Tensor& key, const at::Tensor& value,
-                                 const at::Tensor& keep, const std::optional<at::Tensor>& valid, at::Tensor& ring_key,
-                                 at::Tensor& ring_value, at::Tensor& ring_valid, int64_t slot, double scale) {
+Tensor paged_decode_step_cpu(const Tensor& query, Tensor& key_pages, Tensor& value_pages,
+                                 Tensor& page_table, Tensor& lengths, Tensor& free_pages,
+                                 Tensor& free_count, const Tensor& key, const Tensor& value,
+                                 const Tensor& keep, const std::optional<Tensor>& valid, Tensor& ring_key,
+                                 Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale) {
   check_paged_decode_step_args(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
                                keep, valid, ring_key, ring_value, ring_valid, slot, scale);
   // The whole paged state first (the append checks only the pages it writes, the attention reads them all).
   std::vector<int64_t> lens;
   raise_for_status("paged_decode_step_", validate_paged_state_cpu(key_pages, page_table, lengths, lens));
-  append_new_token(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
+  append_new_token(paged_append_kv_cpu, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
   ATTNGATE_DISPATCH_FLOATING_TYPES(key.scalar_type(), "paged_decode_step_cpu", [&] {
     write_ring_slot<scalar_t>(ring_key, ring_value, ring_valid, key, value, keep, valid, slot);
   });
-  at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   cpu::paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
                                   ring_valid, out, "paged_decode_step_");
   return out;
@@ -65,6 +64,6 @@ at::Tensor paged_decode_step_cpu(const at::Tensor& query, at::Tensor& key_pages,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("paged_decode_step_", &paged_decode_step_cpu); }
+ATTNGATE_IMPL(CPU, paged_decode_step_, paged_decode_step_cpu);
 
 }  // namespace attngate

@@ -17,10 +17,9 @@
 #include <limits>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
 
+#include "registration.h"
+#include "stable_api.h"
 #include "checks.h"
 #include "cpu/paged_attention_common.h"
 #include "cpu/paged_attention_kernels.h"
@@ -111,11 +110,11 @@ struct Scratch {
 
 // Runs item `index` (split `split`) into ot (D, Mq), m (Mq), l (Mq).
 template <typename scalar_t>
-void run_item(const PrefillProblem& p, const at::Tensor& query, int64_t index, int64_t split, float* ot, float* m,
+void run_item(const PrefillProblem& p, const Tensor& query, int64_t index, int64_t split, float* ot, float* m,
               float* l, Scratch& sc) {
   const Item it = item_of(p, index);
   const int64_t Mq = p.Mq, D = p.D, nq = it.t1 - it.t0 + 1;
-  const scalar_t* q = query.data_ptr<scalar_t>();
+  const scalar_t* q = query.const_data_ptr<scalar_t>();
   for (int64_t row = 0; row < Mq; ++row) {
     const int64_t g = row / p.tq, i = row % p.tq;
     sc.pos[row] = static_cast<int32_t>(it.t1);  // padding rows: computed like the last query, never written
@@ -142,7 +141,7 @@ void run_item(const PrefillProblem& p, const at::Tensor& query, int64_t index, i
 }
 
 template <typename scalar_t>
-void prefill(const PrefillProblem& p, const at::Tensor& query, at::Tensor& out) {
+void prefill(const PrefillProblem& p, const Tensor& query, Tensor& out) {
   const int64_t Mq = p.Mq, D = p.D, items = p.B * p.H * p.ngt * p.nqt, ns = p.ns;
   const int64_t per_part = Mq * (D + 2);  // ot (D, Mq), m (Mq), l (Mq)
   auto init = [&] {
@@ -159,7 +158,7 @@ void prefill(const PrefillProblem& p, const at::Tensor& query, at::Tensor& out) 
     sc.tile.n = 0;
     return sc;
   };
-  scalar_t* o = out.data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t o_h = p.T * D, o_b = p.G * p.H * o_h;
   // Normalises a state (m unused) into the output rows of its item.
   auto write = [&](const Item& it, const float* ot, const float* l) {
@@ -207,17 +206,17 @@ void prefill(const PrefillProblem& p, const at::Tensor& query, at::Tensor& out) 
 
 }  // namespace
 
-at::Tensor paged_prefill_attention_cpu(const at::Tensor& query, const at::Tensor& key_pages,
-                                       const at::Tensor& value_pages, const at::Tensor& page_table,
-                                       const at::Tensor& lengths, const at::Tensor& key, const at::Tensor& value,
-                                       const at::Tensor& keep, const std::optional<at::Tensor>& valid, int64_t window,
-                                       double scale, const std::optional<at::Tensor>& extra_key,
-                                       const std::optional<at::Tensor>& extra_value,
-                                       const std::optional<at::Tensor>& extra_until) {
+Tensor paged_prefill_attention_cpu(const Tensor& query, const Tensor& key_pages,
+                                       const Tensor& value_pages, const Tensor& page_table,
+                                       const Tensor& lengths, const Tensor& key, const Tensor& value,
+                                       const Tensor& keep, const std::optional<Tensor>& valid, int64_t window,
+                                       double scale, const std::optional<Tensor>& extra_key,
+                                       const std::optional<Tensor>& extra_value,
+                                       const std::optional<Tensor>& extra_until) {
   constexpr const char* op = "paged_prefill_attention";
   check_paged_prefill_attention_args(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid,
                                      window, scale, extra_key, extra_value, extra_until);
-  at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   std::vector<int64_t> lens;
   raise_for_status(op, validate_paged_state_cpu(key_pages, page_table, lengths, lens));
   if (out.numel() == 0) return out;
@@ -229,18 +228,18 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& query, const at::Tensor
                    (gt * tq + width - 1) / width * width, (G + gt - 1) / gt, (T + tq - 1) / tq, 1, false,
                    paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
                    paged::PagedRows(key_pages, value_pages, page_table), paged::DenseRows(key, value),
-                   paged::DenseRows(), nullptr, 0, 0, 0, keep.data_ptr<bool>(), keep.stride(0), keep.stride(1),
+                   paged::DenseRows(), nullptr, 0, 0, 0, keep.mutable_data_ptr<bool>(), keep.stride(0), keep.stride(1),
                    keep.stride(2), nullptr, 0, 0, std::min<int64_t>(window, T + 1)};
   if (p.E > 0) p.extra = paged::DenseRows(*extra_key, *extra_value);
   if (extra_until.has_value()) {
-    p.until = extra_until->data_ptr<int32_t>();
+    p.until = extra_until->mutable_data_ptr<int32_t>();
     p.u_b = extra_until->stride(0), p.u_h = extra_until->stride(1), p.u_e = extra_until->stride(2);
   }
   if (valid.has_value()) {
-    p.valid = valid->data_ptr<bool>();
+    p.valid = valid->mutable_data_ptr<bool>();
     p.v_b = valid->stride(0), p.v_t = valid->stride(1);
   }
-  const int64_t items = B * H * p.ngt * p.nqt, threads = at::get_num_threads();
+  const int64_t items = B * H * p.ngt * p.nqt, threads = static_cast<int64_t>(torch::stable::get_num_threads());
   int64_t longest = 0, flops = 0;  // flops of the raw key streams: an upper bound
   for (int64_t i = 0; i < items; ++i) {
     longest = std::max(longest, raw_length(p, item_of(p, i)));
@@ -256,6 +255,6 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& query, const at::Tensor
   return out;
 }
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("paged_prefill_attention", &paged_prefill_attention_cpu); }
+ATTNGATE_IMPL(CPU, paged_prefill_attention, paged_prefill_attention_cpu);
 
 }  // namespace attngate::cpu

@@ -7,9 +7,9 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "registration.h"
+#include "stable_api.h"
 #include "checks.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
@@ -36,10 +36,10 @@ void for_each_mover(int64_t m, const int64_t* high, int64_t n_high, int64_t move
 }
 
 template <typename scalar_t>
-void paged_remove_moves(at::Tensor& key_pages, at::Tensor& value_pages, const cpu::Tables& t,
+void paged_remove_moves(Tensor& key_pages, Tensor& value_pages, const cpu::Tables& t,
                         const std::vector<HeadRemoval>& plans, const std::vector<int64_t>& next) {
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
-  at::parallel_for(0, static_cast<int64_t>(plans.size()), 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(plans.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const HeadRemoval& p = plans[bh];
       const int64_t n_gone = static_cast<int64_t>(p.gone.size());
@@ -49,8 +49,8 @@ void paged_remove_moves(at::Tensor& key_pages, at::Tensor& value_pages, const cp
   });
 }
 
-void paged_remove_rows_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Tensor& page_table, at::Tensor& lengths,
-                           at::Tensor& free_pages, at::Tensor& free_count, const at::Tensor& rows) {
+void paged_remove_rows_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                           Tensor& free_pages, Tensor& free_count, const Tensor& rows) {
   check_paged_remove_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, rows);
   const cpu::Tables t = paged::make_tables(key_pages, page_table, lengths, free_pages, free_count);
   const int64_t H = t.H, K = rows.size(2), BH = t.B * t.H;
@@ -64,7 +64,7 @@ void paged_remove_rows_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::T
   // 2. rows: distinct live rows of their head (negative entries ignored). O(K log K) per head.
   std::vector<HeadRemoval> plans(static_cast<size_t>(BH));
   std::vector<int64_t> next(old);
-  const int32_t* rp = rows.data_ptr<int32_t>();
+  const int32_t* rp = rows.const_data_ptr<int32_t>();
   int32_t status = 0;
   for (int64_t bh = 0; bh < BH; ++bh) {
     HeadRemoval& p = plans[bh];
@@ -94,6 +94,6 @@ void paged_remove_rows_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("paged_remove_rows_", &paged_remove_rows_cpu); }
+ATTNGATE_IMPL(CPU, paged_remove_rows_, paged_remove_rows_cpu);
 
 }  // namespace attngate

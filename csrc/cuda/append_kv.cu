@@ -12,10 +12,10 @@
 #include <algorithm>
 #include <limits>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
+#include "stable_api.h"
+#include "registration.h"
+#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
@@ -167,18 +167,18 @@ __global__ void __launch_bounds__(kThreads) append_rows_kernel(
 
 }  // namespace
 
-void append_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& lengths, const at::Tensor& key,
-                    const at::Tensor& value, const std::optional<at::Tensor>& keep) {
+void append_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, const Tensor& key,
+                    const Tensor& value, const std::optional<Tensor>& keep) {
   check_append_kv_args(key_cache, value_cache, lengths, key, value, keep);
   const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), D = key_cache.size(3);
   const int64_t T = key.size(2);
   const int64_t BH = B * H;
   if (BH == 0) return;
 
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(key_cache));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cuda::DeviceGuard device_guard(key_cache);
+  const cudaStream_t stream = cuda::current_stream();
   const int64_t nchunks = cuda::ceil_div(T, kChunk);
-  TORCH_CHECK(BH * nchunks <= std::numeric_limits<int32_t>::max(), "append_kv_: B * H * ceil(T / ", kChunk,
+  AG_CHECK(BH * nchunks <= std::numeric_limits<int32_t>::max(), "append_kv_: B * H * ceil(T / ", kChunk,
               ") must fit in a CUDA grid, got ", BH * nchunks);
   const bool has_keep = keep.has_value();
   const bool vec = rows_aligned_for(16, {&key_cache, &value_cache, &key, &value});
@@ -196,18 +196,18 @@ void append_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& 
   p.len_sb = lengths.stride(0), p.len_sh = lengths.stride(1);
   p.C = C;
   p.units_per_row = vec ? D / (16 / static_cast<int64_t>(key_cache.element_size())) : D;
-  const bool* keep_ptr = has_keep ? keep->data_ptr<bool>() : nullptr;
+  const bool* keep_ptr = has_keep ? keep->const_data_ptr<bool>() : nullptr;
 
   if (small) {
-    const at::Tensor scratch = cuda::make_status_scratch(key_cache, 0, 0);  // the kernel writes the status
+    const Tensor scratch = cuda::make_status_scratch(key_cache, 0, 0);  // the kernel writes the status
     const int64_t items = BH * T * p.units_per_row;  // <= kSmallMaxUnits * 8 (scalar bfloat16 rows)
     const int threads = static_cast<int>(std::min<int64_t>(kSmallThreads, cuda::round_up(std::max(BH * 32, items), 32)));
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "append_kv_cuda", [&] {
       auto kernel = vec ? append_small_kernel<scalar_t, true> : append_small_kernel<scalar_t, false>;
-      kernel<<<1, threads, 0, stream>>>(key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(),
-                                        lengths.data_ptr<int32_t>(), key.data_ptr<scalar_t>(),
-                                        value.data_ptr<scalar_t>(), keep_ptr, scratch.data_ptr<int32_t>(), p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      kernel<<<1, threads, 0, stream>>>(key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(),
+                                        lengths.mutable_data_ptr<int32_t>(), key.mutable_data_ptr<scalar_t>(),
+                                        value.mutable_data_ptr<scalar_t>(), keep_ptr, scratch.mutable_data_ptr<int32_t>(), p);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
     cuda::check_status("append_kv_", scratch);
     return;
@@ -215,8 +215,8 @@ void append_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& 
 
   // Scratch: [status][old_len: BH][new_len: BH][chunk offsets: BH * nchunks when keep is given]. The plan kernel
   // writes every word it or the copy kernel reads, so nothing needs zeroing.
-  const at::Tensor scratch = cuda::make_status_scratch(key_cache, 2 * BH + (has_keep ? BH * nchunks : 0), 0);
-  int32_t* status = scratch.data_ptr<int32_t>();
+  const Tensor scratch = cuda::make_status_scratch(key_cache, 2 * BH + (has_keep ? BH * nchunks : 0), 0);
+  int32_t* status = scratch.mutable_data_ptr<int32_t>();
   int32_t* old_len = status + 1;
   int32_t* new_len = old_len + BH;
   int32_t* offsets = has_keep ? new_len + BH : nullptr;
@@ -224,26 +224,26 @@ void append_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& 
   if (has_keep && nchunks > 0) {
     cuda::count_kept_kernel<kThreads><<<static_cast<unsigned>(BH * nchunks), kThreads, 0, stream>>>(
         keep_ptr, nullptr, offsets, H, p.keep_sb, p.keep_sh, p.keep_st, 0, 0, nchunks, kChunk, T);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int plan_threads = static_cast<int>(std::min<int64_t>(cuda::kPlanThreads, BH * 32));
   cuda::plan_lengths_kernel<true><<<1, plan_threads, 0, stream>>>(
-      lengths.data_ptr<int32_t>(), offsets, old_len, new_len, status, BH, H, lengths.stride(0), lengths.stride(1),
+      lengths.mutable_data_ptr<int32_t>(), offsets, old_len, new_len, status, BH, H, lengths.stride(0), lengths.stride(1),
       nchunks, T, C, /*keep_len=*/0);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (nchunks > 0 && D > 0) {
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "append_kv_cuda", [&] {
       auto kernel = vec ? append_rows_kernel<scalar_t, true> : append_rows_kernel<scalar_t, false>;
       kernel<<<static_cast<unsigned>(BH * nchunks), kThreads, 0, stream>>>(
-          key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
-          value.data_ptr<scalar_t>(), keep_ptr, offsets, old_len, status, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(), key.mutable_data_ptr<scalar_t>(),
+          value.mutable_data_ptr<scalar_t>(), keep_ptr, offsets, old_len, status, p);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   cuda::check_status("append_kv_", scratch);
 }
 
-}  // namespace attngate
+ATTNGATE_IMPL(CUDA, append_kv_, append_kv_cuda);
 
-TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("append_kv_", &attngate::append_kv_cuda); }
+}  // namespace attngate

@@ -25,10 +25,10 @@
 #include <algorithm>
 #include <limits>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
+#include "stable_api.h"
+#include "registration.h"
+#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
@@ -178,15 +178,15 @@ __global__ void __launch_bounds__(kThreads) compact_wide_kernel(
 
 }  // namespace
 
-void compact_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& lengths, const at::Tensor& keep) {
+void compact_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, const Tensor& keep) {
   check_compact_kv_args(key_cache, value_cache, lengths, keep);
   const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), D = key_cache.size(3);
   const int64_t L = keep.size(2);
   const int64_t BH = B * H;
   if (BH == 0) return;
 
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(key_cache));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cuda::DeviceGuard device_guard(key_cache);
+  const cudaStream_t stream = cuda::current_stream();
 
   // Chunk rows S: as many row pairs (K and V) as fit the shared-memory budget, at most one per thread. Very wide
   // rows fall back to the opt-in shared-memory limit with fewer rows per chunk, and rows beyond even that to
@@ -194,36 +194,36 @@ void compact_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor&
   const int64_t pair_bytes = 2 * D * static_cast<int64_t>(key_cache.element_size());
   int64_t smem_limit = kSmemBudget;
   if (pair_bytes > smem_limit) {
-    smem_limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) - 2048;
+    smem_limit = static_cast<int64_t>(cuda::device_facts().sharedMemPerBlockOptin) - 2048;
   }
   const bool wide = pair_bytes > smem_limit;
   const int64_t S = pair_bytes > 0 && !wide ? std::min<int64_t>(kMaxChunk, smem_limit / pair_bytes) : kMaxChunk;
   const int64_t nchunks = cuda::ceil_div(std::min(C, L), S);
   const int64_t nitems = BH * nchunks;
-  TORCH_CHECK(nitems <= std::numeric_limits<int32_t>::max(), "compact_kv_: B * H * ceil(min(C, L) / ", S,
+  AG_CHECK(nitems <= std::numeric_limits<int32_t>::max(), "compact_kv_: B * H * ceil(min(C, L) / ", S,
               ") must fit in a CUDA grid, got ", nitems);
 
   // Scratch: [status][ticket][read_done: nitems][old_len: BH][new_len: BH][chunk counts / offsets: nitems].
-  const at::Tensor scratch = cuda::make_status_scratch(key_cache, 1 + 2 * nitems + 2 * BH, 2 + nitems);
-  int32_t* status = scratch.data_ptr<int32_t>();
+  const Tensor scratch = cuda::make_status_scratch(key_cache, 1 + 2 * nitems + 2 * BH, 2 + nitems);
+  int32_t* status = scratch.mutable_data_ptr<int32_t>();
   int32_t* ticket = status + 1;
   int32_t* read_done = ticket + 1;
   int32_t* old_len = read_done + nitems;
   int32_t* new_len = old_len + BH;
   int32_t* offsets = new_len + BH;
 
-  int32_t* len_ptr = lengths.data_ptr<int32_t>();
+  int32_t* len_ptr = lengths.mutable_data_ptr<int32_t>();
   if (nitems > 0) {
     cuda::count_kept_kernel<kThreads><<<static_cast<unsigned>(nitems), kThreads, 0, stream>>>(
-        keep.data_ptr<bool>(), len_ptr, offsets, H, keep.stride(0), keep.stride(1), keep.stride(2), lengths.stride(0),
+        keep.mutable_data_ptr<bool>(), len_ptr, offsets, H, keep.stride(0), keep.stride(1), keep.stride(2), lengths.stride(0),
         lengths.stride(1), nchunks, static_cast<int>(S), std::min(C, L));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int plan_threads = static_cast<int>(std::min<int64_t>(cuda::kPlanThreads, BH * 32));
   cuda::plan_lengths_kernel<false><<<1, plan_threads, 0, stream>>>(
       len_ptr, offsets, old_len, new_len, status, BH, H, lengths.stride(0), lengths.stride(1), nchunks, /*rows=*/0, C,
       L);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (nitems > 0 && D > 0) {
     const bool vec = rows_aligned_for(16, {&key_cache, &value_cache});
@@ -238,10 +238,10 @@ void compact_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor&
       const int64_t units = vec ? D / (16 / static_cast<int64_t>(sizeof(scalar_t))) : D;
       if (wide) {
         auto kernel = vec ? compact_wide_kernel<scalar_t, true> : compact_wide_kernel<scalar_t, false>;
-        kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(key_cache.data_ptr<scalar_t>(),
-                                                                  value_cache.data_ptr<scalar_t>(),
-                                                                  keep.data_ptr<bool>(), old_len, status, p, units);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(key_cache.mutable_data_ptr<scalar_t>(),
+                                                                  value_cache.mutable_data_ptr<scalar_t>(),
+                                                                  keep.mutable_data_ptr<bool>(), old_len, status, p, units);
+        STD_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
       p.D = static_cast<int>(D);  // S * D * 2 elements fit in shared memory, so D fits in int
@@ -249,18 +249,18 @@ void compact_kv_cuda(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor&
       const size_t smem = static_cast<size_t>(S * pair_bytes);
       auto kernel = vec ? compact_rows_kernel<scalar_t, true> : compact_rows_kernel<scalar_t, false>;
       if (smem > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem)));
       }
       kernel<<<static_cast<unsigned>(nitems), kThreads, smem, stream>>>(
-          key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(), keep.data_ptr<bool>(), offsets, old_len,
+          key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(), keep.mutable_data_ptr<bool>(), offsets, old_len,
           status, ticket, read_done, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   cuda::check_status("compact_kv_", scratch);
 }
 
-}  // namespace attngate
+ATTNGATE_IMPL(CUDA, compact_kv_, compact_kv_cuda);
 
-TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("compact_kv_", &attngate::compact_kv_cuda); }
+}  // namespace attngate

@@ -17,10 +17,10 @@
 #include <cmath>
 #include <limits>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
+#include "stable_api.h"
+#include "registration.h"
+#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda_utils.cuh"
 #include "decode_common.cuh"
@@ -98,17 +98,17 @@ DecodeKernel<scalar_t> pick_kernel(const Layout& l, bool vec) {
 
 }  // namespace
 
-at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                 const at::Tensor& lengths, double scale) {
+Tensor decode_attention_cuda(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
+                                 const Tensor& lengths, double scale) {
   check_decode_attention_args(query, key_cache, value_cache, lengths, scale);
   const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), D = key_cache.size(3);
   const int64_t Hq = query.size(1);
-  at::Tensor out = at::empty({B, Hq, D}, query.options());
+  Tensor out = empty_like_device({B, Hq, D}, query.scalar_type(), query);
   if (B * Hq == 0 || D == 0) return out;
 
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(query));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const cuda::DeviceGuard device_guard(query);
+  const cudaStream_t stream = cuda::current_stream();
+  const cuda::DeviceFacts* props = &cuda::device_facts();
   const int64_t group = Hq / H;
   const int64_t elem = static_cast<int64_t>(key_cache.element_size());
   // The tiled kernel reads the query as scalars; the wide kernel reads it with the rows' vector width too.
@@ -139,33 +139,33 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& key_
     nsplit = std::max<int64_t>(nsplit, 1);
     p.nsplit = static_cast<int>(nsplit);
     const int64_t blocks = base_blocks * nsplit;
-    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+    AG_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
                 "decode_attention: too many (batch, head, split) blocks: ", blocks);
 
-    const at::Tensor scratch = cuda::make_status_scratch(key_cache, 0, 1);
-    at::Tensor partials;
+    const Tensor scratch = cuda::make_status_scratch(key_cache, 0, 1);
+    Tensor partials;
     float2* part_ml = nullptr;
     float* part_out = nullptr;
     if (nsplit > 1) {
       // (max, sum) pairs first, so that they stay 8-byte aligned.
-      partials = at::empty({B * Hq * nsplit * (2 + D)}, query.options().dtype(at::kFloat));
-      part_ml = reinterpret_cast<float2*>(partials.data_ptr<float>());
-      part_out = partials.data_ptr<float>() + 2 * B * Hq * nsplit;
+      partials = empty_like_device({B * Hq * nsplit * (2 + D)}, kFloat, query);
+      part_ml = reinterpret_cast<float2*>(partials.mutable_data_ptr<float>());
+      part_out = partials.mutable_data_ptr<float>() + 2 * B * Hq * nsplit;
     }
     kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem, stream>>>(
-        query.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(),
-        lengths.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), part_ml, part_out, scratch.data_ptr<int32_t>(), p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        query.mutable_data_ptr<scalar_t>(), key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(),
+        lengths.mutable_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), part_ml, part_out, scratch.mutable_data_ptr<int32_t>(), p);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     if (nsplit > 1) {
       decode::decode_merge_kernel<scalar_t><<<static_cast<unsigned>(B * Hq), decode::kMergeThreads, 0, stream>>>(
-          part_ml, part_out, out.data_ptr<scalar_t>(), static_cast<int>(nsplit), D);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          part_ml, part_out, out.mutable_data_ptr<scalar_t>(), static_cast<int>(nsplit), D);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
     cuda::check_status("decode_attention", scratch);
   });
   return out;
 }
 
-}  // namespace attngate
+ATTNGATE_IMPL(CUDA, decode_attention, decode_attention_cuda);
 
-TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("decode_attention", &attngate::decode_attention_cuda); }
+}  // namespace attngate

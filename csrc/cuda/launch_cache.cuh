@@ -6,9 +6,9 @@
 #include <mutex>
 #include <vector>
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime.h>
+
+#include "cuda/stable_cuda.cuh"
 
 namespace attngate {
 namespace cuda {
@@ -44,11 +44,11 @@ inline bool find_fact(const void* kernel, int device, int threads, size_t smem, 
 // to the default 48 KiB).
 inline void ensure_dynamic_smem(const void* kernel, size_t smem) {
   if (smem <= 48 * 1024) return;
-  const int device = c10::cuda::current_device();
+  const int device = cuda::current_device();
   std::lock_guard<std::mutex> lock(detail::launch_facts_mutex());
   int set = 0;
   if (detail::find_fact(kernel, device, 0, 0, set) && static_cast<size_t>(set) >= smem) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   for (detail::LaunchFact& f : detail::launch_facts()) {
     if (f.kernel == kernel && f.device == device && f.threads == 0) {
       f.value = static_cast<int>(smem);
@@ -62,11 +62,11 @@ inline void ensure_dynamic_smem(const void* kernel, size_t smem) {
 // on the current device (cudaOccupancyMaxActiveBlocksPerMultiprocessor: registers, shared memory, block
 // limits). Call ensure_dynamic_smem first when smem exceeds 48 KiB.
 inline int blocks_per_sm(const void* kernel, int threads, size_t smem) {
-  const int device = c10::cuda::current_device();
+  const int device = cuda::current_device();
   std::lock_guard<std::mutex> lock(detail::launch_facts_mutex());
   int value = 0;
   if (detail::find_fact(kernel, device, threads, smem, value)) return value;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&value, kernel, threads, smem));
+  STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&value, kernel, threads, smem));
   detail::launch_facts().push_back({kernel, device, threads, smem, value});
   return value;
 }

@@ -13,13 +13,14 @@
 #include <algorithm>
 #include <limits>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
+#include "stable_api.h"
+#include "registration.h"
+#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
+#include "paged_append.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cuda.cuh"
 
@@ -149,25 +150,27 @@ __global__ void __launch_bounds__(kThreads) append_rows_kernel(
   }
 }
 
-void paged_append_kv_cuda(at::Tensor& key_pages, at::Tensor& value_pages, at::Tensor& page_table, at::Tensor& lengths,
-                          at::Tensor& free_pages, at::Tensor& free_count, const at::Tensor& key,
-                          const at::Tensor& value, const std::optional<at::Tensor>& keep) {
+}  // namespace
+
+void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                          Tensor& free_pages, Tensor& free_count, const Tensor& key,
+                          const Tensor& value, const std::optional<Tensor>& keep) {
   check_paged_append_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
   const int64_t BH = page_table.size(0) * page_table.size(1), T = key.size(2), D = key_pages.size(2);
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(key_pages));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cuda::DeviceGuard device_guard(key_pages);
+  const cudaStream_t stream = cuda::current_stream();
   const pg::Tables t = pg::make_tables(key_pages, page_table, lengths, free_pages, free_count);
   const bool has_keep = keep.has_value();
   const bool fused = T <= kFusedMaxT && BH * T <= kFusedMaxRows && BH <= kFusedMaxHeads;
   const int64_t nchunks = fused ? 0 : cuda::ceil_div(T, kChunk);
-  TORCH_CHECK(BH * nchunks <= std::numeric_limits<int32_t>::max(), "paged_append_kv_: B * H * ceil(T / ", kChunk,
+  AG_CHECK(BH * nchunks <= std::numeric_limits<int32_t>::max(), "paged_append_kv_: B * H * ceil(T / ", kChunk,
               ") must fit in a CUDA grid, got ", BH * nchunks);
 
   // Scratch: [status][old_len, new_len, count, before: BH each][chunk offsets: BH * nchunks when keep is given].
   // The plan writes every word that it or the copy kernel reads, so nothing needs zeroing.
   const int64_t offset_words = has_keep ? BH * nchunks : 0;
-  const at::Tensor scratch = cuda::make_status_scratch(key_pages, 4 * BH + offset_words, 0);
-  int32_t* status = scratch.data_ptr<int32_t>();
+  const Tensor scratch = cuda::make_status_scratch(key_pages, 4 * BH + offset_words, 0);
+  int32_t* status = scratch.mutable_data_ptr<int32_t>();
   const pg::HeadScratch heads = pg::carve_heads(status + 1, BH);
   int32_t* offsets = has_keep && nchunks > 0 ? status + 1 + 4 * BH : nullptr;
 
@@ -180,41 +183,40 @@ void paged_append_kv_cuda(at::Tensor& key_pages, at::Tensor& value_pages, at::Te
   p.v_sb = value.stride(0), p.v_sh = value.stride(1), p.v_st = value.stride(2);
   p.keep_sb = has_keep ? keep->stride(0) : 0, p.keep_sh = has_keep ? keep->stride(1) : 0;
   p.keep_st = has_keep ? keep->stride(2) : 0;
-  const bool* keep_ptr = has_keep ? keep->data_ptr<bool>() : nullptr;
+  const bool* keep_ptr = has_keep ? keep->const_data_ptr<bool>() : nullptr;
   const bool vec = D > 0 && rows_aligned_for(16, {&key_pages, &value_pages, &key, &value});
 
   ATTNGATE_DISPATCH_FLOATING_TYPES(key_pages.scalar_type(), "paged_append_kv_cuda", [&] {
     const int64_t vec_width = vec ? 16 / static_cast<int64_t>(sizeof(scalar_t)) : 1;
-    TORCH_CHECK(D / vec_width * kChunk <= std::numeric_limits<int32_t>::max(), "paged_append_kv_: head dim D = ", D,
+    AG_CHECK(D / vec_width * kChunk <= std::numeric_limits<int32_t>::max(), "paged_append_kv_: head dim D = ", D,
                 " is too large");
     p.units_per_row = static_cast<int>(D / vec_width);
     if (fused) {
       auto kernel = vec ? append_fused_kernel<scalar_t, true> : append_fused_kernel<scalar_t, false>;
-      kernel<<<1, kPlanThreads, 0, stream>>>(key_pages.data_ptr<scalar_t>(), value_pages.data_ptr<scalar_t>(), t,
-                                             key.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), keep_ptr, heads,
+      kernel<<<1, kPlanThreads, 0, stream>>>(key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t,
+                                             key.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(), keep_ptr, heads,
                                              status, BH, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     if (offsets != nullptr) {
       cuda::count_kept_kernel<kThreads><<<static_cast<unsigned>(BH * nchunks), kThreads, 0, stream>>>(
           keep_ptr, nullptr, offsets, t.H, p.keep_sb, p.keep_sh, p.keep_st, 0, 0, nchunks, kChunk, T);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
     append_plan_kernel<kPlanThreads><<<1, kPlanThreads, 0, stream>>>(t, offsets, heads, status, BH, nchunks, T);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     if (BH * nchunks > 0 && D > 0) {
       auto kernel = vec ? append_rows_kernel<scalar_t, true> : append_rows_kernel<scalar_t, false>;
       kernel<<<static_cast<unsigned>(BH * nchunks), kThreads, 0, stream>>>(
-          key_pages.data_ptr<scalar_t>(), value_pages.data_ptr<scalar_t>(), t, key.data_ptr<scalar_t>(),
-          value.data_ptr<scalar_t>(), keep_ptr, offsets, heads.old_len, status, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t, key.mutable_data_ptr<scalar_t>(),
+          value.mutable_data_ptr<scalar_t>(), keep_ptr, offsets, heads.old_len, status, p);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   cuda::check_status("paged_append_kv_", scratch);
 }
 
-}  // namespace
-}  // namespace attngate
+ATTNGATE_IMPL(CUDA, paged_append_kv_, paged_append_kv_cuda);
 
-TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("paged_append_kv_", &attngate::paged_append_kv_cuda); }
+}  // namespace attngate

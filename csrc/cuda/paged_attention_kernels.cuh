@@ -5,7 +5,8 @@
 #include <cstdint>
 #include <optional>
 
-#include <ATen/core/Tensor.h>
+#include "stable_api.h"
+
 
 namespace attngate {
 
@@ -14,10 +15,10 @@ namespace attngate {
 // check_paged_decode_attention_args and be on the current device. No host synchronisation: lengths outside
 // [0, M * page_size] and page ids outside [0, P) are ORed into *status (device int32) as kStatusLengthOutOfRange /
 // kStatusBadPageId, and the reads stay in bounds (such rows are skipped).
-void launch_paged_decode_attention(const at::Tensor& query, const at::Tensor& key_pages, const at::Tensor& value_pages,
-                                   const at::Tensor& page_table, const at::Tensor& lengths, double scale,
-                                   const std::optional<at::Tensor>& extra_key,
-                                   const std::optional<at::Tensor>& extra_value,
-                                   const std::optional<at::Tensor>& extra_valid, at::Tensor& out, int32_t* status);
+void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                   const Tensor& page_table, const Tensor& lengths, double scale,
+                                   const std::optional<Tensor>& extra_key,
+                                   const std::optional<Tensor>& extra_value,
+                                   const std::optional<Tensor>& extra_valid, Tensor& out, int32_t* status);
 
 }  // namespace attngate

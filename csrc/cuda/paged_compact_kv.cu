@@ -17,10 +17,10 @@
 #include <algorithm>
 #include <limits>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
+#include "stable_api.h"
+#include "registration.h"
+#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
@@ -185,13 +185,13 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(
   }
 }
 
-void paged_compact_kv_cuda(at::Tensor& key_pages, at::Tensor& value_pages, at::Tensor& page_table,
-                           at::Tensor& lengths, at::Tensor& free_pages, at::Tensor& free_count,
-                           const at::Tensor& keep) {
+void paged_compact_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
+                           Tensor& lengths, Tensor& free_pages, Tensor& free_count,
+                           const Tensor& keep) {
   check_paged_compact_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, keep);
   const int64_t BH = page_table.size(0) * page_table.size(1), D = key_pages.size(2), L = keep.size(2);
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(key_pages));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cuda::DeviceGuard device_guard(key_pages);
+  const cudaStream_t stream = cuda::current_stream();
   const pg::Tables t = pg::make_tables(key_pages, page_table, lengths, free_pages, free_count);
 
   // Chunk rows: as many row pairs (K and V) as fit the shared-memory budget, at most one per thread. Very wide
@@ -199,19 +199,19 @@ void paged_compact_kv_cuda(at::Tensor& key_pages, at::Tensor& value_pages, at::T
   const int64_t pair_bytes = 2 * D * static_cast<int64_t>(key_pages.element_size());
   int64_t smem_limit = kSmemBudget;
   if (pair_bytes > smem_limit) {
-    smem_limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) - 8192;
+    smem_limit = static_cast<int64_t>(cuda::device_facts().sharedMemPerBlockOptin) - 8192;
   }
-  TORCH_CHECK(pair_bytes <= smem_limit, "paged_compact_kv_: a key and a value row (", pair_bytes,
+  AG_CHECK(pair_bytes <= smem_limit, "paged_compact_kv_: a key and a value row (", pair_bytes,
               " bytes) must fit in shared memory (", smem_limit, " bytes) on this device");
   const int64_t CH = pair_bytes > 0 ? std::min<int64_t>(kMaxChunk, smem_limit / pair_bytes) : kMaxChunk;
   const int64_t nchunks = cuda::ceil_div(std::min(page_table.size(2) * key_pages.size(1), L), CH);
   const int64_t nitems = BH * nchunks;
-  TORCH_CHECK(nitems <= std::numeric_limits<int32_t>::max(), "paged_compact_kv_: B * H * ceil(min(M * page_size, L) / ",
+  AG_CHECK(nitems <= std::numeric_limits<int32_t>::max(), "paged_compact_kv_: B * H * ceil(min(M * page_size, L) / ",
               CH, ") must fit in a CUDA grid, got ", nitems);
 
   // Scratch: [status][ticket][bad_ids][free0][read_done: nitems][chunk counts / offsets: nitems][heads: 4 * BH].
-  const at::Tensor scratch = cuda::make_status_scratch(key_pages, 3 + 2 * nitems + 4 * BH, 4 + nitems);
-  int32_t* status = scratch.data_ptr<int32_t>();
+  const Tensor scratch = cuda::make_status_scratch(key_pages, 3 + 2 * nitems + 4 * BH, 4 + nitems);
+  int32_t* status = scratch.mutable_data_ptr<int32_t>();
   int32_t* ticket = status + 1;
   int32_t* bad_ids = status + 2;
   int32_t* free0 = status + 3;
@@ -227,13 +227,13 @@ void paged_compact_kv_cuda(at::Tensor& key_pages, at::Tensor& value_pages, at::T
   p.keep_sb = keep.stride(0), p.keep_sh = keep.stride(1), p.keep_st = keep.stride(2);
   p.chunk_rows = static_cast<int>(CH);
   p.D = static_cast<int>(D);  // CH * D * 2 elements fit in shared memory, so D fits in int
-  const bool* keep_ptr = keep.data_ptr<bool>();
+  const bool* keep_ptr = keep.const_data_ptr<bool>();
   if (nitems > 0) {
     count_kernel<<<static_cast<unsigned>(nitems), kThreads, 0, stream>>>(t, keep_ptr, offsets, bad_ids, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   plan_kernel<kPlanThreads><<<1, kPlanThreads, 0, stream>>>(t, offsets, bad_ids, heads, status, free0, BH, nchunks, L);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (nitems > 0 && D > 0) {
     const bool vec = rows_aligned_for(16, {&key_pages, &value_pages});
@@ -242,19 +242,19 @@ void paged_compact_kv_cuda(at::Tensor& key_pages, at::Tensor& value_pages, at::T
       const size_t smem = static_cast<size_t>(CH * pair_bytes);
       auto kernel = vec ? rows_kernel<scalar_t, true> : rows_kernel<scalar_t, false>;
       if (smem > kSmemBudget) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem)));
       }
       kernel<<<static_cast<unsigned>(nitems), kThreads, smem, stream>>>(
-          key_pages.data_ptr<scalar_t>(), value_pages.data_ptr<scalar_t>(), t, keep_ptr, offsets, heads, status,
+          key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t, keep_ptr, offsets, heads, status,
           free0, ticket, read_done, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   cuda::check_status("paged_compact_kv_", scratch);
 }
 
 }  // namespace
-}  // namespace attngate
+ATTNGATE_IMPL(CUDA, paged_compact_kv_, paged_compact_kv_cuda);
 
-TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("paged_compact_kv_", &attngate::paged_compact_kv_cuda); }
+}  // namespace attngate

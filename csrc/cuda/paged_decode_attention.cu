@@ -13,10 +13,10 @@
 #include <algorithm>
 #include <limits>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
+#include "stable_api.h"
+#include "registration.h"
+#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda/decode_common.cuh"
 #include "cuda/paged_attention_device.cuh"
@@ -164,28 +164,28 @@ __global__ void __launch_bounds__(kThreads, 4) paged_decode_kernel(
 }
 
 template <typename T>
-const T* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
+const T* data_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->mutable_data_ptr<T>() : nullptr;
 }
 
 }  // namespace
 
-void launch_paged_decode_attention(const at::Tensor& query, const at::Tensor& key_pages, const at::Tensor& value_pages,
-                                   const at::Tensor& page_table, const at::Tensor& lengths, double scale,
-                                   const std::optional<at::Tensor>& extra_key,
-                                   const std::optional<at::Tensor>& extra_value,
-                                   const std::optional<at::Tensor>& extra_valid, at::Tensor& out, int32_t* status) {
+void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                   const Tensor& page_table, const Tensor& lengths, double scale,
+                                   const std::optional<Tensor>& extra_key,
+                                   const std::optional<Tensor>& extra_value,
+                                   const std::optional<Tensor>& extra_valid, Tensor& out, int32_t* status) {
   const int64_t B = page_table.size(0), H = page_table.size(1), M = page_table.size(2);
   const int64_t P = key_pages.size(0), S = key_pages.size(1), D = key_pages.size(2), Hq = query.size(1);
   if (out.numel() == 0) return;
   const int64_t group = Hq / H, E = extra_key.has_value() ? extra_key->size(2) : 0;
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cuda::DeviceFacts* props = &cuda::device_facts();
+  const cudaStream_t stream = cuda::current_stream();
   int gt = group == 1 ? 1 : group == 2 ? 2 : group <= 4 ? 4 : 8;
   const int64_t smem_limit = static_cast<int64_t>(props->sharedMemPerBlockOptin) - 8 * 1024;  // static smem
   while (gt > 1 && 2 * gt * D * 4 > smem_limit) gt /= 2;
   const int64_t dyn_smem = 2 * gt * D * 4;
-  TORCH_CHECK(dyn_smem <= smem_limit, "paged_decode_attention: head dim D = ", D,
+  AG_CHECK(dyn_smem <= smem_limit, "paged_decode_attention: head dim D = ", D,
               " is too large for the CUDA kernel's shared memory on this device");
   const bool vec = rows_aligned_for(16, {&key_pages, &value_pages}) &&
                    (!extra_key.has_value() || rows_aligned_for(16, {&*extra_key, &*extra_value}));
@@ -215,35 +215,35 @@ void launch_paged_decode_attention(const at::Tensor& query, const at::Tensor& ke
     auto launch = [&](auto vec_tag, auto gt_tag) {
       auto kernel = paged_decode_kernel<scalar_t, decltype(vec_tag)::value, decltype(gt_tag)::value>;
       if (dyn_smem > 32 * 1024) {  // past 48 KiB with the static part: opt in
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(dyn_smem)));
       }
       int per_sm = 1;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, dyn_smem));
+      STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, dyn_smem));
       const int64_t target = static_cast<int64_t>(std::max(per_sm, 1)) * props->multiProcessorCount;
       const int64_t nsplit = std::clamp<int64_t>(cuda::ceil_div(target, base_blocks), 1,
                                                  std::clamp<int64_t>(max_tiles, 1, decode::kMaxSplits));
       p.nsplit = static_cast<int>(nsplit);
       const int64_t blocks = base_blocks * nsplit;
-      TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "paged_decode_attention: too many blocks: ", blocks);
-      at::Tensor partials;
+      AG_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "paged_decode_attention: too many blocks: ", blocks);
+      Tensor partials;
       float2* part_ml = nullptr;
       float* part_out = nullptr;
       if (nsplit > 1) {  // (max, sum) pairs first, so that they stay 8-byte aligned
-        partials = at::empty({B * Hq * nsplit * (2 + D)}, query.options().dtype(at::kFloat));
-        part_ml = reinterpret_cast<float2*>(partials.data_ptr<float>());
-        part_out = partials.data_ptr<float>() + 2 * B * Hq * nsplit;
+        partials = empty_like_device({B * Hq * nsplit * (2 + D)}, kFloat, query);
+        part_ml = reinterpret_cast<float2*>(partials.mutable_data_ptr<float>());
+        part_out = partials.mutable_data_ptr<float>() + 2 * B * Hq * nsplit;
       }
       kernel<<<static_cast<unsigned>(blocks), kThreads, dyn_smem, stream>>>(
-          query.data_ptr<scalar_t>(), key_pages.data_ptr<scalar_t>(), value_pages.data_ptr<scalar_t>(),
-          page_table.data_ptr<int32_t>(), lengths.data_ptr<int32_t>(), data_or_null<scalar_t>(extra_key),
+          query.mutable_data_ptr<scalar_t>(), key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(),
+          page_table.mutable_data_ptr<int32_t>(), lengths.mutable_data_ptr<int32_t>(), data_or_null<scalar_t>(extra_key),
           data_or_null<scalar_t>(extra_value), E > 0 ? data_or_null<bool>(extra_valid) : nullptr,
-          out.data_ptr<scalar_t>(), part_ml, part_out, status, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          out.mutable_data_ptr<scalar_t>(), part_ml, part_out, status, p);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
       if (nsplit > 1) {
         decode::decode_merge_kernel<scalar_t><<<static_cast<unsigned>(B * Hq), decode::kMergeThreads, 0, stream>>>(
-            part_ml, part_out, out.data_ptr<scalar_t>(), static_cast<int>(nsplit), D);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+            part_ml, part_out, out.mutable_data_ptr<scalar_t>(), static_cast<int>(nsplit), D);
+        STD_CUDA_KERNEL_LAUNCH_CHECK();
       }
     };
     auto launch_gt = [&](auto vec_tag) {
@@ -262,23 +262,23 @@ void launch_paged_decode_attention(const at::Tensor& query, const at::Tensor& ke
   });
 }
 
-at::Tensor paged_decode_attention_cuda(const at::Tensor& query, const at::Tensor& key_pages,
-                                       const at::Tensor& value_pages, const at::Tensor& page_table,
-                                       const at::Tensor& lengths, double scale,
-                                       const std::optional<at::Tensor>& extra_key,
-                                       const std::optional<at::Tensor>& extra_value,
-                                       const std::optional<at::Tensor>& extra_valid) {
+Tensor paged_decode_attention_cuda(const Tensor& query, const Tensor& key_pages,
+                                       const Tensor& value_pages, const Tensor& page_table,
+                                       const Tensor& lengths, double scale,
+                                       const std::optional<Tensor>& extra_key,
+                                       const std::optional<Tensor>& extra_value,
+                                       const std::optional<Tensor>& extra_valid) {
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
                                     extra_valid);
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(query));
-  at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
-  const at::Tensor scratch = cuda::make_status_scratch(key_pages, 0, 1);
+  const cuda::DeviceGuard device_guard(query);
+  Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
+  const Tensor scratch = cuda::make_status_scratch(key_pages, 0, 1);
   launch_paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
-                                extra_valid, out, scratch.data_ptr<int32_t>());
+                                extra_valid, out, scratch.mutable_data_ptr<int32_t>());
   cuda::check_status("paged_decode_attention", scratch);
   return out;
 }
 
-}  // namespace attngate
+ATTNGATE_IMPL(CUDA, paged_decode_attention, paged_decode_attention_cuda);
 
-TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("paged_decode_attention", &attngate::paged_decode_attention_cuda); }
+}  // namespace attngate

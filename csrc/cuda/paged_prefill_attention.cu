@@ -14,10 +14,10 @@
 #include <algorithm>
 #include <limits>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
+#include "stable_api.h"
+#include "registration.h"
+#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda/paged_attention_device.cuh"
 #include "cuda_utils.cuh"
@@ -235,31 +235,31 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_kernel(
 }
 
 template <typename T>
-const T* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
+const T* data_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->mutable_data_ptr<T>() : nullptr;
 }
 
 }  // namespace
 
-at::Tensor paged_prefill_attention_cuda(const at::Tensor& query, const at::Tensor& key_pages,
-                                        const at::Tensor& value_pages, const at::Tensor& page_table,
-                                        const at::Tensor& lengths, const at::Tensor& key, const at::Tensor& value,
-                                        const at::Tensor& keep, const std::optional<at::Tensor>& valid,
-                                        int64_t window, double scale, const std::optional<at::Tensor>& extra_key,
-                                        const std::optional<at::Tensor>& extra_value,
-                                        const std::optional<at::Tensor>& extra_until) {
+Tensor paged_prefill_attention_cuda(const Tensor& query, const Tensor& key_pages,
+                                        const Tensor& value_pages, const Tensor& page_table,
+                                        const Tensor& lengths, const Tensor& key, const Tensor& value,
+                                        const Tensor& keep, const std::optional<Tensor>& valid,
+                                        int64_t window, double scale, const std::optional<Tensor>& extra_key,
+                                        const std::optional<Tensor>& extra_value,
+                                        const std::optional<Tensor>& extra_until) {
   check_paged_prefill_attention_args(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid,
                                      window, scale, extra_key, extra_value, extra_until);
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(query));
-  at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  const cuda::DeviceGuard device_guard(query);
+  Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   if (out.numel() == 0) return out;
-  const at::Tensor scratch = cuda::make_status_scratch(key_pages, 0, 1);
+  const Tensor scratch = cuda::make_status_scratch(key_pages, 0, 1);
   const int64_t B = page_table.size(0), H = page_table.size(1), T = query.size(2), D = key_pages.size(2);
   const int64_t group = query.size(1) / H, E = extra_key.has_value() ? extra_key->size(2) : 0;
   const int64_t pitch = cuda::round_up(D, 4);
   // Rows per block: at most kMaxRows, and the queries and output rows (2 * rows * pitch floats) within 64 KiB.
   const int64_t rows = std::clamp<int64_t>(8192 / pitch, 1, kMaxRows);
-  TORCH_CHECK(8192 / pitch >= 1, "paged_prefill_attention: the CUDA kernel supports head dim D <= 8192, got ", D);
+  AG_CHECK(8192 / pitch >= 1, "paged_prefill_attention: the CUDA kernel supports head dim D <= 8192, got ", D);
   PrefillParams p;
   p.q_b = query.stride(0), p.q_h = query.stride(1), p.q_t = query.stride(2);
   p.kp_p = key_pages.stride(0), p.kp_s = key_pages.stride(1);
@@ -287,26 +287,26 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& query, const at::Tenso
   p.scale = static_cast<float>(scale) * paged_device::kLog2e;
   const int64_t smem = (2 * p.rows * pitch + p.rows * (kKeys + 1) + kKeys * (kChunk + 1)) * 4;
   const int64_t blocks = B * H * p.gtiles * p.qtiles;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "paged_prefill_attention: too many blocks: ", blocks);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AG_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "paged_prefill_attention: too many blocks: ", blocks);
+  const cudaStream_t stream = cuda::current_stream();
   ATTNGATE_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_prefill_attention_cuda", [&] {
     auto kernel = paged_prefill_kernel<scalar_t>;
     if (smem > 32 * 1024) {  // past 48 KiB with the static part: opt in
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-        query.data_ptr<scalar_t>(), key_pages.data_ptr<scalar_t>(), value_pages.data_ptr<scalar_t>(),
-        page_table.data_ptr<int32_t>(), lengths.data_ptr<int32_t>(), key.data_ptr<scalar_t>(),
-        value.data_ptr<scalar_t>(), keep.data_ptr<bool>(), data_or_null<bool>(valid),
+        query.mutable_data_ptr<scalar_t>(), key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(),
+        page_table.mutable_data_ptr<int32_t>(), lengths.mutable_data_ptr<int32_t>(), key.mutable_data_ptr<scalar_t>(),
+        value.mutable_data_ptr<scalar_t>(), keep.mutable_data_ptr<bool>(), data_or_null<bool>(valid),
         E > 0 ? data_or_null<scalar_t>(extra_key) : nullptr, E > 0 ? data_or_null<scalar_t>(extra_value) : nullptr,
-        E > 0 ? data_or_null<int32_t>(extra_until) : nullptr, out.data_ptr<scalar_t>(), scratch.data_ptr<int32_t>(),
+        E > 0 ? data_or_null<int32_t>(extra_until) : nullptr, out.mutable_data_ptr<scalar_t>(), scratch.mutable_data_ptr<int32_t>(),
         p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   cuda::check_status("paged_prefill_attention", scratch);
   return out;
 }
 
-}  // namespace attngate
+ATTNGATE_IMPL(CUDA, paged_prefill_attention, paged_prefill_attention_cuda);
 
-TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("paged_prefill_attention", &attngate::paged_prefill_attention_cuda); }
+}  // namespace attngate

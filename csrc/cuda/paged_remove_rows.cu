@@ -15,10 +15,10 @@
 #include <algorithm>
 #include <limits>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
+#include "stable_api.h"
+#include "registration.h"
+#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
@@ -158,21 +158,21 @@ __global__ void __launch_bounds__(kThreads) moves_kernel(
   }
 }
 
-void paged_remove_rows_cuda(at::Tensor& key_pages, at::Tensor& value_pages, at::Tensor& page_table,
-                            at::Tensor& lengths, at::Tensor& free_pages, at::Tensor& free_count,
-                            const at::Tensor& rows) {
+void paged_remove_rows_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
+                            Tensor& lengths, Tensor& free_pages, Tensor& free_count,
+                            const Tensor& rows) {
   check_paged_remove_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, rows);
   const int64_t BH = page_table.size(0) * page_table.size(1), D = key_pages.size(2), K = rows.size(2);
-  TORCH_CHECK(BH <= std::numeric_limits<int32_t>::max(), "paged_remove_rows_: B * H must fit in a CUDA grid, got ",
+  AG_CHECK(BH <= std::numeric_limits<int32_t>::max(), "paged_remove_rows_: B * H must fit in a CUDA grid, got ",
               BH);
-  TORCH_CHECK(K <= std::numeric_limits<int32_t>::max(), "rows must have K < 2^31, got ", K);
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(key_pages));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AG_CHECK(K <= std::numeric_limits<int32_t>::max(), "rows must have K < 2^31, got ", K);
+  const cuda::DeviceGuard device_guard(key_pages);
+  const cudaStream_t stream = cuda::current_stream();
   const pg::Tables t = pg::make_tables(key_pages, page_table, lengths, free_pages, free_count);
 
   // Scratch: [status][free0][stages: 3, zeroed][heads: 4 * BH][holes: BH][sorted: BH * K].
-  const at::Tensor scratch = cuda::make_status_scratch(key_pages, 4 + 5 * BH + BH * K, 5);
-  int32_t* status = scratch.data_ptr<int32_t>();
+  const Tensor scratch = cuda::make_status_scratch(key_pages, 4 + 5 * BH + BH * K, 5);
+  int32_t* status = scratch.mutable_data_ptr<int32_t>();
   int32_t* free0 = status + 1;
   int32_t* stages = status + 2;
   const pg::HeadScratch heads = pg::carve_heads(status + 5, BH);
@@ -180,13 +180,13 @@ void paged_remove_rows_cuda(at::Tensor& key_pages, at::Tensor& value_pages, at::
   int32_t* sorted = holes + BH;
 
   if (BH > 0) {
-    head_kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(t, rows.data_ptr<int32_t>(), sorted, holes, heads,
+    head_kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(t, rows.mutable_data_ptr<int32_t>(), sorted, holes, heads,
                                                                      stages, K, rows.stride(0), rows.stride(1),
                                                                      rows.stride(2));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   plan_kernel<kPlanThreads><<<1, kPlanThreads, 0, stream>>>(t, stages, heads, status, free0, BH);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   if (BH > 0 && K > 0 && D > 0) {
     const bool vec = rows_aligned_for(16, {&key_pages, &value_pages});
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_pages.scalar_type(), "paged_remove_rows_cuda", [&] {
@@ -195,20 +195,20 @@ void paged_remove_rows_cuda(at::Tensor& key_pages, at::Tensor& value_pages, at::
       p.vp = {value_pages.stride(0), value_pages.stride(1)};
       p.K = K;
       const int64_t vec_width = vec ? 16 / static_cast<int64_t>(sizeof(scalar_t)) : 1;
-      TORCH_CHECK(D / vec_width * kThreads <= std::numeric_limits<int32_t>::max(), "paged_remove_rows_: head dim D = ",
+      AG_CHECK(D / vec_width * kThreads <= std::numeric_limits<int32_t>::max(), "paged_remove_rows_: head dim D = ",
                   D, " is too large");
       p.units_per_row = static_cast<int>(D / vec_width);
       auto kernel = vec ? moves_kernel<scalar_t, true> : moves_kernel<scalar_t, false>;
-      kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(key_pages.data_ptr<scalar_t>(),
-                                                                 value_pages.data_ptr<scalar_t>(), t, sorted, holes,
+      kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(key_pages.mutable_data_ptr<scalar_t>(),
+                                                                 value_pages.mutable_data_ptr<scalar_t>(), t, sorted, holes,
                                                                  heads, status, free0, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   cuda::check_status("paged_remove_rows_", scratch);
 }
 
 }  // namespace
-}  // namespace attngate
+ATTNGATE_IMPL(CUDA, paged_remove_rows_, paged_remove_rows_cuda);
 
-TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("paged_remove_rows_", &attngate::paged_remove_rows_cuda); }
+}  // namespace attngate
