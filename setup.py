@@ -11,13 +11,14 @@ Build switches (environment variables):
   MAX_JOBS              parallel compile jobs; default 2 (the development machines have 2 cores).
   ATTNGATE_DEBUG=1      -O0 -g host code, -lineinfo device code, debug info kept (stripped otherwise).
 
-Objects are kept in build/temp.<python>-torch<version>-<cpu|cuda>/, so a rebuild (scripts/bootstrap.sh, an editable
-install) recompiles only what changed.
+Objects are kept in build/temp.<python>-torch<version>-<cpu|cuda>-<torch location>/, so a rebuild
+(scripts/bootstrap.sh, an editable install) recompiles only what changed; pip's isolated builds use a temporary folder.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import sys
 
@@ -46,19 +47,15 @@ def _check_build_torch() -> None:
         )
 
 
-def _write_build_info(cuda_built: bool, cuda_reason: str) -> None:
+def _build_info(cuda_built: bool, cuda_reason: str) -> str:
     """attngate_ext/_build_info.py: what this build is, read at import (torch version check, CUDA warning)."""
-    text = (
-        '"""Written by setup.py at build time: what this build of attngate_ext._C is."""\n\n'
+    return (
+        '"""Written by setup.py next to the library it describes: what this build of attngate_ext._C is."""\n\n'
         f"TORCH_TARGET = {TORCH_TARGET!r}  # the oldest torch it loads in (stable-ABI target)\n"
         f"BUILT_WITH_TORCH = {torch.__version__!r}\n"
         f"CUDA_KERNELS = {cuda_built!r}\n"
         f"CUDA_REASON = {cuda_reason!r}  # why the CUDA kernels were (not) built\n"
     )
-    path = os.path.join(HERE, "attngate_ext", "_build_info.py")
-    if not os.path.exists(path) or open(path).read() != text:
-        with open(path, "w") as f:
-            f.write(text)
 
 
 def _extension():
@@ -75,14 +72,15 @@ def _extension():
     link = [] if debug else ["-Wl,--strip-debug"]
     macros = []  # py_limited_api=True makes BuildExtension define Py_LIMITED_API itself
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills", "-Xcompiler=-Wall", target]
+    # USE_CUDA declares the stable C API's CUDA functions (torch_c10_cuda_check_msg, ...).
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills", "-Xcompiler=-Wall", target, "-DUSE_CUDA"]
     nvcc += ["-lineinfo"] if debug else []
     plan = plan_cuda(os.path.join(HERE, "csrc"), nvcc)
     if plan.build:
         say(f"building CPU and CUDA kernels ({plan.reason}); TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = nvcc + [f"-Xcompiler=-idirafter{d}" for d in plan.nvidia_include_dirs]
-        extra["cxx"] += [f"-idirafter{d}" for d in plan.nvidia_include_dirs]
+        extra["cxx"] += ["-DUSE_CUDA"] + [f"-idirafter{d}" for d in plan.nvidia_include_dirs]
         macros.append(("ATTNGATE_WITH_CUDA", "1"))
         ext_cls = cpp_extension.CUDAExtension
     else:
@@ -92,8 +90,7 @@ def _extension():
         else:
             say(f"building CPU kernels only ({plan.reason})")
         ext_cls = cpp_extension.CppExtension
-    _write_build_info(plan.build, plan.reason)
-    return ext_cls(
+    ext = ext_cls(
         name="attngate_ext._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
@@ -101,16 +98,36 @@ def _extension():
         extra_link_args=link,
         define_macros=macros,
         py_limited_api=True,
-    ), plan.build
+    )
+    ext.build_info = _build_info(plan.build, plan.reason)
+    return ext, plan.build
 
 
 class BuildExt(cpp_extension.BuildExtension):
-    """BuildExtension with a persistent object folder (incremental rebuilds, editable installs included)."""
+    """BuildExtension with a persistent object folder (incremental rebuilds, editable installs included) that writes
+    _build_info.py next to the library."""
 
     def finalize_options(self):
         super().finalize_options()
-        tag = f"{sys.implementation.cache_tag}-torch{torch.__version__}-{'cuda' if WITH_CUDA else 'cpu'}"
+        if "build_temp" in self.distribution.get_option_dict("build_ext"):
+            return  # given on the command line (build_ext -t DIR)
+        torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+        if "pip-build-env-" in torch_dir:
+            return  # pip's isolated build environment is deleted afterwards: its objects could never be reused
+        where = hashlib.sha1(torch_dir.encode()).hexdigest()[:8]  # one folder per torch installation
+        tag = f"{sys.implementation.cache_tag}-torch{torch.__version__}-{'cuda' if WITH_CUDA else 'cpu'}-{where}"
         self.build_temp = os.path.join(HERE, "build", f"temp.{tag}")
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        folders = {os.path.dirname(self.get_ext_fullpath(ext.name))}
+        if self.inplace or getattr(self, "editable_mode", False):  # the library ends up in the source tree
+            folders.add(self.get_finalized_command("build_py").get_package_dir("attngate_ext"))
+        for folder in folders:
+            path = os.path.join(folder, "_build_info.py")
+            if not os.path.exists(path) or open(path).read() != ext.build_info:
+                with open(path, "w") as f:
+                    f.write(ext.build_info)
 
 
 def _limited_api_tag() -> str:

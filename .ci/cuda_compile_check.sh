@@ -13,9 +13,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VENV=$(cd "$VENV" && pwd)
 "$VENV/bin/pip" install -q "${CUDA_TORCH_SPEC:-torch==2.14.1}" numpy ninja setuptools wheel
-site=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
-# The CUDA build of torch includes headers (cusparse.h, ...) that the nvidia wheels carry.
-export CPLUS_INCLUDE_PATH="$site/nvidia/cu13/include${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
+# No CPLUS_INCLUDE_PATH: the kernels include only the stable-ABI headers and nvcc's own; setup.py adds the headers of
+# torch's nvidia wheels itself, after nvcc's (see build_helpers/cuda.py).
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 log=build/cuda-compile.log
@@ -42,7 +41,7 @@ fi
 grep -q "Compiling entry function.*decode_tiled_kernel" "$log" || { echo "FAIL: no decode kernel in the ptxas report"; status=1; }
 
 # The built library registers CUDA kernels for every op (they cannot run here: no GPU).
-(cd attngate_ext && find . -name "*.py" -exec cp --parents {} ../build/cuda-lib/attngate_ext/ \;)
+(cd attngate_ext && find . -name "*.py" ! -name _build_info.py -exec cp --parents {} ../build/cuda-lib/attngate_ext/ \;)
 (cd build/cuda-lib && "$VENV/bin/python" - <<'PY'
 import torch, attngate_ext
 ops = ["gate_flags", "append_kv_", "compact_kv_", "decode_attention", "paged_append_kv_", "paged_compact_kv_",

@@ -6,15 +6,9 @@ Importing the package loads the compiled ``attngate_ext._C`` library, which regi
 
 from __future__ import annotations
 
-import torch
+from . import _extension
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
-except ImportError as exc:  # pragma: no cover - only hit on a broken install
-    raise ImportError(
-        "attngate_ext._C is not built. Install with `pip install --no-build-isolation .` "
-        "from the repository root (torch must already be installed)."
-    ) from exc
+_extension.load()  # loads attngate_ext._C, which registers the ops (clear ImportErrors, see _extension.py)
 
 from .gate import AttentionGate, AttentionGateConfig, GateOutput
 from .ops import (

@@ -10,8 +10,8 @@ namespace attngate {
 void check_gate_flags_args(const Tensor& gate_out, const Tensor& weight, const std::optional<Tensor>& bias,
                            double threshold, int64_t sink_tokens, int64_t position_offset,
                            const std::optional<Tensor>& valid);
-void check_append_kv_args(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths,
-                          const Tensor& key, const Tensor& value, const std::optional<Tensor>& keep);
+void check_append_kv_args(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths, const Tensor& key,
+                          const Tensor& value, const std::optional<Tensor>& keep);
 void check_compact_kv_args(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths,
                            const Tensor& keep);
 void check_decode_attention_args(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,

@@ -5,7 +5,7 @@
 
 #include "stable_api.h"
 
-#define ATTNGATE_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                  \
-  THO_DISPATCH_SWITCH(TYPE, NAME, THO_DISPATCH_CASE(ScalarType::Float, __VA_ARGS__) \
-                          THO_DISPATCH_CASE(ScalarType::Half, __VA_ARGS__)          \
-                          THO_DISPATCH_CASE(ScalarType::BFloat16, __VA_ARGS__))
+#define ATTNGATE_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                                  \
+  THO_DISPATCH_SWITCH(TYPE, NAME,                                                          \
+                      THO_DISPATCH_CASE(ScalarType::Float, __VA_ARGS__) THO_DISPATCH_CASE( \
+                          ScalarType::Half, __VA_ARGS__) THO_DISPATCH_CASE(ScalarType::BFloat16, __VA_ARGS__))

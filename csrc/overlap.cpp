@@ -27,7 +27,8 @@ constexpr size_t kMaxDims = 8;
 class Dims {
  public:
   void push_back(const Dim& d) {
-    AG_CHECK(n_ < kMaxDims, "memory-overlap check: tensors of more than ", kMaxDims - 1, " dimensions are not supported");
+    AG_CHECK(n_ < kMaxDims, "memory-overlap check: tensors of more than ", kMaxDims - 1,
+             " dimensions are not supported");
     dims_[n_++] = d;
   }
   size_t size() const { return n_; }
@@ -168,10 +169,10 @@ void check_self(const Tensor& t, const char* name, bool rows) {
   const Verdict v = self_verdict(layout_of(t, rows));
   const char* what = rows ? "rows" : "elements";
   AG_CHECK(v != Verdict::kOverlap, name, " must not have internal overlap: two of its ", what,
-              " share memory (e.g. an expand()ed or as_strided view); sizes ", t.sizes(), ", strides ", t.strides());
-  AG_CHECK(v == Verdict::kDisjoint, name, " must not have internal overlap: its strides ",
-              t.strides(), " interleave its ", what, " (sizes ", t.sizes(),
-              ") in a way too large to verify; use a slice or permutation of a dense buffer");
+           " share memory (e.g. an expand()ed or as_strided view); sizes ", t.sizes(), ", strides ", t.strides());
+  AG_CHECK(v == Verdict::kDisjoint, name, " must not have internal overlap: its strides ", t.strides(),
+           " interleave its ", what, " (sizes ", t.sizes(),
+           ") in a way too large to verify; use a slice or permutation of a dense buffer");
 }
 
 }  // namespace
@@ -180,12 +181,11 @@ void check_no_row_overlap(const Tensor& t, const char* name) { check_self(t, nam
 
 void check_no_element_overlap(const Tensor& t, const char* name) { check_self(t, name, /*rows=*/false); }
 
-void check_no_shared_memory(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name,
-                            bool b_rows) {
+void check_no_shared_memory(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, bool b_rows) {
   const Verdict v = pair_verdict(layout_of(a, /*rows=*/true), layout_of(b, b_rows));
   AG_CHECK(v != Verdict::kOverlap, a_name, " and ", b_name, " must not share memory");
   AG_CHECK(v != Verdict::kUnknown, a_name, " and ", b_name,
-              " must not share memory: they lie in one memory range with strides too interleaved to verify");
+           " must not share memory: they lie in one memory range with strides too interleaved to verify");
 }
 
 }  // namespace attngate

@@ -1,9 +1,7 @@
-#include "stable_api.h"
 #include "paged_attention_checks.h"
 
 #include <cmath>
 #include <limits>
-
 
 #include "checks.h"
 #include "paged_checks.h"
@@ -13,29 +11,29 @@ namespace {
 
 void check_same_device(const Tensor& t, const Tensor& ref, const char* name) {
   AG_CHECK(t.device() == ref.device(), name, " must be on the same device as key_pages (", ref.device(), "), got ",
-              t.device());
+           t.device());
 }
 
 // query (B, Hq, ..., D): batch and head dim match the cache, Hq a positive multiple of H, same dtype and device.
 void check_query(const Tensor& query, const Tensor& key_pages, const Tensor& page_table, int64_t dims) {
   const int64_t B = page_table.size(0), H = page_table.size(1), D = key_pages.size(2);
   AG_CHECK(query.dim() == dims && query.size(0) == B && query.size(-1) == D, "query must have shape ",
-              dims == 3 ? "(B, Hq, D)" : "(B, Hq, T, D)", " with (B, D) = (", B, ", ", D, "), got ", query.sizes());
+           dims == 3 ? "(B, Hq, D)" : "(B, Hq, T, D)", " with (B, D) = (", B, ", ", D, "), got ", query.sizes());
   AG_CHECK(H > 0 ? query.size(1) % H == 0 && query.size(1) > 0 : query.size(1) == 0,
-              "query heads Hq must be a positive multiple of the KV heads H = ", H, ", got Hq = ", query.size(1));
+           "query heads Hq must be a positive multiple of the KV heads H = ", H, ", got Hq = ", query.size(1));
   AG_CHECK(query.scalar_type() == key_pages.scalar_type(), "query must have the dtype of key_pages (",
-              key_pages.scalar_type(), "), got ", query.scalar_type());
+           key_pages.scalar_type(), "), got ", query.scalar_type());
   check_same_device(query, key_pages, "query");
   AG_CHECK(query.size(-1) <= 1 || query.stride(-1) == 1,
-              "query must have a contiguous last dimension (stride 1), got stride ", query.stride(-1));
+           "query must have a contiguous last dimension (stride 1), got stride ", query.stride(-1));
 }
 
 // A (B, H, n) per-row tensor of `dtype` on the cache's device.
 void check_rows_tensor(const Tensor& t, const char* name, ScalarType dtype, const char* dtype_name, int64_t B,
                        int64_t H, int64_t n, const char* n_name, const Tensor& key_pages) {
   AG_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", t.scalar_type());
-  AG_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == H && t.size(2) == n, name, " must have shape (B, H, ",
-              n_name, ") = (", B, ", ", H, ", ", n, "), got ", t.sizes());
+  AG_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == H && t.size(2) == n, name, " must have shape (B, H, ", n_name,
+           ") = (", B, ", ", H, ", ", n, "), got ", t.sizes());
   check_same_device(t, key_pages, name);
 }
 
@@ -52,9 +50,9 @@ void check_extra(const Tensor& key_pages, const Tensor& page_table, const std::o
   check_new_rows(*extra_key, "extra_key", key_pages, page_table, /*rows_dim=*/true);
   check_new_rows(*extra_value, "extra_value", key_pages, page_table, /*rows_dim=*/true);
   AG_CHECK(extra_value->sizes() == extra_key->sizes(), "extra_value must have the shape of extra_key ",
-              extra_key->sizes(), ", got ", extra_value->sizes());
+           extra_key->sizes(), ", got ", extra_value->sizes());
   AG_CHECK(extra_key->size(2) <= std::numeric_limits<int32_t>::max(), "extra_key must have E < 2^31 rows, got ",
-              extra_key->size(2));
+           extra_key->size(2));
   if (extra_rows.has_value()) {
     check_rows_tensor(*extra_rows, rows_name, rows_dtype, rows_dtype_name, page_table.size(0), page_table.size(1),
                       extra_key->size(2), "E", key_pages);
@@ -63,11 +61,9 @@ void check_extra(const Tensor& key_pages, const Tensor& page_table, const std::o
 
 }  // namespace
 
-void check_paged_decode_attention_args(const Tensor& query, const Tensor& key_pages,
-                                       const Tensor& value_pages, const Tensor& page_table,
-                                       const Tensor& lengths, double scale,
-                                       const std::optional<Tensor>& extra_key,
-                                       const std::optional<Tensor>& extra_value,
+void check_paged_decode_attention_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                       const Tensor& page_table, const Tensor& lengths, double scale,
+                                       const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
                                        const std::optional<Tensor>& extra_valid) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/false);
   check_query(query, key_pages, page_table, 3);
@@ -75,10 +71,9 @@ void check_paged_decode_attention_args(const Tensor& query, const Tensor& key_pa
   check_extra(key_pages, page_table, extra_key, extra_value, extra_valid, "extra_valid", kBool, "bool");
 }
 
-void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_pages,
-                                        const Tensor& value_pages, const Tensor& page_table,
-                                        const Tensor& lengths, const Tensor& key, const Tensor& value,
-                                        const Tensor& keep, const std::optional<Tensor>& valid,
+void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                        const Tensor& page_table, const Tensor& lengths, const Tensor& key,
+                                        const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
                                         int64_t window, double scale, const std::optional<Tensor>& extra_key,
                                         const std::optional<Tensor>& extra_value,
                                         const std::optional<Tensor>& extra_until) {
@@ -89,13 +84,12 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
   check_new_rows(key, "key", key_pages, page_table, /*rows_dim=*/true);
   AG_CHECK(key.size(2) == T, "key must have shape (B, H, T, D) with T = ", T, " (query's), got ", key.sizes());
   check_new_rows(value, "value", key_pages, page_table, /*rows_dim=*/true);
-  AG_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ",
-              value.sizes());
+  AG_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ", value.sizes());
   check_rows_tensor(keep, "keep", kBool, "bool", B, H, T, "T", key_pages);
   if (valid.has_value()) {
     AG_CHECK(valid->scalar_type() == kBool, "valid must be bool, got ", valid->scalar_type());
-    AG_CHECK(valid->dim() == 2 && valid->size(0) == B && valid->size(1) == T, "valid must have shape (B, T) = (",
-                B, ", ", T, "), got ", valid->sizes());
+    AG_CHECK(valid->dim() == 2 && valid->size(0) == B && valid->size(1) == T, "valid must have shape (B, T) = (", B,
+             ", ", T, "), got ", valid->sizes());
     check_same_device(*valid, key_pages, "valid");
   }
   AG_CHECK(window >= 1, "window must be >= 1, got ", window);

@@ -8,24 +8,20 @@
 
 #include "stable_api.h"
 
-
 namespace attngate {
 
 // query (B, Hq, D), the paged cache (check_paged_cache), scale finite, and the optional extra rows
 // extra_key/extra_value (B, H, E, D) with extra_valid (B, H, E) bool.
-void check_paged_decode_attention_args(const Tensor& query, const Tensor& key_pages,
-                                       const Tensor& value_pages, const Tensor& page_table,
-                                       const Tensor& lengths, double scale,
-                                       const std::optional<Tensor>& extra_key,
-                                       const std::optional<Tensor>& extra_value,
+void check_paged_decode_attention_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                       const Tensor& page_table, const Tensor& lengths, double scale,
+                                       const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
                                        const std::optional<Tensor>& extra_valid);
 
 // query (B, Hq, T, D), key/value (B, H, T, D), keep (B, H, T) bool, valid (B, T) bool, window >= 1, scale finite,
 // and the optional extra rows extra_key/extra_value (B, H, E, D) with extra_until (B, H, E) int32.
-void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_pages,
-                                        const Tensor& value_pages, const Tensor& page_table,
-                                        const Tensor& lengths, const Tensor& key, const Tensor& value,
-                                        const Tensor& keep, const std::optional<Tensor>& valid,
+void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                        const Tensor& page_table, const Tensor& lengths, const Tensor& key,
+                                        const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
                                         int64_t window, double scale, const std::optional<Tensor>& extra_key,
                                         const std::optional<Tensor>& extra_value,
                                         const std::optional<Tensor>& extra_until);

@@ -14,29 +14,27 @@
 
 namespace attngate {
 
-inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_pages,
-                                         const Tensor& value_pages, const Tensor& page_table,
-                                         const Tensor& lengths, const Tensor& free_pages,
+inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                         const Tensor& page_table, const Tensor& lengths, const Tensor& free_pages,
                                          const Tensor& free_count, const Tensor& key, const Tensor& value,
-                                         const Tensor& keep, const std::optional<Tensor>& valid,
-                                         const Tensor& ring_key, const Tensor& ring_value,
-                                         const Tensor& ring_valid, int64_t slot, double scale) {
+                                         const Tensor& keep, const std::optional<Tensor>& valid, const Tensor& ring_key,
+                                         const Tensor& ring_value, const Tensor& ring_valid, int64_t slot,
+                                         double scale) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/true);
   check_free_stack(key_pages, free_pages, free_count);
   const int64_t B = page_table.size(0), H = page_table.size(1);
   check_new_rows(key, "key", key_pages, page_table, /*rows_dim=*/false);
   check_new_rows(value, "value", key_pages, page_table, /*rows_dim=*/false);
   AG_CHECK(keep.scalar_type() == kBool, "keep must be bool, got ", keep.scalar_type());
-  AG_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == H, "keep must have shape (B, H) = (", B, ", ",
-              H, "), got ", keep.sizes());
-  AG_CHECK(keep.device() == key_pages.device(), "keep must be on the same device as key_pages (",
-              key_pages.device(), "), got ", keep.device());
+  AG_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == H, "keep must have shape (B, H) = (", B, ", ", H,
+           "), got ", keep.sizes());
+  AG_CHECK(keep.device() == key_pages.device(), "keep must be on the same device as key_pages (", key_pages.device(),
+           "), got ", keep.device());
   if (valid.has_value()) {
     AG_CHECK(valid->scalar_type() == kBool, "valid must be bool, got ", valid->scalar_type());
-    AG_CHECK(valid->dim() == 1 && valid->size(0) == B, "valid must have shape (B,) = (", B, ",), got ",
-                valid->sizes());
+    AG_CHECK(valid->dim() == 1 && valid->size(0) == B, "valid must have shape (B,) = (", B, ",), got ", valid->sizes());
     AG_CHECK(valid->device() == key_pages.device(), "valid must be on the same device as key_pages (",
-                key_pages.device(), "), got ", valid->device());
+             key_pages.device(), "), got ", valid->device());
   }
   // The ring is the attention's extra rows (B, H, W, D) with ring_valid (B, H, W): the decode checks cover it.
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,

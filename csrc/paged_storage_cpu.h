@@ -6,10 +6,9 @@
 #include <cstdint>
 #include <vector>
 
-
-#include "stable_api.h"
 #include "checks.h"
 #include "paged_storage_tables.h"
+#include "stable_api.h"
 
 namespace attngate::cpu {
 

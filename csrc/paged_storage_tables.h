@@ -5,7 +5,6 @@
 
 #include "stable_api.h"
 
-
 #if defined(__CUDACC__)
 #define ATTNGATE_PAGED_HD __host__ __device__ __forceinline__
 #else
@@ -37,13 +36,23 @@ struct Tables {
   ATTNGATE_PAGED_HD bool id_ok(int64_t id) const { return id >= 0 && id < P; }
 };
 
-inline Tables make_tables(const Tensor& key_pages, Tensor& page_table, Tensor& lengths,
-                          Tensor& free_pages, Tensor& free_count) {
-  return Tables{page_table.mutable_data_ptr<int32_t>(), page_table.stride(0),          page_table.stride(1),
-                page_table.stride(2),           lengths.mutable_data_ptr<int32_t>(),   lengths.stride(0),
-                lengths.stride(1),              free_pages.mutable_data_ptr<int32_t>(), free_pages.stride(0),
-                free_count.mutable_data_ptr<int32_t>(), page_table.size(0),            page_table.size(1),
-                page_table.size(2),             key_pages.size(0),             key_pages.size(1)};
+inline Tables make_tables(const Tensor& key_pages, Tensor& page_table, Tensor& lengths, Tensor& free_pages,
+                          Tensor& free_count) {
+  return Tables{page_table.mutable_data_ptr<int32_t>(),
+                page_table.stride(0),
+                page_table.stride(1),
+                page_table.stride(2),
+                lengths.mutable_data_ptr<int32_t>(),
+                lengths.stride(0),
+                lengths.stride(1),
+                free_pages.mutable_data_ptr<int32_t>(),
+                free_pages.stride(0),
+                free_count.mutable_data_ptr<int32_t>(),
+                page_table.size(0),
+                page_table.size(1),
+                page_table.size(2),
+                key_pages.size(0),
+                key_pages.size(1)};
 }
 
 }  // namespace paged

@@ -62,8 +62,8 @@ std::string register_once(const char* owner) {
       impls.emplace_back(e.key, lib);
     }
     if (torch_library_impl(lib, e.op, e.fn, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS) {
-      return std::string(owner) + ": registering the " + e.key + " kernel of " + e.op + " failed: " +
-             last_torch_error();
+      return std::string(owner) + ": registering the " + e.key + " kernel of " + e.op +
+             " failed: " + last_torch_error();
     }
   }
   return "";

@@ -33,6 +33,9 @@ extern const int kNumSchemas;
 #define ATTNGATE_CONCAT_INNER(a, b) a##b
 #define ATTNGATE_CONCAT(a, b) ATTNGATE_CONCAT_INNER(a, b)
 // ATTNGATE_IMPL(CPU, gate_flags, gate_flags_cpu): registers gate_flags_cpu as the CPU kernel of attngate::gate_flags.
-#define ATTNGATE_IMPL(key, op, fn)                                                                   \
-  static const ::attngate::KernelEntry ATTNGATE_CONCAT(attngate_kernel_entry_, __LINE__)(#key, #op, \
-                                                                                         TORCH_BOX(&fn))
+// init_priority(101), the first that programs may use: the table is complete before any default-priority static
+// initialiser runs, such as the CMake library's call of register_ops() (the order of static initialisers across
+// files is otherwise unspecified).
+#define ATTNGATE_IMPL(key, op, fn)                                                        \
+  static const ::attngate::KernelEntry ATTNGATE_CONCAT(attngate_kernel_entry_, __LINE__) \
+      __attribute__((init_priority(101)))(#key, #op, TORCH_BOX(&fn))

@@ -63,11 +63,11 @@ std::string message(const Args&... args) {
 
 // Raises a RuntimeError (std::runtime_error; torch turns it into Python's RuntimeError) with the message made of
 // the arguments when `cond` is false.
-#define AG_CHECK(cond, ...)                                                        \
-  do {                                                                             \
-    if (!(cond)) [[unlikely]] {                                                    \
-      throw std::runtime_error(::attngate::detail::message(__VA_ARGS__));          \
-    }                                                                              \
+#define AG_CHECK(cond, ...)                                               \
+  do {                                                                    \
+    if (!(cond)) [[unlikely]] {                                           \
+      throw std::runtime_error(::attngate::detail::message(__VA_ARGS__)); \
+    }                                                                     \
   } while (0)
 
 // An uninitialised tensor of `sizes` and `dtype` on the device of `like` (contiguous).

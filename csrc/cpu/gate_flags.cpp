@@ -3,25 +3,24 @@
 // threshold, forced sink keeps, padding, and the (B, T, H) -> (B, H, T) transpose — is one fused pass.
 #include <cmath>
 
-
+#include "checks.h"
 #include "registration.h"
 #include "stable_api.h"
-#include "checks.h"
 
 namespace attngate {
 namespace {
 
-void gate_flags_epilogue(const float* logits,   // (B, T, H) contiguous
-                         const float* bias,     // (H) or nullptr
+void gate_flags_epilogue(const float* logits,  // (B, T, H) contiguous
+                         const float* bias,    // (H) or nullptr
                          const Tensor& valid,  // (B, T) bool or undefined
-                         int64_t B, int64_t T, int64_t H, float threshold, int64_t sink_tokens,
-                         int64_t position_offset,
+                         int64_t B, int64_t T, int64_t H, float threshold, int64_t sink_tokens, int64_t position_offset,
                          float* probs, bool* keep) {  // (B, H, T) contiguous
   const bool* valid_p = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  const int64_t vs_b = valid.defined() ? valid.stride(0) : 0, vs_t = valid.defined() ? valid.stride(1) : 0;
   torch::stable::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / T, t = i % T;
-      const bool is_valid = valid_p == nullptr || valid_p[b * valid.stride(0) + t * valid.stride(1)];
+      const bool is_valid = valid_p == nullptr || valid_p[b * vs_b + t * vs_t];
       const bool is_sink = position_offset + t < sink_tokens;
       for (int64_t h = 0; h < H; ++h) {
         const float z = logits[i * H + h] + (bias != nullptr ? bias[h] : 0.0f);
@@ -35,9 +34,8 @@ void gate_flags_epilogue(const float* logits,   // (B, T, H) contiguous
 }
 
 std::tuple<Tensor, Tensor> gate_flags_cpu(const Tensor& gate_out, const Tensor& weight,
-                                                  const std::optional<Tensor>& bias, double threshold,
-                                                  int64_t sink_tokens, int64_t position_offset,
-                                                  const std::optional<Tensor>& valid) {
+                                          const std::optional<Tensor>& bias, double threshold, int64_t sink_tokens,
+                                          int64_t position_offset, const std::optional<Tensor>& valid) {
   check_gate_flags_args(gate_out, weight, bias, threshold, sink_tokens, position_offset, valid);
   const int64_t B = gate_out.size(0), T = gate_out.size(1), H = weight.size(0);
   Tensor probs = empty_like_device({B, H, T}, kFloat, gate_out);

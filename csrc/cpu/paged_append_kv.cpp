@@ -6,39 +6,40 @@
 #include <algorithm>
 #include <vector>
 
-
-#include "registration.h"
-#include "stable_api.h"
 #include "checks.h"
+#include "cpu/cpu_utils.h"
 #include "dispatch.h"
 #include "paged_append.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cpu.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
 
 template <typename scalar_t>
 void paged_append_rows(Tensor& key_pages, Tensor& value_pages,  // (P, S, D)
-                       const cpu::Tables& t,                      // page table already holds the new pages
+                       const cpu::Tables& t,                    // page table already holds the new pages
                        const Tensor& key, const Tensor& value,  // (B, H, T, D)
-                       const Tensor& keep,                          // (B, H, T) bool or undefined
-                       const std::vector<int64_t>& old) {               // [b * H + h] rows before the append
+                       const Tensor& keep,                      // (B, H, T) bool or undefined
+                       const std::vector<int64_t>& old) {       // [b * H + h] rows before the append
   const int64_t H = key.size(1), T = key.size(2), D = key.size(3);
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
   const scalar_t* k = key.const_data_ptr<scalar_t>();
   const scalar_t* v = value.const_data_ptr<scalar_t>();
   const bool* keep_p = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  const cpu::Strides3 ks = cpu::strides3(key), vs = cpu::strides3(value);
+  const cpu::Strides3 keeps = keep.defined() ? cpu::strides3(keep) : cpu::Strides3{};
   torch::stable::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       cpu::RowCursor dst(t, bh, old[bh]);
       for (int64_t i = 0; i < T; ++i) {
-        if (keep_p != nullptr && !keep_p[b * keep.stride(0) + h * keep.stride(1) + i * keep.stride(2)]) continue;
+        if (keep_p != nullptr && !keep_p[keeps.at(b, h, i)]) continue;
         const int64_t page = dst.page();
-        std::copy_n(k + b * key.stride(0) + h * key.stride(1) + i * key.stride(2), D, pool.key_row(page, dst.slot));
-        std::copy_n(v + b * value.stride(0) + h * value.stride(1) + i * value.stride(2), D,
-                    pool.value_row(page, dst.slot));
+        std::copy_n(k + ks.at(b, h, i), D, pool.key_row(page, dst.slot));
+        std::copy_n(v + vs.at(b, h, i), D, pool.value_row(page, dst.slot));
         dst.next();
       }
     }
@@ -48,8 +49,8 @@ void paged_append_rows(Tensor& key_pages, Tensor& value_pages,  // (P, S, D)
 }  // namespace
 
 void paged_append_kv_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
-                         Tensor& free_pages, Tensor& free_count, const Tensor& key,
-                         const Tensor& value, const std::optional<Tensor>& keep) {
+                         Tensor& free_pages, Tensor& free_count, const Tensor& key, const Tensor& value,
+                         const std::optional<Tensor>& keep) {
   check_paged_append_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
   const cpu::Tables t = paged::make_tables(key_pages, page_table, lengths, free_pages, free_count);
   const int64_t H = t.H, T = key.size(2), S = t.S, BH = t.B * t.H;
@@ -63,12 +64,13 @@ void paged_append_kv_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_ta
   std::vector<int64_t> next(old), need(static_cast<size_t>(BH), 0);
   int64_t total_need = 0;
   int32_t status = 0;
+  const cpu::Strides3 keeps = keep.has_value() ? cpu::strides3(*keep) : cpu::Strides3{};
   for (int64_t bh = 0; bh < BH; ++bh) {
     int64_t kept = T;
     if (keep.has_value()) {
-      const bool* kp = keep->const_data_ptr<bool>() + (bh / H) * keep->stride(0) + (bh % H) * keep->stride(1);
+      const bool* kp = keep->const_data_ptr<bool>() + keeps.at(bh / H, bh % H, 0);
       kept = 0;
-      for (int64_t i = 0; i < T; ++i) kept += kp[i * keep->stride(2)];
+      for (int64_t i = 0; i < T; ++i) kept += kp[i * keeps.s2];
     }
     next[bh] = old[bh] + kept;
     if (cpu::pages_for(next[bh], S) > t.M) status |= kStatusPageTableFull;
@@ -95,8 +97,7 @@ void paged_append_kv_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_ta
   }
   if (T > 0 && key.size(3) > 0) {
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_pages.scalar_type(), "paged_append_kv_cpu", [&] {
-      paged_append_rows<scalar_t>(key_pages, value_pages, t, key, value, keep.has_value() ? *keep : Tensor(),
-                                  old);
+      paged_append_rows<scalar_t>(key_pages, value_pages, t, key, value, keep.has_value() ? *keep : Tensor(), old);
     });
   }
   for (int64_t bh = 0; bh < BH; ++bh) *t.length(bh) = static_cast<int32_t>(next[bh]);

@@ -7,9 +7,8 @@
 #include <cstdint>
 #include <limits>
 
-
-#include "stable_api.h"
 #include "cpu/paged_attention_isa.h"
+#include "stable_api.h"
 
 namespace attngate::cpu::paged {
 
@@ -99,7 +98,8 @@ constexpr int64_t kSerialFlops = 4 * 1024 * 1024;  // prefill
 template <class Init, class Fn>
 void parallel_items(int64_t n, bool serial, const Init& init, const Fn& fn) {
   if (n <= 0) return;
-  const int64_t threads = serial ? 1 : std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(torch::stable::get_num_threads()), n));
+  const int64_t threads =
+      serial ? 1 : std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(torch::stable::get_num_threads()), n));
   if (threads == 1) {
     auto scratch = init();
     for (int64_t i = 0; i < n; ++i) fn(i, scratch);

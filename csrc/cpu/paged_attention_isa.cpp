@@ -9,7 +9,6 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#include "stable_api.h"
 #include "cpu/paged_attention_isa.h"
 
 #include <algorithm>
@@ -19,6 +18,7 @@
 #include <cstring>
 #include <string>
 
+#include <torch/headeronly/util/Half.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>

@@ -6,7 +6,6 @@
 
 #include "stable_api.h"
 
-
 namespace attngate::cpu {
 
 // Writes attention of query (B, Hq, D) over each KV head's paged rows plus the extra rows where extra_valid into
@@ -14,24 +13,19 @@ namespace attngate::cpu {
 // lengths and page ids are checked here (raises, naming `op`, before any work).
 void paged_decode_attention_out(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                 const Tensor& page_table, const Tensor& lengths, double scale,
-                                const std::optional<Tensor>& extra_key,
-                                const std::optional<Tensor>& extra_value,
+                                const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
                                 const std::optional<Tensor>& extra_valid, Tensor& out,
                                 const char* op = "paged_decode_attention");
 
 // The ops themselves (argument checks included).
-Tensor paged_decode_attention_cpu(const Tensor& query, const Tensor& key_pages,
-                                      const Tensor& value_pages, const Tensor& page_table,
-                                      const Tensor& lengths, double scale,
-                                      const std::optional<Tensor>& extra_key,
-                                      const std::optional<Tensor>& extra_value,
-                                      const std::optional<Tensor>& extra_valid);
-Tensor paged_prefill_attention_cpu(const Tensor& query, const Tensor& key_pages,
-                                       const Tensor& value_pages, const Tensor& page_table,
-                                       const Tensor& lengths, const Tensor& key, const Tensor& value,
-                                       const Tensor& keep, const std::optional<Tensor>& valid, int64_t window,
-                                       double scale, const std::optional<Tensor>& extra_key,
-                                       const std::optional<Tensor>& extra_value,
-                                       const std::optional<Tensor>& extra_until);
+Tensor paged_decode_attention_cpu(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                  const Tensor& page_table, const Tensor& lengths, double scale,
+                                  const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
+                                  const std::optional<Tensor>& extra_valid);
+Tensor paged_prefill_attention_cpu(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                   const Tensor& page_table, const Tensor& lengths, const Tensor& key,
+                                   const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
+                                   int64_t window, double scale, const std::optional<Tensor>& extra_key,
+                                   const std::optional<Tensor>& extra_value, const std::optional<Tensor>& extra_until);
 
 }  // namespace attngate::cpu

@@ -6,22 +6,21 @@
 #include <algorithm>
 #include <vector>
 
-
-#include "registration.h"
-#include "stable_api.h"
 #include "checks.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cpu.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
 
 template <typename scalar_t>
-void paged_compact_rows(Tensor& key_pages, Tensor& value_pages,  // (P, S, D)
+void paged_compact_rows(Tensor& key_pages, Tensor& value_pages,    // (P, S, D)
                         const cpu::Tables& t, const Tensor& keep,  // keep (B, H, L) bool
-                        const std::vector<int64_t>& old,                    // [b * H + h] rows before
-                        const std::vector<int64_t>& stay) {                 // [b * H + h] rows before the 1st drop
+                        const std::vector<int64_t>& old,           // [b * H + h] rows before
+                        const std::vector<int64_t>& stay) {        // [b * H + h] rows before the 1st drop
   const int64_t H = t.H;
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
   const bool* kp = keep.const_data_ptr<bool>();

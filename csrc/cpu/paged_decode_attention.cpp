@@ -10,14 +10,13 @@
 #include <limits>
 #include <vector>
 
-
-#include "registration.h"
-#include "stable_api.h"
 #include "checks.h"
 #include "cpu/paged_attention_common.h"
 #include "cpu/paged_attention_kernels.h"
 #include "dispatch.h"
 #include "paged_attention_checks.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate::cpu {
 namespace {
@@ -117,9 +116,10 @@ void decode(const DecodeProblem& p, const Tensor& query, Tensor& out) {
     sc.zeros.assign(static_cast<size_t>(dp), 0.f);
     return sc;
   };
+  const int64_t q_sb = query.stride(0), q_sh = query.stride(1);  // read once: each stride() calls into torch
   paged::parallel_items(items, p.serial, init, [&](int64_t item, Scratch& sc) {
     float* base = parts.data() + item * per_item;
-    run_item<scalar_t>(p, q, query.stride(0), query.stride(1), item, base, base + G * dp, base + G * dp + G, sc);
+    run_item<scalar_t>(p, q, q_sb, q_sh, item, base, base + G * dp, base + G * dp + G, sc);
   });
   // Merge the splits of every (b, h, g) in split order; zeros where no row was visible. On the calling thread: it
   // is small (B * Hq * ns * D multiply-adds), and a second parallel region costs more than it whenever the
@@ -150,8 +150,7 @@ void decode(const DecodeProblem& p, const Tensor& query, Tensor& out) {
 
 void paged_decode_attention_out(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                 const Tensor& page_table, const Tensor& lengths, double scale,
-                                const std::optional<Tensor>& extra_key,
-                                const std::optional<Tensor>& extra_value,
+                                const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
                                 const std::optional<Tensor>& extra_valid, Tensor& out, const char* op) {
   std::vector<int64_t> lens;
   raise_for_status(op, validate_paged_state_cpu(key_pages, page_table, lengths, lens));
@@ -180,12 +179,10 @@ void paged_decode_attention_out(const Tensor& query, const Tensor& key_pages, co
                                    [&] { decode<scalar_t>(p, query, out); });
 }
 
-Tensor paged_decode_attention_cpu(const Tensor& query, const Tensor& key_pages,
-                                      const Tensor& value_pages, const Tensor& page_table,
-                                      const Tensor& lengths, double scale,
-                                      const std::optional<Tensor>& extra_key,
-                                      const std::optional<Tensor>& extra_value,
-                                      const std::optional<Tensor>& extra_valid) {
+Tensor paged_decode_attention_cpu(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                  const Tensor& page_table, const Tensor& lengths, double scale,
+                                  const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
+                                  const std::optional<Tensor>& extra_valid) {
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
                                     extra_valid);
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);

@@ -6,20 +6,20 @@
 #include <algorithm>
 #include <vector>
 
-
-#include "registration.h"
-#include "stable_api.h"
 #include "checks.h"
+#include "cpu/cpu_utils.h"
 #include "cpu/paged_attention_kernels.h"
 #include "dispatch.h"
 #include "paged_step.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
 
 template <typename scalar_t>
 void write_ring_slot(Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid,  // (B, H, W[, D])
-                     const Tensor& key, const Tensor& value,                      // (B, H, D)
+                     const Tensor& key, const Tensor& value,                    // (B, H, D)
                      const Tensor& keep, const std::optional<Tensor>& valid, int64_t slot) {
   const int64_t B = key.size(0), H = key.size(1), D = key.size(2);
   scalar_t* rk = ring_key.mutable_data_ptr<scalar_t>();
@@ -29,30 +29,31 @@ void write_ring_slot(Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid,  
   const scalar_t* v = value.const_data_ptr<scalar_t>();
   const bool* kp = keep.const_data_ptr<bool>();
   const bool* vp = valid.has_value() ? valid->const_data_ptr<bool>() : nullptr;
+  const int64_t vs = vp != nullptr ? valid->stride(0) : 0;  // strides read once: each stride() calls into torch
+  const cpu::Strides3 rks = cpu::strides3(ring_key), rvs = cpu::strides3(ring_value), rvals = cpu::strides3(ring_valid);
+  const int64_t k_sb = key.stride(0), k_sh = key.stride(1), v_sb = value.stride(0), v_sh = value.stride(1);
+  const int64_t keep_sb = keep.stride(0), keep_sh = keep.stride(1);
   for (int64_t b = 0; b < B; ++b) {
-    const bool row_valid = vp == nullptr || vp[b * valid->stride(0)];
+    const bool row_valid = vp == nullptr || vp[b * vs];
     for (int64_t h = 0; h < H; ++h) {
-      std::copy_n(k + b * key.stride(0) + h * key.stride(1), D,
-                  rk + b * ring_key.stride(0) + h * ring_key.stride(1) + slot * ring_key.stride(2));
-      std::copy_n(v + b * value.stride(0) + h * value.stride(1), D,
-                  rv + b * ring_value.stride(0) + h * ring_value.stride(1) + slot * ring_value.stride(2));
-      rvalid[b * ring_valid.stride(0) + h * ring_valid.stride(1) + slot * ring_valid.stride(2)] =
-          row_valid && !kp[b * keep.stride(0) + h * keep.stride(1)];
+      std::copy_n(k + b * k_sb + h * k_sh, D, rk + rks.at(b, h, slot));
+      std::copy_n(v + b * v_sb + h * v_sh, D, rv + rvs.at(b, h, slot));
+      rvalid[rvals.at(b, h, slot)] = row_valid && !kp[b * keep_sb + h * keep_sh];
     }
   }
 }
 
-Tensor paged_decode_step_cpu(const Tensor& query, Tensor& key_pages, Tensor& value_pages,
-                                 Tensor& page_table, Tensor& lengths, Tensor& free_pages,
-                                 Tensor& free_count, const Tensor& key, const Tensor& value,
-                                 const Tensor& keep, const std::optional<Tensor>& valid, Tensor& ring_key,
-                                 Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale) {
+Tensor paged_decode_step_cpu(const Tensor& query, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
+                             Tensor& lengths, Tensor& free_pages, Tensor& free_count, const Tensor& key,
+                             const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
+                             Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale) {
   check_paged_decode_step_args(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
                                keep, valid, ring_key, ring_value, ring_valid, slot, scale);
   // The whole paged state first (the append checks only the pages it writes, the attention reads them all).
   std::vector<int64_t> lens;
   raise_for_status("paged_decode_step_", validate_paged_state_cpu(key_pages, page_table, lengths, lens));
-  append_new_token(paged_append_kv_cpu, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
+  append_new_token(paged_append_kv_cpu, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
+                   keep);
   ATTNGATE_DISPATCH_FLOATING_TYPES(key.scalar_type(), "paged_decode_step_cpu", [&] {
     write_ring_slot<scalar_t>(ring_key, ring_value, ring_valid, key, value, keep, valid, slot);
   });

@@ -17,14 +17,14 @@
 #include <limits>
 #include <vector>
 
-
-#include "registration.h"
-#include "stable_api.h"
 #include "checks.h"
+#include "cpu/cpu_utils.h"
 #include "cpu/paged_attention_common.h"
 #include "cpu/paged_attention_kernels.h"
 #include "dispatch.h"
 #include "paged_attention_checks.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate::cpu {
 namespace {
@@ -110,19 +110,19 @@ struct Scratch {
 
 // Runs item `index` (split `split`) into ot (D, Mq), m (Mq), l (Mq).
 template <typename scalar_t>
-void run_item(const PrefillProblem& p, const Tensor& query, int64_t index, int64_t split, float* ot, float* m,
-              float* l, Scratch& sc) {
+void run_item(const PrefillProblem& p, const Tensor& query, int64_t index, int64_t split, float* ot, float* m, float* l,
+              Scratch& sc) {
   const Item it = item_of(p, index);
   const int64_t Mq = p.Mq, D = p.D, nq = it.t1 - it.t0 + 1;
   const scalar_t* q = query.const_data_ptr<scalar_t>();
+  const cpu::Strides3 qs = cpu::strides3(query);
   for (int64_t row = 0; row < Mq; ++row) {
     const int64_t g = row / p.tq, i = row % p.tq;
     sc.pos[row] = static_cast<int32_t>(it.t1);  // padding rows: computed like the last query, never written
     for (int64_t d = 0; d < D; ++d) sc.qt[d * Mq + row] = 0.f;
     if (g >= it.gn || i >= nq) continue;
     sc.pos[row] = static_cast<int32_t>(it.t0 + i);
-    const scalar_t* src =
-        q + it.b * query.stride(0) + (it.h * p.G + it.g0 + g) * query.stride(1) + (it.t0 + i) * query.stride(2);
+    const scalar_t* src = q + qs.at(it.b, it.h * p.G + it.g0 + g, it.t0 + i);
     for (int64_t d = 0; d < D; ++d) sc.qt[d * Mq + row] = static_cast<float>(src[d]) * p.scale;
   }
   std::fill(ot, ot + D * Mq, 0.f);
@@ -206,13 +206,11 @@ void prefill(const PrefillProblem& p, const Tensor& query, Tensor& out) {
 
 }  // namespace
 
-Tensor paged_prefill_attention_cpu(const Tensor& query, const Tensor& key_pages,
-                                       const Tensor& value_pages, const Tensor& page_table,
-                                       const Tensor& lengths, const Tensor& key, const Tensor& value,
-                                       const Tensor& keep, const std::optional<Tensor>& valid, int64_t window,
-                                       double scale, const std::optional<Tensor>& extra_key,
-                                       const std::optional<Tensor>& extra_value,
-                                       const std::optional<Tensor>& extra_until) {
+Tensor paged_prefill_attention_cpu(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                   const Tensor& page_table, const Tensor& lengths, const Tensor& key,
+                                   const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
+                                   int64_t window, double scale, const std::optional<Tensor>& extra_key,
+                                   const std::optional<Tensor>& extra_value, const std::optional<Tensor>& extra_until) {
   constexpr const char* op = "paged_prefill_attention";
   check_paged_prefill_attention_args(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid,
                                      window, scale, extra_key, extra_value, extra_until);
@@ -224,12 +222,37 @@ Tensor paged_prefill_attention_cpu(const Tensor& query, const Tensor& key_pages,
   const int64_t D = key_pages.size(2), width = paged::kernels().width;
   const int64_t rows = std::clamp<int64_t>(kItemStateFloats / D, width, kRowsPerItem);
   const int64_t gt = std::min(G, rows), tq = std::clamp<int64_t>(rows / gt, 1, T);
-  PrefillProblem p{B, H, G, T, D, extra_key.has_value() ? extra_key->size(2) : 0, gt, tq,
-                   (gt * tq + width - 1) / width * width, (G + gt - 1) / gt, (T + tq - 1) / tq, 1, false,
-                   paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
-                   paged::PagedRows(key_pages, value_pages, page_table), paged::DenseRows(key, value),
-                   paged::DenseRows(), nullptr, 0, 0, 0, keep.mutable_data_ptr<bool>(), keep.stride(0), keep.stride(1),
-                   keep.stride(2), nullptr, 0, 0, std::min<int64_t>(window, T + 1)};
+  PrefillProblem p{B,
+                   H,
+                   G,
+                   T,
+                   D,
+                   extra_key.has_value() ? extra_key->size(2) : 0,
+                   gt,
+                   tq,
+                   (gt * tq + width - 1) / width * width,
+                   (G + gt - 1) / gt,
+                   (T + tq - 1) / tq,
+                   1,
+                   false,
+                   paged::row_type(query.scalar_type()),
+                   static_cast<float>(scale) * paged::kLog2e,
+                   &lens,
+                   paged::PagedRows(key_pages, value_pages, page_table),
+                   paged::DenseRows(key, value),
+                   paged::DenseRows(),
+                   nullptr,
+                   0,
+                   0,
+                   0,
+                   keep.mutable_data_ptr<bool>(),
+                   keep.stride(0),
+                   keep.stride(1),
+                   keep.stride(2),
+                   nullptr,
+                   0,
+                   0,
+                   std::min<int64_t>(window, T + 1)};
   if (p.E > 0) p.extra = paged::DenseRows(*extra_key, *extra_value);
   if (extra_until.has_value()) {
     p.until = extra_until->mutable_data_ptr<int32_t>();

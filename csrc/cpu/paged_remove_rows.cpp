@@ -7,13 +7,12 @@
 #include <algorithm>
 #include <vector>
 
-
-#include "registration.h"
-#include "stable_api.h"
 #include "checks.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cpu.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -65,12 +64,13 @@ void paged_remove_rows_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_
   std::vector<HeadRemoval> plans(static_cast<size_t>(BH));
   std::vector<int64_t> next(old);
   const int32_t* rp = rows.const_data_ptr<int32_t>();
+  const int64_t rs_b = rows.stride(0), rs_h = rows.stride(1), rs_k = rows.stride(2);  // read once
   int32_t status = 0;
   for (int64_t bh = 0; bh < BH; ++bh) {
     HeadRemoval& p = plans[bh];
-    const int32_t* head_rows = rp + (bh / H) * rows.stride(0) + (bh % H) * rows.stride(1);
+    const int32_t* head_rows = rp + (bh / H) * rs_b + (bh % H) * rs_h;
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t r = head_rows[k * rows.stride(2)];
+      const int64_t r = head_rows[k * rs_k];
       if (r >= old[bh]) status |= kStatusBadRow;
       if (r >= 0) p.gone.push_back(r);
     }

@@ -12,13 +12,12 @@
 #include <algorithm>
 #include <limits>
 
-
-#include "stable_api.h"
-#include "registration.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -167,8 +166,8 @@ __global__ void __launch_bounds__(kThreads) append_rows_kernel(
 
 }  // namespace
 
-void append_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, const Tensor& key,
-                    const Tensor& value, const std::optional<Tensor>& keep) {
+void append_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, const Tensor& key, const Tensor& value,
+                    const std::optional<Tensor>& keep) {
   check_append_kv_args(key_cache, value_cache, lengths, key, value, keep);
   const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), D = key_cache.size(3);
   const int64_t T = key.size(2);
@@ -179,7 +178,7 @@ void append_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, con
   const cudaStream_t stream = cuda::current_stream();
   const int64_t nchunks = cuda::ceil_div(T, kChunk);
   AG_CHECK(BH * nchunks <= std::numeric_limits<int32_t>::max(), "append_kv_: B * H * ceil(T / ", kChunk,
-              ") must fit in a CUDA grid, got ", BH * nchunks);
+           ") must fit in a CUDA grid, got ", BH * nchunks);
   const bool has_keep = keep.has_value();
   const bool vec = rows_aligned_for(16, {&key_cache, &value_cache, &key, &value});
   const int64_t units16 = cuda::ceil_div(D * static_cast<int64_t>(key_cache.element_size()), 16);
@@ -204,9 +203,10 @@ void append_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, con
     const int threads = static_cast<int>(std::min<int64_t>(kSmallThreads, cuda::round_up(std::max(BH * 32, items), 32)));
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "append_kv_cuda", [&] {
       auto kernel = vec ? append_small_kernel<scalar_t, true> : append_small_kernel<scalar_t, false>;
-      kernel<<<1, threads, 0, stream>>>(key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(),
-                                        lengths.mutable_data_ptr<int32_t>(), key.mutable_data_ptr<scalar_t>(),
-                                        value.mutable_data_ptr<scalar_t>(), keep_ptr, scratch.mutable_data_ptr<int32_t>(), p);
+      kernel<<<1, threads, 0, stream>>>(key_cache.mutable_data_ptr<scalar_t>(),
+                                        value_cache.mutable_data_ptr<scalar_t>(), lengths.mutable_data_ptr<int32_t>(),
+                                        key.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(), keep_ptr,
+                                        scratch.mutable_data_ptr<int32_t>(), p);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
     cuda::check_status("append_kv_", scratch);
@@ -227,17 +227,17 @@ void append_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, con
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int plan_threads = static_cast<int>(std::min<int64_t>(cuda::kPlanThreads, BH * 32));
-  cuda::plan_lengths_kernel<true><<<1, plan_threads, 0, stream>>>(
-      lengths.mutable_data_ptr<int32_t>(), offsets, old_len, new_len, status, BH, H, lengths.stride(0), lengths.stride(1),
-      nchunks, T, C, /*keep_len=*/0);
+  cuda::plan_lengths_kernel<true><<<1, plan_threads, 0, stream>>>(lengths.mutable_data_ptr<int32_t>(), offsets, old_len,
+                                                                  new_len, status, BH, H, lengths.stride(0),
+                                                                  lengths.stride(1), nchunks, T, C, /*keep_len=*/0);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (nchunks > 0 && D > 0) {
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "append_kv_cuda", [&] {
       auto kernel = vec ? append_rows_kernel<scalar_t, true> : append_rows_kernel<scalar_t, false>;
       kernel<<<static_cast<unsigned>(BH * nchunks), kThreads, 0, stream>>>(
-          key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(), key.mutable_data_ptr<scalar_t>(),
-          value.mutable_data_ptr<scalar_t>(), keep_ptr, offsets, old_len, status, p);
+          key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(),
+          key.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(), keep_ptr, offsets, old_len, status, p);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -25,13 +25,12 @@
 #include <algorithm>
 #include <limits>
 
-
-#include "stable_api.h"
-#include "registration.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -201,7 +200,7 @@ void compact_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, co
   const int64_t nchunks = cuda::ceil_div(std::min(C, L), S);
   const int64_t nitems = BH * nchunks;
   AG_CHECK(nitems <= std::numeric_limits<int32_t>::max(), "compact_kv_: B * H * ceil(min(C, L) / ", S,
-              ") must fit in a CUDA grid, got ", nitems);
+           ") must fit in a CUDA grid, got ", nitems);
 
   // Scratch: [status][ticket][read_done: nitems][old_len: BH][new_len: BH][chunk counts / offsets: nitems].
   const Tensor scratch = cuda::make_status_scratch(key_cache, 1 + 2 * nitems + 2 * BH, 2 + nitems);
@@ -215,8 +214,8 @@ void compact_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, co
   int32_t* len_ptr = lengths.mutable_data_ptr<int32_t>();
   if (nitems > 0) {
     cuda::count_kept_kernel<kThreads><<<static_cast<unsigned>(nitems), kThreads, 0, stream>>>(
-        keep.mutable_data_ptr<bool>(), len_ptr, offsets, H, keep.stride(0), keep.stride(1), keep.stride(2), lengths.stride(0),
-        lengths.stride(1), nchunks, static_cast<int>(S), std::min(C, L));
+        keep.mutable_data_ptr<bool>(), len_ptr, offsets, H, keep.stride(0), keep.stride(1), keep.stride(2),
+        lengths.stride(0), lengths.stride(1), nchunks, static_cast<int>(S), std::min(C, L));
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int plan_threads = static_cast<int>(std::min<int64_t>(cuda::kPlanThreads, BH * 32));
@@ -238,9 +237,9 @@ void compact_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, co
       const int64_t units = vec ? D / (16 / static_cast<int64_t>(sizeof(scalar_t))) : D;
       if (wide) {
         auto kernel = vec ? compact_wide_kernel<scalar_t, true> : compact_wide_kernel<scalar_t, false>;
-        kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(key_cache.mutable_data_ptr<scalar_t>(),
-                                                                  value_cache.mutable_data_ptr<scalar_t>(),
-                                                                  keep.mutable_data_ptr<bool>(), old_len, status, p, units);
+        kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(
+            key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(),
+            keep.mutable_data_ptr<bool>(), old_len, status, p, units);
         STD_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -249,12 +248,12 @@ void compact_kv_cuda(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, co
       const size_t smem = static_cast<size_t>(S * pair_bytes);
       auto kernel = vec ? compact_rows_kernel<scalar_t, true> : compact_rows_kernel<scalar_t, false>;
       if (smem > 48 * 1024) {
-        STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
+        STD_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       }
       kernel<<<static_cast<unsigned>(nitems), kThreads, smem, stream>>>(
-          key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(), keep.mutable_data_ptr<bool>(), offsets, old_len,
-          status, ticket, read_done, p);
+          key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(),
+          keep.mutable_data_ptr<bool>(), offsets, old_len, status, ticket, read_done, p);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -6,9 +6,9 @@
 
 #include <cuda_runtime.h>
 
-#include "stable_api.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
+#include "stable_api.h"
 
 namespace attngate {
 namespace cuda {

@@ -17,17 +17,16 @@
 #include <cmath>
 #include <limits>
 
-
-#include "stable_api.h"
-#include "registration.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "decode_common.cuh"
 #include "decode_tiled.cuh"
 #include "decode_wide.cuh"
 #include "dispatch.h"
 #include "launch_cache.cuh"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -99,7 +98,7 @@ DecodeKernel<scalar_t> pick_kernel(const Layout& l, bool vec) {
 }  // namespace
 
 Tensor decode_attention_cuda(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
-                                 const Tensor& lengths, double scale) {
+                             const Tensor& lengths, double scale) {
   check_decode_attention_args(query, key_cache, value_cache, lengths, scale);
   const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), D = key_cache.size(3);
   const int64_t Hq = query.size(1);
@@ -140,7 +139,7 @@ Tensor decode_attention_cuda(const Tensor& query, const Tensor& key_cache, const
     p.nsplit = static_cast<int>(nsplit);
     const int64_t blocks = base_blocks * nsplit;
     AG_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
-                "decode_attention: too many (batch, head, split) blocks: ", blocks);
+             "decode_attention: too many (batch, head, split) blocks: ", blocks);
 
     const Tensor scratch = cuda::make_status_scratch(key_cache, 0, 1);
     Tensor partials;
@@ -153,8 +152,9 @@ Tensor decode_attention_cuda(const Tensor& query, const Tensor& key_cache, const
       part_out = partials.mutable_data_ptr<float>() + 2 * B * Hq * nsplit;
     }
     kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem, stream>>>(
-        query.mutable_data_ptr<scalar_t>(), key_cache.mutable_data_ptr<scalar_t>(), value_cache.mutable_data_ptr<scalar_t>(),
-        lengths.mutable_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), part_ml, part_out, scratch.mutable_data_ptr<int32_t>(), p);
+        query.mutable_data_ptr<scalar_t>(), key_cache.mutable_data_ptr<scalar_t>(),
+        value_cache.mutable_data_ptr<scalar_t>(), lengths.mutable_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),
+        part_ml, part_out, scratch.mutable_data_ptr<int32_t>(), p);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
     if (nsplit > 1) {
       decode::decode_merge_kernel<scalar_t><<<static_cast<unsigned>(B * Hq), decode::kMergeThreads, 0, stream>>>(

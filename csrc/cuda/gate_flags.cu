@@ -10,13 +10,12 @@
 #include <limits>
 #include <tuple>
 
-
-#include "stable_api.h"
-#include "registration.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -168,8 +167,7 @@ void launch_gate_flags(const Tensor& gate_out, const Tensor& weight, const std::
   const int64_t Hpad = cuda::round_up(p.H, kHeads);
   p.Gp = cuda::round_up(p.G, kChunk);
   const int64_t weight_bytes = Hpad * p.Gp * static_cast<int64_t>(sizeof(float));
-  AG_CHECK(Hpad * p.Gp < std::numeric_limits<int32_t>::max(), "gate_flags: weight too large (H * G = ", p.H * p.G,
-              ")");
+  AG_CHECK(Hpad * p.Gp < std::numeric_limits<int32_t>::max(), "gate_flags: weight too large (H * G = ", p.H * p.G, ")");
   const cuda::DeviceFacts* props = &cuda::device_facts();
   const bool in_smem = weight_bytes <= std::min<int64_t>(kMaxSmemWeights, props->sharedMemPerBlockOptin);
   Tensor weight_f;
@@ -197,17 +195,18 @@ void launch_gate_flags(const Tensor& gate_out, const Tensor& weight, const std::
                                            static_cast<int64_t>(props->multiProcessorCount) * std::max(per_sm, 1));
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, cuda::current_stream()>>>(
       gate_out.mutable_data_ptr<scalar_t>(), weight.mutable_data_ptr<scalar_t>(),
-      in_smem ? nullptr : weight_f.mutable_data_ptr<float>(), bias.has_value() ? bias->mutable_data_ptr<scalar_t>() : nullptr,
-      valid.has_value() ? valid->mutable_data_ptr<bool>() : nullptr, probs.mutable_data_ptr<float>(), keep.mutable_data_ptr<bool>(), p);
+      in_smem ? nullptr : weight_f.mutable_data_ptr<float>(),
+      bias.has_value() ? bias->mutable_data_ptr<scalar_t>() : nullptr,
+      valid.has_value() ? valid->mutable_data_ptr<bool>() : nullptr, probs.mutable_data_ptr<float>(),
+      keep.mutable_data_ptr<bool>(), p);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 std::tuple<Tensor, Tensor> gate_flags_cuda(const Tensor& gate_out, const Tensor& weight,
-                                                   const std::optional<Tensor>& bias, double threshold,
-                                                   int64_t sink_tokens, int64_t position_offset,
-                                                   const std::optional<Tensor>& valid) {
+                                           const std::optional<Tensor>& bias, double threshold, int64_t sink_tokens,
+                                           int64_t position_offset, const std::optional<Tensor>& valid) {
   check_gate_flags_args(gate_out, weight, bias, threshold, sink_tokens, position_offset, valid);
   const int64_t B = gate_out.size(0), T = gate_out.size(1), G = gate_out.size(2), H = weight.size(0);
   Tensor probs = empty_like_device({B, H, T}, kFloat, gate_out);

@@ -13,16 +13,15 @@
 #include <algorithm>
 #include <limits>
 
-
-#include "stable_api.h"
-#include "registration.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
 #include "paged_append.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cuda.cuh"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -153,8 +152,8 @@ __global__ void __launch_bounds__(kThreads) append_rows_kernel(
 }  // namespace
 
 void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
-                          Tensor& free_pages, Tensor& free_count, const Tensor& key,
-                          const Tensor& value, const std::optional<Tensor>& keep) {
+                          Tensor& free_pages, Tensor& free_count, const Tensor& key, const Tensor& value,
+                          const std::optional<Tensor>& keep) {
   check_paged_append_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
   const int64_t BH = page_table.size(0) * page_table.size(1), T = key.size(2), D = key_pages.size(2);
   const cuda::DeviceGuard device_guard(key_pages);
@@ -164,7 +163,7 @@ void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_t
   const bool fused = T <= kFusedMaxT && BH * T <= kFusedMaxRows && BH <= kFusedMaxHeads;
   const int64_t nchunks = fused ? 0 : cuda::ceil_div(T, kChunk);
   AG_CHECK(BH * nchunks <= std::numeric_limits<int32_t>::max(), "paged_append_kv_: B * H * ceil(T / ", kChunk,
-              ") must fit in a CUDA grid, got ", BH * nchunks);
+           ") must fit in a CUDA grid, got ", BH * nchunks);
 
   // Scratch: [status][old_len, new_len, count, before: BH each][chunk offsets: BH * nchunks when keep is given].
   // The plan writes every word that it or the copy kernel reads, so nothing needs zeroing.
@@ -189,13 +188,13 @@ void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_t
   ATTNGATE_DISPATCH_FLOATING_TYPES(key_pages.scalar_type(), "paged_append_kv_cuda", [&] {
     const int64_t vec_width = vec ? 16 / static_cast<int64_t>(sizeof(scalar_t)) : 1;
     AG_CHECK(D / vec_width * kChunk <= std::numeric_limits<int32_t>::max(), "paged_append_kv_: head dim D = ", D,
-                " is too large");
+             " is too large");
     p.units_per_row = static_cast<int>(D / vec_width);
     if (fused) {
       auto kernel = vec ? append_fused_kernel<scalar_t, true> : append_fused_kernel<scalar_t, false>;
-      kernel<<<1, kPlanThreads, 0, stream>>>(key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t,
-                                             key.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(), keep_ptr, heads,
-                                             status, BH, p);
+      kernel<<<1, kPlanThreads, 0, stream>>>(
+          key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t,
+          key.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(), keep_ptr, heads, status, BH, p);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -209,8 +208,9 @@ void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_t
     if (BH * nchunks > 0 && D > 0) {
       auto kernel = vec ? append_rows_kernel<scalar_t, true> : append_rows_kernel<scalar_t, false>;
       kernel<<<static_cast<unsigned>(BH * nchunks), kThreads, 0, stream>>>(
-          key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t, key.mutable_data_ptr<scalar_t>(),
-          value.mutable_data_ptr<scalar_t>(), keep_ptr, offsets, heads.old_len, status, p);
+          key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t,
+          key.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(), keep_ptr, offsets, heads.old_len,
+          status, p);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

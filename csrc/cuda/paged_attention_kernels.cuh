@@ -7,7 +7,6 @@
 
 #include "stable_api.h"
 
-
 namespace attngate {
 
 // Enqueues paged decode attention on the current stream: query (B, Hq, D) over each KV head's paged rows plus the
@@ -17,8 +16,7 @@ namespace attngate {
 // kStatusBadPageId, and the reads stay in bounds (such rows are skipped).
 void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                    const Tensor& page_table, const Tensor& lengths, double scale,
-                                   const std::optional<Tensor>& extra_key,
-                                   const std::optional<Tensor>& extra_value,
+                                   const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
                                    const std::optional<Tensor>& extra_valid, Tensor& out, int32_t* status);
 
 }  // namespace attngate

@@ -17,15 +17,14 @@
 #include <algorithm>
 #include <limits>
 
-
-#include "stable_api.h"
-#include "registration.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cuda.cuh"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -185,9 +184,8 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(
   }
 }
 
-void paged_compact_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
-                           Tensor& lengths, Tensor& free_pages, Tensor& free_count,
-                           const Tensor& keep) {
+void paged_compact_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                           Tensor& free_pages, Tensor& free_count, const Tensor& keep) {
   check_paged_compact_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, keep);
   const int64_t BH = page_table.size(0) * page_table.size(1), D = key_pages.size(2), L = keep.size(2);
   const cuda::DeviceGuard device_guard(key_pages);
@@ -202,12 +200,12 @@ void paged_compact_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_
     smem_limit = static_cast<int64_t>(cuda::device_facts().sharedMemPerBlockOptin) - 8192;
   }
   AG_CHECK(pair_bytes <= smem_limit, "paged_compact_kv_: a key and a value row (", pair_bytes,
-              " bytes) must fit in shared memory (", smem_limit, " bytes) on this device");
+           " bytes) must fit in shared memory (", smem_limit, " bytes) on this device");
   const int64_t CH = pair_bytes > 0 ? std::min<int64_t>(kMaxChunk, smem_limit / pair_bytes) : kMaxChunk;
   const int64_t nchunks = cuda::ceil_div(std::min(page_table.size(2) * key_pages.size(1), L), CH);
   const int64_t nitems = BH * nchunks;
   AG_CHECK(nitems <= std::numeric_limits<int32_t>::max(), "paged_compact_kv_: B * H * ceil(min(M * page_size, L) / ",
-              CH, ") must fit in a CUDA grid, got ", nitems);
+           CH, ") must fit in a CUDA grid, got ", nitems);
 
   // Scratch: [status][ticket][bad_ids][free0][read_done: nitems][chunk counts / offsets: nitems][heads: 4 * BH].
   const Tensor scratch = cuda::make_status_scratch(key_pages, 3 + 2 * nitems + 4 * BH, 4 + nitems);
@@ -242,12 +240,12 @@ void paged_compact_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_
       const size_t smem = static_cast<size_t>(CH * pair_bytes);
       auto kernel = vec ? rows_kernel<scalar_t, true> : rows_kernel<scalar_t, false>;
       if (smem > kSmemBudget) {
-        STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
+        STD_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       }
       kernel<<<static_cast<unsigned>(nitems), kThreads, smem, stream>>>(
-          key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t, keep_ptr, offsets, heads, status,
-          free0, ticket, read_done, p);
+          key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t, keep_ptr, offsets, heads,
+          status, free0, ticket, read_done, p);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -13,18 +13,17 @@
 #include <algorithm>
 #include <limits>
 
-
-#include "stable_api.h"
-#include "registration.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda/decode_common.cuh"
 #include "cuda/paged_attention_device.cuh"
 #include "cuda/paged_attention_kernels.cuh"
 #include "cuda/paged_decode_tiles.cuh"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
 #include "paged_attention_checks.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -172,8 +171,7 @@ const T* data_or_null(const std::optional<Tensor>& t) {
 
 void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                    const Tensor& page_table, const Tensor& lengths, double scale,
-                                   const std::optional<Tensor>& extra_key,
-                                   const std::optional<Tensor>& extra_value,
+                                   const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
                                    const std::optional<Tensor>& extra_valid, Tensor& out, int32_t* status) {
   const int64_t B = page_table.size(0), H = page_table.size(1), M = page_table.size(2);
   const int64_t P = key_pages.size(0), S = key_pages.size(1), D = key_pages.size(2), Hq = query.size(1);
@@ -186,7 +184,7 @@ void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages,
   while (gt > 1 && 2 * gt * D * 4 > smem_limit) gt /= 2;
   const int64_t dyn_smem = 2 * gt * D * 4;
   AG_CHECK(dyn_smem <= smem_limit, "paged_decode_attention: head dim D = ", D,
-              " is too large for the CUDA kernel's shared memory on this device");
+           " is too large for the CUDA kernel's shared memory on this device");
   const bool vec = rows_aligned_for(16, {&key_pages, &value_pages}) &&
                    (!extra_key.has_value() || rows_aligned_for(16, {&*extra_key, &*extra_value}));
 
@@ -215,8 +213,8 @@ void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages,
     auto launch = [&](auto vec_tag, auto gt_tag) {
       auto kernel = paged_decode_kernel<scalar_t, decltype(vec_tag)::value, decltype(gt_tag)::value>;
       if (dyn_smem > 32 * 1024) {  // past 48 KiB with the static part: opt in
-        STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(dyn_smem)));
+        STD_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn_smem)));
       }
       int per_sm = 1;
       STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, dyn_smem));
@@ -235,10 +233,11 @@ void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages,
         part_out = partials.mutable_data_ptr<float>() + 2 * B * Hq * nsplit;
       }
       kernel<<<static_cast<unsigned>(blocks), kThreads, dyn_smem, stream>>>(
-          query.mutable_data_ptr<scalar_t>(), key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(),
-          page_table.mutable_data_ptr<int32_t>(), lengths.mutable_data_ptr<int32_t>(), data_or_null<scalar_t>(extra_key),
-          data_or_null<scalar_t>(extra_value), E > 0 ? data_or_null<bool>(extra_valid) : nullptr,
-          out.mutable_data_ptr<scalar_t>(), part_ml, part_out, status, p);
+          query.mutable_data_ptr<scalar_t>(), key_pages.mutable_data_ptr<scalar_t>(),
+          value_pages.mutable_data_ptr<scalar_t>(), page_table.mutable_data_ptr<int32_t>(),
+          lengths.mutable_data_ptr<int32_t>(), data_or_null<scalar_t>(extra_key), data_or_null<scalar_t>(extra_value),
+          E > 0 ? data_or_null<bool>(extra_valid) : nullptr, out.mutable_data_ptr<scalar_t>(), part_ml, part_out,
+          status, p);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
       if (nsplit > 1) {
         decode::decode_merge_kernel<scalar_t><<<static_cast<unsigned>(B * Hq), decode::kMergeThreads, 0, stream>>>(
@@ -262,12 +261,10 @@ void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages,
   });
 }
 
-Tensor paged_decode_attention_cuda(const Tensor& query, const Tensor& key_pages,
-                                       const Tensor& value_pages, const Tensor& page_table,
-                                       const Tensor& lengths, double scale,
-                                       const std::optional<Tensor>& extra_key,
-                                       const std::optional<Tensor>& extra_value,
-                                       const std::optional<Tensor>& extra_valid) {
+Tensor paged_decode_attention_cuda(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                   const Tensor& page_table, const Tensor& lengths, double scale,
+                                   const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
+                                   const std::optional<Tensor>& extra_valid) {
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
                                     extra_valid);
   const cuda::DeviceGuard device_guard(query);

@@ -3,26 +3,25 @@
 // and the visibility flags), then the query attends over the pages and the valid ring rows (the paged decode
 // attention kernels). No host synchronisation beyond the ops' optional status read-backs.
 
-#include "registration.h"
-#include "stable_api.h"
-#include "cuda/stable_cuda.cuh"
 #include "cuda/cuda_utils.cuh"
 #include "cuda/paged_attention_kernels.cuh"
+#include "cuda/stable_cuda.cuh"
 #include "paged_step.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
 
-Tensor paged_decode_step_cuda(const Tensor& query, Tensor& key_pages, Tensor& value_pages,
-                                  Tensor& page_table, Tensor& lengths, Tensor& free_pages,
-                                  Tensor& free_count, const Tensor& key, const Tensor& value,
-                                  const Tensor& keep, const std::optional<Tensor>& valid,
-                                  Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid, int64_t slot,
-                                  double scale) {
+Tensor paged_decode_step_cuda(const Tensor& query, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
+                              Tensor& lengths, Tensor& free_pages, Tensor& free_count, const Tensor& key,
+                              const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
+                              Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale) {
   check_paged_decode_step_args(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
                                keep, valid, ring_key, ring_value, ring_valid, slot, scale);
   const cuda::DeviceGuard device_guard(query);
-  append_new_token(paged_append_kv_cuda, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
+  append_new_token(paged_append_kv_cuda, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
+                   value, keep);
   Tensor key_slot = torch::stable::select(ring_key, 2, slot);
   Tensor value_slot = torch::stable::select(ring_value, 2, slot);
   Tensor valid_slot = torch::stable::select(ring_valid, 2, slot);

@@ -14,15 +14,14 @@
 #include <algorithm>
 #include <limits>
 
-
-#include "stable_api.h"
-#include "registration.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
 #include "cuda/paged_attention_device.cuh"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
 #include "paged_attention_checks.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -241,13 +240,12 @@ const T* data_or_null(const std::optional<Tensor>& t) {
 
 }  // namespace
 
-Tensor paged_prefill_attention_cuda(const Tensor& query, const Tensor& key_pages,
-                                        const Tensor& value_pages, const Tensor& page_table,
-                                        const Tensor& lengths, const Tensor& key, const Tensor& value,
-                                        const Tensor& keep, const std::optional<Tensor>& valid,
-                                        int64_t window, double scale, const std::optional<Tensor>& extra_key,
-                                        const std::optional<Tensor>& extra_value,
-                                        const std::optional<Tensor>& extra_until) {
+Tensor paged_prefill_attention_cuda(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                    const Tensor& page_table, const Tensor& lengths, const Tensor& key,
+                                    const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
+                                    int64_t window, double scale, const std::optional<Tensor>& extra_key,
+                                    const std::optional<Tensor>& extra_value,
+                                    const std::optional<Tensor>& extra_until) {
   check_paged_prefill_attention_args(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid,
                                      window, scale, extra_key, extra_value, extra_until);
   const cuda::DeviceGuard device_guard(query);
@@ -295,12 +293,12 @@ Tensor paged_prefill_attention_cuda(const Tensor& query, const Tensor& key_pages
       STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-        query.mutable_data_ptr<scalar_t>(), key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(),
-        page_table.mutable_data_ptr<int32_t>(), lengths.mutable_data_ptr<int32_t>(), key.mutable_data_ptr<scalar_t>(),
-        value.mutable_data_ptr<scalar_t>(), keep.mutable_data_ptr<bool>(), data_or_null<bool>(valid),
-        E > 0 ? data_or_null<scalar_t>(extra_key) : nullptr, E > 0 ? data_or_null<scalar_t>(extra_value) : nullptr,
-        E > 0 ? data_or_null<int32_t>(extra_until) : nullptr, out.mutable_data_ptr<scalar_t>(), scratch.mutable_data_ptr<int32_t>(),
-        p);
+        query.mutable_data_ptr<scalar_t>(), key_pages.mutable_data_ptr<scalar_t>(),
+        value_pages.mutable_data_ptr<scalar_t>(), page_table.mutable_data_ptr<int32_t>(),
+        lengths.mutable_data_ptr<int32_t>(), key.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(),
+        keep.mutable_data_ptr<bool>(), data_or_null<bool>(valid), E > 0 ? data_or_null<scalar_t>(extra_key) : nullptr,
+        E > 0 ? data_or_null<scalar_t>(extra_value) : nullptr, E > 0 ? data_or_null<int32_t>(extra_until) : nullptr,
+        out.mutable_data_ptr<scalar_t>(), scratch.mutable_data_ptr<int32_t>(), p);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   cuda::check_status("paged_prefill_attention", scratch);

@@ -15,15 +15,14 @@
 #include <algorithm>
 #include <limits>
 
-
-#include "stable_api.h"
-#include "registration.h"
-#include "cuda/stable_cuda.cuh"
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cuda.cuh"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -158,13 +157,11 @@ __global__ void __launch_bounds__(kThreads) moves_kernel(
   }
 }
 
-void paged_remove_rows_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
-                            Tensor& lengths, Tensor& free_pages, Tensor& free_count,
-                            const Tensor& rows) {
+void paged_remove_rows_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                            Tensor& free_pages, Tensor& free_count, const Tensor& rows) {
   check_paged_remove_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, rows);
   const int64_t BH = page_table.size(0) * page_table.size(1), D = key_pages.size(2), K = rows.size(2);
-  AG_CHECK(BH <= std::numeric_limits<int32_t>::max(), "paged_remove_rows_: B * H must fit in a CUDA grid, got ",
-              BH);
+  AG_CHECK(BH <= std::numeric_limits<int32_t>::max(), "paged_remove_rows_: B * H must fit in a CUDA grid, got ", BH);
   AG_CHECK(K <= std::numeric_limits<int32_t>::max(), "rows must have K < 2^31, got ", K);
   const cuda::DeviceGuard device_guard(key_pages);
   const cudaStream_t stream = cuda::current_stream();
@@ -180,9 +177,9 @@ void paged_remove_rows_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page
   int32_t* sorted = holes + BH;
 
   if (BH > 0) {
-    head_kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(t, rows.mutable_data_ptr<int32_t>(), sorted, holes, heads,
-                                                                     stages, K, rows.stride(0), rows.stride(1),
-                                                                     rows.stride(2));
+    head_kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(t, rows.mutable_data_ptr<int32_t>(), sorted, holes,
+                                                                    heads, stages, K, rows.stride(0), rows.stride(1),
+                                                                    rows.stride(2));
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   plan_kernel<kPlanThreads><<<1, kPlanThreads, 0, stream>>>(t, stages, heads, status, free0, BH);
@@ -195,13 +192,13 @@ void paged_remove_rows_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page
       p.vp = {value_pages.stride(0), value_pages.stride(1)};
       p.K = K;
       const int64_t vec_width = vec ? 16 / static_cast<int64_t>(sizeof(scalar_t)) : 1;
-      AG_CHECK(D / vec_width * kThreads <= std::numeric_limits<int32_t>::max(), "paged_remove_rows_: head dim D = ",
-                  D, " is too large");
+      AG_CHECK(D / vec_width * kThreads <= std::numeric_limits<int32_t>::max(), "paged_remove_rows_: head dim D = ", D,
+               " is too large");
       p.units_per_row = static_cast<int>(D / vec_width);
       auto kernel = vec ? moves_kernel<scalar_t, true> : moves_kernel<scalar_t, false>;
       kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(key_pages.mutable_data_ptr<scalar_t>(),
-                                                                 value_pages.mutable_data_ptr<scalar_t>(), t, sorted, holes,
-                                                                 heads, status, free0, p);
+                                                                 value_pages.mutable_data_ptr<scalar_t>(), t, sorted,
+                                                                 holes, heads, status, free0, p);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

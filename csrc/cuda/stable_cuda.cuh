@@ -27,8 +27,7 @@ inline int current_device() {
 
 // torch's current stream on the current device (the stream every kernel of an op is launched on).
 inline cudaStream_t current_stream() {
-  return static_cast<cudaStream_t>(
-      torch::stable::accelerator::getCurrentStream(current_device()).nativeHandle());
+  return static_cast<cudaStream_t>(torch::stable::accelerator::getCurrentStream(current_device()).nativeHandle());
 }
 
 // Makes the device of `t` current for the lifetime of the guard (at::cuda::OptionalCUDAGuard's job).
@@ -56,8 +55,7 @@ inline const DeviceFacts& device_facts() {
   std::call_once(once[device], [device] {
     DeviceFacts& f = facts[device];
     STD_CUDA_CHECK(cudaDeviceGetAttribute(&f.multiProcessorCount, cudaDevAttrMultiProcessorCount, device));
-    STD_CUDA_CHECK(
-        cudaDeviceGetAttribute(&f.sharedMemPerBlockOptin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&f.sharedMemPerBlockOptin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   });
   return facts[device];
 }
