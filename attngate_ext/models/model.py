@@ -206,7 +206,8 @@ def load_gates(model: nn.Module, path: str) -> nn.Module:
     """Loads gates saved by :func:`save_gates` into ``model`` (adding gates first if it has none); returns it.
 
     Raises ``ValueError`` naming the mismatch when the gates were saved for a different model shape or the model
-    already has gates with another config, and ``FileNotFoundError`` when ``path`` holds no saved gates.
+    already has gates with another config, or naming the tensor when a weight is NaN or infinite (such gates would
+    evict every token), and ``FileNotFoundError`` when ``path`` holds no saved gates.
     """
     from safetensors.torch import load_file
 
@@ -230,8 +231,17 @@ def load_gates(model: nn.Module, path: str) -> nn.Module:
     else:
         add_attention_gates(model, config)
     tensors = load_file(weights_path)
+    _check_finite(tensors, weights_path)
     for i, gate in enumerate(gates(model)):
         prefix = f"layers.{i}."
         own = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
         gate.load_state_dict(own, strict=True)
     return model
+
+
+def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{where}: gate weight {name} has {bad} NaN or infinite values; these gates are unusable "
+                             "(retrain them with finite hyperparameters)")

@@ -1,4 +1,4 @@
-"""Train the Attention-Gates of a pre-trained Llama-style model (SPEC section 3).
+"""Train the Attention-Gates of a pre-trained Llama-style model.
 
     python -m attngate_ext.train --model DIR --text a.txt b.txt --out runs/gates --steps 300
     python -m attngate_ext.train --model DIR --sft data.jsonl --out runs/sft --lora --steps 300
@@ -9,6 +9,7 @@ the gates are trained (``--lora`` adds LoRA adapters through peft). Loss = next-
 eviction loss. Checkpoints under ``OUT/checkpoints/step-N`` hold the gates (``save_gates`` format), the LoRA
 adapter, and the optimizer/scheduler state; ``--resume`` continues from the latest one. ``OUT/report.json`` gets
 the final losses and the measured retention per layer and head. The model directory is read locally only.
+A non-empty ``--out`` is refused unless ``--resume`` or ``--overwrite`` (see :mod:`attngate_ext.training.cli_checks`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -30,27 +32,30 @@ from ..gate.config import AttentionGateConfig
 from .data import Examples, sft_examples, text_examples
 from .losses import collect_retention, eviction_loss
 from ..models.model import add_attention_gates, gates, load_gates, save_gates
+from . import cli_checks as checks
+from .user_files import read_json_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_TARGETS = r".*\.self_attn\.attention\.(q_proj|k_proj|v_proj|o_proj)"  # the model's, not the gates' projections
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m attngate_ext.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m attngate_ext.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=checks.HelpWithDefaults)
     p.add_argument("--model", required=True, help="local Hugging Face model directory (Llama/Mistral/Qwen2)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text", nargs="+", help="plain-text files or directories of *.txt (continual pre-training)")
     data.add_argument("--sft", help="JSONL file of {prompt, answer} records (supervised fine-tuning)")
     p.add_argument("--out", required=True, help="output directory (checkpoints, final gates, report.json)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--max-documents", type=int, default=None, help="use only the first N text documents")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--lora-lr", type=float, default=1e-4, help="learning rate of the LoRA adapters")
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--target-eviction", type=float, default=0.5, help="target eviction ratio (default 0.5)")
     p.add_argument("--alpha", type=float, default=10.0, help="weight of the eviction loss (default 10)")
     p.add_argument("--per-layer-loss", action="store_true", help="target the ratio in every layer, not globally")
@@ -63,15 +68,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "zero every token has the same logit, so lowering the bias would evict all tokens at once; "
                         "a spread orders them, and retention falls smoothly. 0 keeps the near-zero W_g init")
     p.add_argument("--lora", action="store_true", help="also train LoRA adapters on q/k/v/o (needs peft)")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the model and the gates")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to train on (default: cuda when available, else cpu)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (an error when it has none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty --out: delete its checkpoints, gates, lora and report.json first")
     p.add_argument("--stop-after", type=int, default=None,
                    help="leave after N steps of this run (checkpointed; continue with --resume), e.g. for time limits")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order, fresh gates)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every"):
@@ -79,6 +88,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.target_eviction <= 1.0:
         p.error("--target-eviction must lie in [0, 1]")
+    checks.require(p, args, [
+        ("lr", checks.positive, "a finite number > 0"),
+        ("lora_lr", checks.positive, "a finite number > 0"),
+        ("weight_decay", checks.non_negative, "a finite number >= 0"),
+        ("alpha", checks.non_negative, "a finite number >= 0"),
+        ("init_spread", checks.non_negative, "a finite number >= 0"),
+        ("warmup", lambda x: x >= 0, ">= 0"),
+        ("lora_rank", checks.at_least_one, ">= 1"),
+        ("keep_checkpoints", checks.at_least_one, ">= 1"),
+        ("stop_after", checks.at_least_one, ">= 1"),
+        ("max_documents", checks.at_least_one, ">= 1"),
+    ])
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
     return args
 
 
@@ -86,8 +109,7 @@ def load_model(args: argparse.Namespace):
     """The frozen base model (local files only) with gates (fresh or from --init-gates) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model must be a local model directory, got {args.model!r}")
+    checks.require_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], local_files_only=True)
     model.to(args.device)
@@ -97,7 +119,7 @@ def load_model(args: argparse.Namespace):
     else:
         config = AttentionGateConfig()
         if args.gate_config:
-            config = AttentionGateConfig.from_json(Path(args.gate_config).read_text())
+            config = AttentionGateConfig.from_dict(read_json_file(args.gate_config, "--gate-config"))
         add_attention_gates(model, config)
         if args.init_spread > 0:
             randomize_gates(model, seed=args.seed, spread=args.init_spread)
@@ -195,10 +217,23 @@ def build_examples(args: argparse.Namespace, tokenizer) -> Examples:
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Runs the training described by ``args`` and returns the final report (also written to OUT/report.json)."""
+    out = Path(args.out)
+    created = checks.prepare_out_dir(out, args.resume, getattr(args, "overwrite", False), latest_checkpoint)
+    try:
+        report = _train(args, out)
+    except BaseException:
+        done = checks.clean_up_failed_run(out, created, latest_checkpoint)
+        if done:
+            print(done, file=sys.stderr)
+        raise
+    written = [out / name for name in ("gates", "lora", "report.json", "checkpoints") if (out / name).exists()]
+    print("outputs: " + ", ".join(str(p) for p in written), flush=True)
+    return report
+
+
+def _train(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args)
     peft_model = add_lora(model, args.lora_rank) if args.lora else None
     for gate in gates(model):
