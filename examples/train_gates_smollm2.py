@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Continual pre-training of Attention-Gates on SmolLM2-135M with Shakespeare, on CPU, then perplexity.
 
-    python examples/train_gates_smollm2.py [--steps 250] [--out runs/smollm2-gates]
+    python examples/train_gates_smollm2.py [--steps 600] [--out runs/smollm2-gates]
 
 1. Prepares the real model and text (examples/real_assets.py: GGUF -> HF directory, plays split by document).
 2. Trains the gates (base model frozen) with ``python -m attngate_ext.train`` at target eviction 0.5.
