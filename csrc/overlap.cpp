@@ -51,14 +51,19 @@ struct Layout {
   bool empty = true;  // no piece, or pieces of 0 bytes: nothing can overlap
 };
 
+// The sizes and strides are read as two arrays: each Tensor::size(d) / stride(d) would be a call into torch.
 Layout layout_of(const Tensor& t, bool rows) {
   Layout l;
   const int64_t elem = static_cast<int64_t>(t.element_size());
-  rows = rows && t.dim() > 0;
-  const int64_t nd = rows ? t.dim() - 1 : t.dim();
-  for (int64_t d = 0; d < nd; ++d) l.dims.push_back({t.size(d), t.stride(d) * elem});
-  l.extent = rows ? t.size(-1) * elem : elem;
-  l.empty = t.numel() == 0 || l.extent == 0;
+  const IntArrayRef sizes = t.sizes(), strides = t.strides();
+  const int64_t dims = static_cast<int64_t>(sizes.size());
+  rows = rows && dims > 0;
+  const int64_t nd = rows ? dims - 1 : dims;
+  int64_t numel = 1;
+  for (int64_t d = 0; d < dims; ++d) numel *= sizes[d];
+  for (int64_t d = 0; d < nd; ++d) l.dims.push_back({sizes[d], strides[d] * elem});
+  l.extent = rows ? sizes[dims - 1] * elem : elem;
+  l.empty = numel == 0 || l.extent == 0;
   if (!l.empty) l.base = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
   return l;
 }
