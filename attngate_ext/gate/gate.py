@@ -39,7 +39,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class AttentionGate(nn.Module):
-    """The Attention-Gate of one decoder layer (SPEC section 1).
+    """The Attention-Gate of one decoder layer (docs/design.md, section 1).
 
     ``Q' = RoPE(x W_q')``, ``K' = RoPE(x W_k')``, ``V' = x W_v'``, ``O' = causal_softmax(Q'K'^T / sqrt(d')) V'``,
     ``p = sigmoid(O' W_g + b_g)`` per KV head of the model, ``keep = p >= threshold`` or a sink position, and
