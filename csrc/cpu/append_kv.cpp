@@ -23,7 +23,7 @@ void append_kv_kernel(at::Tensor& key_cache, at::Tensor& value_cache,  // (B, H,
   const scalar_t* k = key.data_ptr<scalar_t>();
   const scalar_t* v = value.data_ptr<scalar_t>();
   const bool* keep_p = keep.defined() ? keep.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, cpu::grain_for(2 * T * D), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       int64_t dst = start[bh];

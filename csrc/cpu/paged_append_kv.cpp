@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/cpu_utils.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cpu.h"
@@ -28,7 +29,7 @@ void paged_append_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, S
   const scalar_t* k = key.data_ptr<scalar_t>();
   const scalar_t* v = value.data_ptr<scalar_t>();
   const bool* keep_p = keep.defined() ? keep.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(old.size()), cpu::grain_for(2 * T * D), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       cpu::RowCursor dst(t, bh, old[bh]);

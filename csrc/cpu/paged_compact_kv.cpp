@@ -4,12 +4,14 @@
 // Validate everything (including the free-stack overflow, which needs the kept counts), then move rows in
 // parallel over heads, then give the pages back: a failing call leaves every tensor untouched.
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/cpu_utils.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cpu.h"
@@ -26,7 +28,11 @@ void paged_compact_rows(at::Tensor& key_pages, at::Tensor& value_pages,  // (P, 
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
   const bool* kp = keep.data_ptr<bool>();
   const int64_t ks_b = keep.stride(0), ks_h = keep.stride(1), ks_r = keep.stride(2);
-  at::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t moving = 0;  // rows that may move, over all heads
+  for (size_t bh = 0; bh < old.size(); ++bh) moving += old[bh] - stay[bh];
+  const int64_t per_head = old.empty() ? 0 : moving / static_cast<int64_t>(old.size());
+  at::parallel_for(0, static_cast<int64_t>(old.size()), cpu::grain_for(2 * per_head * key_pages.size(2)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* flags = kp + (bh / H) * ks_b + (bh % H) * ks_h;
       // Rows before the first dropped one stay where they are. After it dst < src at every step, so copying
@@ -60,7 +66,8 @@ void paged_compact_kv_cpu(at::Tensor& key_pages, at::Tensor& value_pages, at::Te
   std::vector<int64_t> next(static_cast<size_t>(BH), 0), stay(static_cast<size_t>(BH), 0);
   const bool* kp = keep.data_ptr<bool>();
   const int64_t ks_b = keep.stride(0), ks_h = keep.stride(1), ks_r = keep.stride(2);
-  at::parallel_for(0, BH, 16, [&](int64_t begin, int64_t end) {
+  const int64_t mean_rows = BH > 0 ? std::accumulate(old.begin(), old.end(), int64_t{0}) / BH : 0;
+  at::parallel_for(0, BH, cpu::grain_for(mean_rows), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* flags = kp + (bh / H) * ks_b + (bh % H) * ks_h;
       int64_t kept = 0, first_drop = old[bh];
