@@ -10,7 +10,8 @@ Modes, all on the same model weights and the same prompt:
 
 Each mode: one short untimed warm-up (fresh cache), then one forward over the prompt with a fresh cache (prefill)
 and ``decode`` single-token forwards feeding back the argmax token (a plain loop; ``generate()``'s own overhead would
-dominate a tiny model). Timed with ``time.perf_counter``, synchronising the GPU around each timed region.
+dominate a tiny model), ``repeats`` times with a fresh cache; the times reported are the medians. Timed with
+``time.perf_counter``, synchronising the GPU around each timed region.
 
 KV bytes: dense = the key/value tensors of the DynamicCache; gated = ``memory_report()["kv_bytes"]`` (the pages held by
 some (row, head) and the window ring), with the gates' own K'/V' (``gate_bytes``) and the pool's free pages in their
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import inspect
+import statistics
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
@@ -70,6 +72,7 @@ class E2EConfig:
     prefill_chunk: int = 1024  # gated prefill in chunks of this many tokens (bounds the masks)
     warmup_prefill: int = 128  # untimed warm-up per mode: a prompt of this many tokens...
     warmup_decode: int = 4  # ...and this many decode steps
+    repeats: int = 3  # timed prefill + decode runs per mode (fresh cache each); times are their medians
     evictions: Tuple[float, ...] = EVICTIONS
     seed: int = 0
 
@@ -238,6 +241,13 @@ def run_mode(model: LlamaForCausalLM, prompt: torch.Tensor, cfg: E2EConfig, gate
 
     prefill_s, decode_s, tokens = _generate(model, prompt, cache, cfg.decode, lambda: at_prefill.update(measure()))
     final = measure()
+    # More timed runs on fresh caches: the median resists other processes on a shared machine.
+    prefills, decodes = [prefill_s], [decode_s]
+    for _ in range(cfg.repeats - 1):
+        p_s, d_s, _ = _generate(model, prompt, new_cache(), cfg.decode, lambda: None)
+        prefills.append(p_s)
+        decodes.append(d_s)
+    prefill_s, decode_s = statistics.median(prefills), statistics.median(decodes)
     result = ModeResult(
         prefill_s=prefill_s,
         decode_s=decode_s,
@@ -300,7 +310,8 @@ def print_head(cfg: E2EConfig) -> None:
           f"{cfg.head_dim}, MLP {cfg.intermediate}, vocab {cfg.vocab}")
     print(f"run: batch {cfg.batch} (one random prompt row, repeated), prefill {cfg.prefill} tokens, then {cfg.decode} "
           f"greedy single-token forwards (plain loop, no generate()); untimed warm-up of "
-          f"{min(cfg.warmup_prefill, cfg.prefill)}+{cfg.warmup_decode} tokens per mode")
+          f"{min(cfg.warmup_prefill, cfg.prefill)}+{cfg.warmup_decode} tokens per mode; times: median of "
+          f"{cfg.repeats} runs")
     print(f"gates: d'={gate.head_dim}, {gate.num_heads} heads / {gate.num_kv_heads} KV head: their own K'/V' cache "
           f"costs h'_kv*d'/(H*D) = {100 * cfg.gate_cost():.1f}% of dense; prefill_chunk {gate.prefill_chunk}; "
           "randomize_gates + calibrate_gate_bias on the prompt")

@@ -23,7 +23,7 @@ MODES = ["dense", "gated@0", "gated@0.5", "gated@0.75"]
 def _tiny(**overrides) -> E2EConfig:
     """2 layers, 4 query heads on 2 KV heads of dim 16 (GQA), batch 2: a few seconds for the four modes."""
     sizes = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=128, batch=2, prefill=128,
-                 decode=8, gate_head_dim=4, prefill_chunk=48, warmup_prefill=16, warmup_decode=2)
+                 decode=8, gate_head_dim=4, prefill_chunk=48, warmup_prefill=16, warmup_decode=2, repeats=1)
     sizes.update(overrides)
     return E2EConfig(device=torch.device("cpu"), dtype=torch.float32, **sizes)
 

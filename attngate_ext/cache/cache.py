@@ -136,7 +136,7 @@ class AttnGateLayer(CacheLayerMixin):
         flag_source: Optional[Any] = None,
         after_chunk: Optional[Any] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gates the new tokens, attends under the attention rule (docs/design.md) and stores only what stays.
+        """Gates the new tokens, attends under the eviction rule (docs/design.md, section 2) and stores only what stays.
 
         Args:
             query: ``(B, Hq, T, D)``; key, value: ``(B, H, T, D)`` (RoPE applied).

@@ -7,7 +7,7 @@ Every policy scores the tokens of a prompt per (batch row, KV head); :func:`budg
   rows in place with ``compact_kv_`` (:func:`prune_cache`);
 * in context (causal, during prefill, as the gate does) for the policies that decide a token when it is created:
   :func:`in_context_policy` turns them into a gate replacement (``GatedAttention.flag_source``) plus the window
-  ``protect_recent`` of the attention rule (docs/design.md, section 2).
+  ``protect_recent`` of the eviction rule (docs/design.md, section 2).
 
 Scores are computed from the post-RoPE queries and keys the gated layers record (``GatedAttention.record_qk``);
 with grouped-query attention the attention of a KV head is the sum over the query heads of its group.

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 @dataclasses.dataclass
 class AttentionGateConfig:
-    """Settings of the Attention-Gate (docs/design.md, section 1) and of the eviction rule (section 2).
+    """Settings of the Attention-Gate and of the eviction rule (docs/design.md, sections 1 and 2).
 
     Attributes:
         num_heads: query heads h' of the gate's own small attention.

@@ -37,8 +37,8 @@ class GatedAttention(nn.Module):
 
     The wrapped module keeps its weights and is restored by :func:`attngate_ext.remove_attention_gates`. The
     forward computes the model's q/k/v exactly as the wrapped module does, scores the tokens with ``gate`` and
-    attends under the attention rule (docs/design.md, section 2): with an :class:`AttnGateCache` only kept rows are
-    stored; without a cache the same rule is applied as a mask over the whole sequence.
+    attends under the eviction rule (docs/design.md, section 2): with an :class:`AttnGateCache` only kept rows are
+    stored; without a cache the same rule runs over the whole sequence inside the attention kernel.
     """
 
     def __init__(
@@ -183,7 +183,7 @@ class GatedAttention(nn.Module):
             window = self.gate.config.protect_recent
             self.last_gate, self.last_valid = GateOutput(gate.probs, keep, None, None), valid
             if gate.probs.requires_grad:
-                # Training: hard flags forward, the sigmoid's gradient backward, applied as
+                # Training (docs/design.md, section 3): hard flags forward, the sigmoid's gradient backward, applied as
                 # multiplicative weights so that evicted keys still get a gradient. Forced keeps (sinks,
                 # decode_gating=False tokens) carry no gradient.
                 probs = gate.probs.to(query.dtype)

@@ -1,4 +1,4 @@
-"""The eviction loss of the gates' training and the retention statistics logged during training."""
+"""The eviction loss (docs/design.md, section 3) and the retention statistics logged during training."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def eviction_loss(
     per_layer: bool = False,
     per_head: bool = False,
 ) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """``alpha * (mean retention - rho)^2`` with ``rho = 1 - target_eviction``.
+    """``alpha * (mean retention - rho)^2`` with ``rho = 1 - target_eviction`` (docs/design.md, section 3).
 
     Args:
         retain: per layer, the retention weights ``F`` ``(B, H, T)`` (straight-through flags: the forward value is the

@@ -1,4 +1,4 @@
-"""Train the Attention-Gates of a pre-trained Llama-style model.
+"""Train the Attention-Gates of a pre-trained Llama-style model (docs/design.md, section 3).
 
     python -m attngate_ext.train --model DIR --text a.txt b.txt --out runs/gates --steps 300
     python -m attngate_ext.train --model DIR --sft data.jsonl --out runs/sft --lora --steps 300

@@ -26,7 +26,7 @@ void append_kv_kernel(Tensor& key_cache, Tensor& value_cache,  // (B, H, C, D)
   const cpu::Strides3 ks = cpu::strides3(key), vs = cpu::strides3(value), kcs = cpu::strides3(key_cache),
                       vcs = cpu::strides3(value_cache);
   const cpu::Strides3 keeps = keep.defined() ? cpu::strides3(keep) : cpu::Strides3{};
-  torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, B * H, cpu::grain_for(2 * T * D), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       int64_t dst = start[bh];

@@ -1,10 +1,19 @@
 // Small helpers shared by the CPU kernels.
 #pragma once
+#include <algorithm>
 #include <vector>
 
 #include "stable_api.h"
 
 namespace attngate::cpu {
+
+// Items per parallel_for task such that a task handles at least ~32K elements. Small ops (a decode step's
+// append: one row per head) then run on the calling thread: waking the thread pool costs more than the work, and
+// on a loaded machine a parallel region can wait a whole scheduler slice for its second thread.
+inline int64_t grain_for(int64_t elems_per_item) {
+  constexpr int64_t kMinTaskElems = int64_t{1} << 15;
+  return std::max<int64_t>(1, kMinTaskElems / std::max<int64_t>(1, elems_per_item));
+}
 
 // Dot product of two float rows. Eight independent partial sums make the loop body lane-wise, so the compiler
 // vectorises it for the baseline ISA (a plain `sum += a[i] * b[i]` is a serial chain without -ffast-math, and

@@ -31,7 +31,7 @@ void paged_append_rows(Tensor& key_pages, Tensor& value_pages,  // (P, S, D)
   const bool* keep_p = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
   const cpu::Strides3 ks = cpu::strides3(key), vs = cpu::strides3(value);
   const cpu::Strides3 keeps = keep.defined() ? cpu::strides3(keep) : cpu::Strides3{};
-  torch::stable::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(old.size()), cpu::grain_for(2 * T * D), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       cpu::RowCursor dst(t, bh, old[bh]);

@@ -4,9 +4,11 @@
 // Validate everything (including the free-stack overflow, which needs the kept counts), then move rows in
 // parallel over heads, then give the pages back: a failing call leaves every tensor untouched.
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/cpu_utils.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cpu.h"
@@ -25,7 +27,11 @@ void paged_compact_rows(Tensor& key_pages, Tensor& value_pages,    // (P, S, D)
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
   const bool* kp = keep.const_data_ptr<bool>();
   const int64_t ks_b = keep.stride(0), ks_h = keep.stride(1), ks_r = keep.stride(2);
-  torch::stable::parallel_for(0, static_cast<int64_t>(old.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t moving = 0;  // rows that may move, over all heads
+  for (size_t bh = 0; bh < old.size(); ++bh) moving += old[bh] - stay[bh];
+  const int64_t per_head = old.empty() ? 0 : moving / static_cast<int64_t>(old.size());
+  torch::stable::parallel_for(0, static_cast<int64_t>(old.size()), cpu::grain_for(2 * per_head * key_pages.size(2)),
+                              [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* flags = kp + (bh / H) * ks_b + (bh % H) * ks_h;
       // Rows before the first dropped one stay where they are. After it dst < src at every step, so copying
@@ -59,7 +65,8 @@ void paged_compact_kv_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_t
   std::vector<int64_t> next(static_cast<size_t>(BH), 0), stay(static_cast<size_t>(BH), 0);
   const bool* kp = keep.const_data_ptr<bool>();
   const int64_t ks_b = keep.stride(0), ks_h = keep.stride(1), ks_r = keep.stride(2);
-  torch::stable::parallel_for(0, BH, 16, [&](int64_t begin, int64_t end) {
+  const int64_t mean_rows = BH > 0 ? std::accumulate(old.begin(), old.end(), int64_t{0}) / BH : 0;
+  torch::stable::parallel_for(0, BH, cpu::grain_for(mean_rows), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* flags = kp + (bh / H) * ks_b + (bh % H) * ks_h;
       int64_t kept = 0, first_drop = old[bh];

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/cpu_utils.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "paged_storage_cpu.h"
@@ -36,9 +37,11 @@ void for_each_mover(int64_t m, const int64_t* high, int64_t n_high, int64_t move
 
 template <typename scalar_t>
 void paged_remove_moves(Tensor& key_pages, Tensor& value_pages, const cpu::Tables& t,
-                        const std::vector<HeadRemoval>& plans, const std::vector<int64_t>& next) {
+                        const std::vector<HeadRemoval>& plans, const std::vector<int64_t>& next,
+                        int64_t K) {  // rows listed per head: at most K moves each
   const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
-  torch::stable::parallel_for(0, static_cast<int64_t>(plans.size()), 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(plans.size()), cpu::grain_for(2 * K * key_pages.size(2)),
+                              [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const HeadRemoval& p = plans[bh];
       const int64_t n_gone = static_cast<int64_t>(p.gone.size());
@@ -86,7 +89,7 @@ void paged_remove_rows_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_
 
   if (key_pages.size(2) > 0) {
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_pages.scalar_type(), "paged_remove_rows_cpu", [&] {
-      paged_remove_moves<scalar_t>(key_pages, value_pages, t, plans, next);
+      paged_remove_moves<scalar_t>(key_pages, value_pages, t, plans, next, rows.size(2));
     });
   }
   cpu::give_back(t, old, next, free);
