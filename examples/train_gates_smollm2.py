@@ -68,7 +68,8 @@ def main() -> int:
         train_main(["--gate-config", str(out / "gate_config.json"),"--model", str(model_dir), "--text", *map(str, train_files), "--out", str(out),
                     "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                     "--lr", str(args.lr), "--warmup", "20", "--target-eviction", "0.5", "--save-every", "50",
-                    "--alpha", str(args.alpha), *([] if args.global_loss else ["--per-head-loss"]), "--resume"])
+                    "--alpha", str(args.alpha), *([] if args.global_loss else ["--per-head-loss"]),
+                    *(["--resume"] if any(out.glob("checkpoints/step-*")) else [])])
     train_seconds = time.time() - started
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

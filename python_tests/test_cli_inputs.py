@@ -78,13 +78,23 @@ def test_a_second_run_into_a_full_out_is_refused_unless_overwrite(model_and_text
     _train(model_dir, text, out)
     first = (out / "report.json").read_text()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"--out .* is not empty .*--resume .*--overwrite"):
+    with pytest.raises(FileExistsError, match=r"--out .* holds the results of a run already \(checkpoints, gates, "
+                                              r"report.json\): pass --resume .*--overwrite"):
         _train(model_dir, text, out)
     assert (out / "report.json").read_text() == first  # untouched
     _train(model_dir, text, out, "--overwrite", "--seed", "1")
     assert (out / "report.json").read_text() != first
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite deletes the run's outputs only
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_a_folder_without_results_is_used_as_it_is(model_and_text, tmp_path):
+    model_dir, text = model_and_text
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gate_config.json").write_text(ag.AttentionGateConfig(protect_recent=2).to_json())
+    _train(model_dir, text, out, "--gate-config", str(out / "gate_config.json"))
+    assert (out / "report.json").is_file() and (out / "gate_config.json").is_file()
 
 
 def test_a_failed_run_leaves_no_empty_out_behind(model_and_text, tmp_path):

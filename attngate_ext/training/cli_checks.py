@@ -3,10 +3,12 @@ be finite and in range, the local model directory, and the output folder of a tr
 
 What ``train`` does with its ``--out`` folder:
 
-* a new or empty folder: the run writes into it; if the run fails before its first checkpoint, a folder that the
-  run created is removed again (nothing half-made is left behind);
-* a folder that holds files already: refused, unless ``--resume`` (continue its latest checkpoint) or
-  ``--overwrite`` (its checkpoints, gates, LoRA adapter and report are deleted first; other files stay);
+* a new folder, or one without results of a run (other files, such as a gate config, may be there): the run writes
+  into it; if the run fails before its first checkpoint, a folder that the run created is removed again (nothing
+  half-made is left behind);
+* a folder that holds results of a run already (checkpoints, gates, lora, report.json): refused, unless
+  ``--resume`` (continue its latest checkpoint) or ``--overwrite`` (those results are deleted first; other files
+  stay);
 * ``--resume`` with no checkpoint in the folder: refused (nothing to resume) instead of starting over.
 """
 
@@ -74,11 +76,10 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, latest_checkpoint:
             raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}, nothing to resume; "
                                     "start the run without --resume")
         return False
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
-        shown = ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else "")
-        raise FileExistsError(f"--out {out} is not empty ({shown}): pass --resume to continue its run, --overwrite "
-                              "to replace its results, or choose another folder")
+        raise FileExistsError(f"--out {out} holds the results of a run already ({', '.join(existing)}): pass --resume "
+                              "to continue it, --overwrite to replace them, or choose another folder")
     if overwrite:
         for name in RUN_OUTPUTS:
             target = out / name

@@ -9,7 +9,8 @@ the gates are trained (``--lora`` adds LoRA adapters through peft). Loss = next-
 eviction loss. Checkpoints under ``OUT/checkpoints/step-N`` hold the gates (``save_gates`` format), the LoRA
 adapter, and the optimizer/scheduler state; ``--resume`` continues from the latest one. ``OUT/report.json`` gets
 the final losses and the measured retention per layer and head. The model directory is read locally only.
-A non-empty ``--out`` is refused unless ``--resume`` or ``--overwrite`` (see :mod:`attngate_ext.training.cli_checks`).
+An ``--out`` that holds a run's results is refused unless ``--resume`` or ``--overwrite``
+(see :mod:`attngate_ext.training.cli_checks`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out (an error when it has none)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start over in a non-empty --out: delete its checkpoints, gates, lora and report.json first")
+                   help="start over in an --out that holds a run's results: delete its checkpoints, gates, lora and "
+                        "report.json first")
     p.add_argument("--stop-after", type=int, default=None,
                    help="leave after N steps of this run (checkpointed; continue with --resume), e.g. for time limits")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, fresh gates)")
