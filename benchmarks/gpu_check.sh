@@ -19,7 +19,7 @@
 #                         8.0 on an A100; 8.0;9.0 when no GPU is visible)
 #   MAX_JOBS              parallel compile jobs (default 16)
 #   TOTAL_BUDGET          seconds for the whole run (default 465)
-#   BENCH_ARGS            extra arguments of benchmarks/run.py (default --no-e2e: the op rows only)
+#   BENCH_ARGS            extra arguments of benchmarks/run.py (default --sections ops: the op rows only)
 #   GPU_CHECK_CMAKE=1     also build the CPU-only CMake library and run its test (deselected by default: covered by
 #                         CI, and its build would eat the test budget)
 set -uo pipefail
@@ -116,7 +116,7 @@ if [ "$rc_build" = 0 ] && "$PY" -c "import pytest" 2>/dev/null; then
   run_step tests_cuda 150 135 "$OUT/tests-cuda.log" "$PY" -m pytest python_tests -k cuda "${pytest_args[@]}" \
     --junitxml="$OUT/tests-cuda.xml"
   run_step bench 90 95 "$OUT/bench.txt" "$PY" benchmarks/run.py --device cuda --json "$OUT/bench.json" \
-    ${BENCH_ARGS---no-e2e}
+    ${BENCH_ARGS---sections ops}
   if [ -n "$SANITIZER" ]; then
     # One allocation per tensor (no caching allocator), so memcheck sees every out-of-bounds access; small shapes
     # that reach every kernel and path (no 1 GiB stress, no CUDA graphs: those need the caching allocator).
@@ -134,7 +134,7 @@ if [ "$rc_build" = 0 ] && "$PY" -c "import pytest" 2>/dev/null; then
 elif [ "$rc_build" = 0 ]; then
   echo "pytest is NOT installed: tests and sanitizers skipped" | tee "$OUT/tests-cuda.log"
   rc_tests_cuda="n/a (no pytest)" rc_tests_rest="n/a (no pytest)"
-  run_step bench 90 0 "$OUT/bench.txt" "$PY" benchmarks/run.py --device cuda --json "$OUT/bench.json" ${BENCH_ARGS---no-e2e}
+  run_step bench 90 0 "$OUT/bench.txt" "$PY" benchmarks/run.py --device cuda --json "$OUT/bench.json" ${BENCH_ARGS---sections ops}
 else
   echo "build failed: tests, benchmarks and sanitizers skipped"
 fi
