@@ -6,15 +6,9 @@ Importing the package loads the compiled ``attngate_ext._C`` library, which regi
 
 from __future__ import annotations
 
-import torch
+from . import _extension
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
-except ImportError as exc:  # pragma: no cover - only hit on a broken install
-    raise ImportError(
-        "attngate_ext._C is not built. Install with `pip install --no-build-isolation .` "
-        "from the repository root (torch must already be installed)."
-    ) from exc
+_extension.load()  # loads attngate_ext._C, which registers the ops (clear ImportErrors, see _extension.py)
 
 from .gate import AttentionGate, AttentionGateConfig, GateOutput, default_gate_head_dim
 from .ops import (
@@ -23,6 +17,14 @@ from .ops import (
     cuda_kernels_available,
     decode_attention,
     gate_flags,
+    gather_pages,
+    paged_append_kv_,
+    paged_compact_kv_,
+    paged_decode_attention,
+    paged_decode_step_,
+    paged_prefill_attention,
+    paged_reference,
+    paged_remove_rows_,
     reference,
     set_sync_checks,
     sync_checks,
@@ -51,6 +53,14 @@ __all__ = [
     "cuda_kernels_available",
     "decode_attention",
     "gate_flags",
+    "gather_pages",
+    "paged_append_kv_",
+    "paged_compact_kv_",
+    "paged_decode_attention",
+    "paged_decode_step_",
+    "paged_prefill_attention",
+    "paged_reference",
+    "paged_remove_rows_",
     "reference",
     "set_sync_checks",
     "sync_checks",

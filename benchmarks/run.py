@@ -3,8 +3,9 @@
 
     python benchmarks/run.py                   # CPU: B=1 H=8 T=4096 D=128 float32; GPU: T in 4096, 32768, bf16
     python benchmarks/run.py --quick           # tiny smoke run (seconds)
-    python benchmarks/run.py --ops compact_kv_ append_kv_ --seq 8192 --dtype bfloat16 --no-e2e
-    python benchmarks/run.py --e2e-only --e2e-prefill 2048 --e2e-batch 4
+    python benchmarks/run.py --ops compact_kv_ append_kv_ --seq 8192 --dtype bfloat16 --sections ops
+    python benchmarks/run.py --sections e2e --e2e-prefill 2048 --e2e-batch 4
+    python benchmarks/run.py --real            # also SmolLM2-135M: memory with trained gates, 8k prefill/decode
 
 Each row: median op time and median reference time (after warm-up), speedup = reference / op, achieved
 GB/s of the op under the bytes model stated in each case function, and the measured bandwidth of a
@@ -13,7 +14,9 @@ outside the timed region. On CUDA the ops run with the device-side value checks'
 (``attngate_ext.sync_checks(False)``), so a correctness check runs once per case before timing.
 
 The end-to-end section (``benchmarks/e2e.py``, its own table) prefills and decodes a random-weight Llama-style
-model, dense vs gated at 0 / 50 / 75% eviction: prefill time, decode tokens/s and KV-cache bytes.
+model, dense vs gated at 0 / 50 / 75% eviction: prefill time, decode tokens/s and KV-cache bytes. The memory section
+(``benchmarks/peak_memory.py``) measures the peak memory of a 16k-token chunked prefill, dense vs gated; the real-model
+section (``benchmarks/real_model.py``, ``--real``) runs SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ import torch  # noqa: E402
 import attngate_ext  # noqa: E402
 from attngate_ext import reference  # noqa: E402
 from benchmarks.e2e import e2e_section  # noqa: E402
+from benchmarks.paged_attention import paged_attention_section  # noqa: E402
+from benchmarks.paged_storage import paged_storage_section  # noqa: E402
+from benchmarks.peak_memory import peak_memory_section  # noqa: E402
+from benchmarks.real_model import real_model_section  # noqa: E402
 from benchmarks.report import Row, environment, print_row, print_table_head  # noqa: E402
 from benchmarks.timing import CopyBandwidth, gbps, median_us  # noqa: E402
 
@@ -302,12 +309,15 @@ def ops_section(cfg: Config) -> List[Row]:
             gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
             rows.append(time_case(cfg, CASES[name](cfg, T, gen), copy, "ops"))
             print_row(rows[-1])
-    return rows
+    rows += paged_storage_section(cfg)  # paged storage ops, their own table (benchmarks/paged_storage.py)
+    return rows + paged_attention_section(cfg)  # its own table (benchmarks/paged_attention.py)
 
 
 SECTIONS: List[Tuple[str, Callable[[Config], List[Row]]]] = [
     ("ops", ops_section),
     ("e2e", e2e_section),  # end-to-end model: dense vs gated prefill + decode (benchmarks/e2e.py)
+    ("memory", peak_memory_section),  # peak memory of a long chunked prefill (benchmarks/peak_memory.py)
+    ("real", real_model_section),  # SmolLM2: memory and speed, only with --real (benchmarks/real_model.py)
 ]
 
 
@@ -353,14 +363,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush the L2 cache between reps")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: B=1 H=2 T=256 D=64, 3 reps; tiny e2e model")
-    only = p.add_mutually_exclusive_group()
-    only.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model section")
-    only.add_argument("--e2e-only", action="store_true", help="run only the end-to-end model section")
+    names = [name for name, _ in SECTIONS]
+    p.add_argument("--sections", nargs="+", choices=names, default=None, metavar="SECTION",
+                   help=f"sections to run, from {names} (default: all but real)")
+    p.add_argument("--real", action="store_true",
+                   help="add the real-model section (SmolLM2-135M, prepared by examples/real_assets.py; minutes)")
     p.add_argument("--e2e-prefill", type=int, default=None, help="e2e prompt tokens (default 1024 CPU, 4096 CUDA)")
     p.add_argument("--e2e-batch", type=int, default=None, help="e2e batch (default 1 CPU, 16 CUDA)")
     p.add_argument("--json", type=Path, default=None,
                    help="output file (default benchmarks/results/latest.json, quick.json with --quick)")
     return p.parse_args(argv)
+
+
+def _sections(args: argparse.Namespace) -> List[str]:
+    """--sections (default: every section but real), plus real with --real; in SECTIONS order."""
+    chosen = set(args.sections or [name for name, _ in SECTIONS if name != "real"])
+    if args.real:
+        chosen.add("real")
+    return [name for name, _ in SECTIONS if name in chosen]
 
 
 def make_config(args: argparse.Namespace) -> Config:
@@ -389,7 +409,7 @@ def make_config(args: argparse.Namespace) -> Config:
         ref_reps=pick(args.ref_reps, 3, reps, min(reps, 10)),
         ref_warmup=min(warmup, 3) if cuda else warmup,
         flush_l2=not args.no_flush,
-        sections=["e2e"] if args.e2e_only else ["ops"] if args.no_e2e else [name for name, _ in SECTIONS],
+        sections=_sections(args),
         quick=args.quick,
         e2e_prefill=args.e2e_prefill,
         e2e_batch=args.e2e_batch,

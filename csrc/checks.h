@@ -1,21 +1,21 @@
 // Argument validation shared by the CPU and CUDA entry points. Each op calls its check_* function first,
 // before any write, so a failed check leaves every tensor untouched. Messages name the argument.
 #pragma once
-#include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+
+#include "stable_api.h"
 
 namespace attngate {
 
 // Shape/dtype/device checks (metadata only: no device reads).
-void check_gate_flags_args(const at::Tensor& gate_out, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+void check_gate_flags_args(const Tensor& gate_out, const Tensor& weight, const std::optional<Tensor>& bias,
                            double threshold, int64_t sink_tokens, int64_t position_offset,
-                           const std::optional<at::Tensor>& valid);
-void check_append_kv_args(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& lengths,
-                          const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& keep);
-void check_compact_kv_args(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& lengths,
-                           const at::Tensor& keep);
-void check_decode_attention_args(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                 const at::Tensor& lengths, double scale);
+                           const std::optional<Tensor>& valid);
+void check_append_kv_args(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths, const Tensor& key,
+                          const Tensor& value, const std::optional<Tensor>& keep);
+void check_compact_kv_args(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths,
+                           const Tensor& keep);
+void check_decode_attention_args(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
+                                 const Tensor& lengths, double scale);
 
 // Codes that device kernels OR into a status word when a value check fails (lengths out of range, capacity
 // overflow). The host turns a non-zero status into the same error text the CPU path raises.
@@ -23,6 +23,12 @@ enum StatusBits : int32_t {
   kStatusLengthOutOfRange = 1,  // some lengths[b, h] < 0 or > C
   kStatusCapacityOverflow = 2,  // lengths[b, h] + kept rows > C for some head (append_kv_)
   kStatusKeepTooShort = 4,      // lengths[b, h] > L, the keep mask does not cover every live row (compact_kv_)
+  // Paged ops (lengths out of range there means outside [0, M * page_size]).
+  kStatusOutOfPages = 8,         // an append needs more pages than the free stack holds
+  kStatusPageTableFull = 16,     // a head would need more than M pages
+  kStatusBadPageId = 32,         // a page id read from page_table or free_pages is outside [0, P)
+  kStatusFreeCountOutOfRange = 64,  // free_count outside [0, P], or pages given back would overflow free_pages
+  kStatusBadRow = 128,           // paged_remove_rows_: a row >= lengths or listed twice in its head
 };
 // Raises the error for a non-zero status word; `op` names the op in the message.
 void raise_for_status(const char* op, int32_t status);
@@ -33,6 +39,6 @@ bool sync_checks_enabled();
 bool set_sync_checks(bool enabled);
 
 // Whether every pointer and stride (in elements) of a row-wise access allows `bytes`-wide vector access.
-bool rows_aligned_for(int64_t bytes, std::initializer_list<const at::Tensor*> tensors);
+bool rows_aligned_for(int64_t bytes, std::initializer_list<const Tensor*> tensors);
 
 }  // namespace attngate

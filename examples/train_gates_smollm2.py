@@ -87,7 +87,8 @@ def main() -> int:
     train_main(["--model", str(model_dir), "--text", *map(str, train_files), "--out", str(out),
                 "--objective", args.objective, "--steps", str(args.steps), "--batch-size", "1",
                 "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--warmup", "10", "--window", str(args.window),
-                "--sinks", str(args.sinks), "--save-every", "25", "--resume", "--no-progress",
+                "--sinks", str(args.sinks), "--save-every", "25", "--no-progress",
+                *(["--resume"] if any(out.glob("checkpoints/step-*")) else []),
                 *(["--init-gates", args.init_gates] if args.init_gates else []), *args.extra])
     print(f"training: {(time.time() - started) / 60:.1f} min")
     record = store_thresholds(model_dir, out / "gates", train_files, args.seq_len, args.calibration_windows)

@@ -103,6 +103,25 @@ CASES = [
     ("gate_flags", "sink_tokens", lambda s: -1, "sink_tokens must be >= 0"),
     ("gate_flags", "position_offset", lambda s: -2, "position_offset must be >= 0"),
     ("gate_flags", "weight", lambda t: t.to("meta"), "weight must be on the same device as gate_out"),
+    ("append_kv_", "value", lambda t: t.half(), "value must have the dtype of key_cache"),
+    ("append_kv_", "value", lambda t: t.to("meta"), "value must be on the same device as key_cache"),
+    ("append_kv_", "value", lambda t: t.transpose(2, 3).contiguous().transpose(2, 3), "value must have a contiguous last dimension"),
+    ("append_kv_", "value_cache", lambda t: t.to("meta"), "value_cache must be on the same device as key_cache"),
+    ("append_kv_", "value_cache", lambda t: t.transpose(2, 3).contiguous().transpose(2, 3), "value_cache must have a contiguous last dimension"),
+    ("append_kv_", "keep", lambda t: t.to("meta"), "keep must be on the same device as key_cache"),
+    ("append_kv_", "lengths", lambda t: t.to("meta"), "lengths must be on the same device as key_cache"),
+    ("compact_kv_", "keep", lambda t: t.to("meta"), "keep must be on the same device as key_cache"),
+    ("compact_kv_", "value_cache", lambda t: t[:, :1].expand(B, H, C, D), "value_cache must not have internal overlap"),
+    ("decode_attention", "value_cache", lambda t: t.half(), "value_cache must have the dtype of key_cache"),
+    ("decode_attention", "lengths", lambda t: t[:, :1], r"lengths must have shape \(B, H\)"),
+    ("decode_attention", "lengths", lambda t: t.fill_(-1), r"lengths must lie in \[0, C\]"),
+    ("decode_attention", "scale", lambda s: math.inf, "scale must be finite"),
+    ("decode_attention", "key_cache", lambda t: t.int(), "key_cache must be float32, float16 or bfloat16"),
+    ("gate_flags", "bias", lambda t: t.half(), "bias must have the dtype of weight"),
+    ("gate_flags", "bias", lambda t: t.to("meta"), "bias must be on the same device as gate_out"),
+    ("gate_flags", "valid", lambda t: t.to("meta"), "valid must be on the same device as gate_out"),
+    ("gate_flags", "gate_out", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2), "gate_out must have a contiguous last dimension"),
+    ("gate_flags", "weight", lambda t: t.t().contiguous().t(), "weight must have a contiguous last dimension"),
 ]
 
 
@@ -120,6 +139,18 @@ def test_bad_argument_raises_and_writes_nothing(device, op_name, arg, corrupt, m
         op(**args)
     for name, old in before.items():
         assert torch.equal(args[name], old), f"{op_name} wrote into {name} although it raised"
+
+
+def test_sizes_beyond_int32_are_refused(device):
+    """A capacity or a T of 2^31 rows (expanded views, no memory) is refused by name before any kernel runs."""
+    rows = torch.zeros(1, 1, 1, D, device=device).expand(1, 1, 2**31, D)
+    lengths = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match="key_cache capacity C must fit in int32"):
+        attngate_ext.decode_attention(torch.zeros(1, 1, D, device=device), rows, rows, lengths, 1.0)
+    kc, vc = torch.zeros(1, 1, C, D, device=device), torch.zeros(1, 1, C, D, device=device)
+    with pytest.raises(RuntimeError, match="key must have T < 2"):
+        attngate_ext.append_kv_(kc, vc, lengths, rows, rows)
+    assert not bool(kc.any()) and int(lengths) == 0
 
 
 @pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))

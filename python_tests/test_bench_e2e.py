@@ -23,7 +23,7 @@ MODES = ["dense", "gated@0", "gated@0.5", "gated@0.75"]
 def _tiny(**overrides) -> E2EConfig:
     """2 layers, 4 query heads on 2 KV heads of dim 16 (GQA), batch 2: a few seconds for the four modes."""
     sizes = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=128, batch=2, prefill=128,
-                 decode=8, gate_head_dim=4, prefill_chunk=48, warmup_prefill=16, warmup_decode=2)
+                 decode=8, gate_head_dim=4, prefill_chunk=48, warmup_prefill=16, warmup_decode=2, repeats=1)
     sizes.update(overrides)
     return E2EConfig(device=torch.device("cpu"), dtype=torch.float32, **sizes)
 
@@ -50,6 +50,10 @@ def test_e2e_rows_evictions_and_kv_bytes(capsys):
         assert abs(e["eviction"] - asked) <= 0.1, (asked, e["eviction"])
         assert e["dense_kv_bytes_decode"] == dense_bytes(128 + 8)
         assert 0 < e["gate_bytes"] < e["kv_bytes_decode"]
+        # The K/V held follows the eviction: at most one partly filled 16-row page per (layer, row, head) and the
+        # one-row window ring beyond the kept rows.
+        slack = 2 * 2 * 2 * (15 + 1) * 2 * head_dim * 4
+        assert e["kv_bytes_decode"] <= (1 - e["eviction"]) * dense_bytes(128 + 8) + slack
     gated = [extra[mode] for mode in MODES[1:]]
     for key in ("kv_bytes_prefill", "kv_bytes_decode"):
         sizes = [e[key] for e in gated]
@@ -59,7 +63,7 @@ def test_e2e_rows_evictions_and_kv_bytes(capsys):
 
 def test_run_py_flags_select_the_sections(tmp_path):
     out = tmp_path / "e2e.json"
-    assert run.main(["--device", "cpu", "--quick", "--e2e-only", "--e2e-prefill", "64", "--e2e-batch", "2",
+    assert run.main(["--device", "cpu", "--quick", "--sections", "e2e", "--e2e-prefill", "64", "--e2e-batch", "2",
                      "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert [r["op"] for r in saved["rows"]] == MODES
@@ -68,10 +72,12 @@ def test_run_py_flags_select_the_sections(tmp_path):
     assert (config["prefill"], config["batch"]) == (64, 2)
 
     parse = lambda *argv: run.make_config(run.parse_args(["--device", "cpu", *argv]))  # noqa: E731
-    assert parse().sections == ["ops", "e2e"]
-    assert parse("--no-e2e").sections == ["ops"]
+    assert parse().sections == ["ops", "e2e", "memory"]
+    assert parse("--sections", "ops").sections == ["ops"]
+    assert parse("--real").sections == ["ops", "e2e", "memory", "real"]
+    assert parse("--sections", "real", "ops").sections == ["ops", "real"]
     with pytest.raises(SystemExit):
-        parse("--no-e2e", "--e2e-only")
+        parse("--sections", "nonsense")
 
 
 def test_bad_sizes_raise():

@@ -1,8 +1,9 @@
 """The CMake build of the same sources loads with torch.ops.load_library and computes what the references do.
 
 The library is built into build/cmake-test (or taken from $ATTNGATE_CMAKE_LIB, which .ci/run sets after its own
-CMake build). It runs in a subprocess: it registers the `attngate` namespace too, which a process that already
-imported attngate_ext cannot load a second time.
+CMake build). Each check runs in a subprocess, since the library registers the `attngate` operators too: one process
+holds one registration. Loading both the library and attngate_ext in one process, in either order, must never abort:
+the package's import raises a clear ImportError, or the library leaves the package's operators in place.
 """
 
 from __future__ import annotations
@@ -73,3 +74,49 @@ def test_cmake_library_loads_and_matches_reference():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CMAKE_LIBRARY_OK" in result.stdout
+
+
+BOTH_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    lib, order = sys.argv[1], sys.argv[2]
+    if order == "library_first":
+        torch.ops.load_library(lib)
+        try:
+            import attngate_ext
+        except ImportError as exc:
+            print("IMPORT_ERROR:", exc)
+        else:
+            print("IMPORTED")
+    else:
+        import attngate_ext
+        torch.ops.load_library(lib)
+        kc, vc = torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2)
+        lengths = torch.zeros(1, 1, dtype=torch.int32)
+        torch.ops.attngate.append_kv_(kc, vc, lengths, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2), None)
+        print("OPS_WORK", lengths.item(), attngate_ext.cuda_kernels_available() in (True, False))
+    """
+)
+
+
+def _run_both(order: str) -> subprocess.CompletedProcess:
+    lib = _library_path()
+    return subprocess.run([sys.executable, "-c", BOTH_SCRIPT, str(lib), order], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_library_then_import_raises_a_clear_import_error():
+    result = _run_both("library_first")
+    assert result.returncode == 0, f"exit code {result.returncode} (negative: killed by a signal)\n{result.stderr[-3000:]}"
+    assert "IMPORT_ERROR:" in result.stdout, result.stdout + result.stderr[-2000:]
+    message = result.stdout
+    assert "cannot register the torch.ops.attngate operators" in message
+    assert "libattngate_ops.so" in message  # names the library that registered first
+    assert "Use one of the two" in message
+
+
+def test_import_then_library_keeps_the_registered_ops():
+    result = _run_both("package_first")
+    assert result.returncode == 0, f"exit code {result.returncode} (negative: killed by a signal)\n{result.stderr[-3000:]}"
+    assert "OPS_WORK 3 True" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "the operators registered first stay in use" in result.stderr

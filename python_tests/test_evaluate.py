@@ -38,7 +38,7 @@ def _run(setup, out, *extra):
     model_dir, gates_dir, text, mc = setup
     evaluate_main(["--model", str(model_dir), "--gates", str(gates_dir), "--text", str(text), "--mc", str(mc),
                    "--ratios", "0.5", "--context-len", "32", "--continuation-len", "32", "--windows", "4",
-                   "--batch-size", "2", "--no-progress", "--out", str(out), *extra])
+                   "--batch-size", "2", "--page-size", "1", "--no-progress", "--out", str(out), *extra])
     return json.loads(out.read_text())
 
 
@@ -55,7 +55,7 @@ def test_evaluate_is_deterministic_and_measures_what_it_promises(setup, tmp_path
         assert r["perplexity"] > 1 and 0 <= r["accuracy"] <= 1
         if mode == "post_prefill" or policy in ("h2o", "snapkv", "window", "streaming_llm"):
             assert r["eviction_ratio"] == pytest.approx(0.5)  # exactly the budget
-            assert r["kv_share"] <= 0.5 + 0.05
+            assert r["kv_share"] <= 0.5 + 0.05  # + the window ring's one dead row per head
     assert abs(rows[("gate", "in_context")]["eviction_ratio"] - 0.5) < 0.15  # calibrated on the same text
     # The dense number, computed independently with the plain model.
     model_dir = setup[0]

@@ -8,7 +8,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, Qwen3Config,
 
 import attngate_ext as ag
 from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
-from attngate_ext.cache.varlen_kv import VarLenKV
+from attngate_ext.cache.paged_kv import PagedKV
 
 from tiny_models import cache_kwarg, make_model, random_ids
 
@@ -25,27 +25,37 @@ def test_memory_after_long_prefill_follows_eviction():
     model(ids, use_cache=True, **{cache_kwarg(model): cache})
     report = cache.memory_report()
     assert abs(report["eviction_ratio"] - 0.5) < 0.05
-    assert report["allocated_bytes"] / report["dense_bytes"] <= (1 - report["eviction_ratio"]) + 0.07
-    assert report["dense_bytes"] == 2 * 2 * 8 * 1024 * 32 * 4  # layers * (K, V) * heads * tokens * dim * fp32
-    for layer in cache.layers:  # trimmed: the capacity is the longest head, nothing reserved beyond it
-        assert layer.kv.capacity == int(layer.kv.lengths.max())
+    dense = report["dense_bytes"]
+    assert dense == 2 * 2 * 8 * 1024 * 32 * 4  # layers * (K, V) * heads * tokens * dim * fp32
+    # Held: the kept rows in pages (at most one partly filled page per (layer, head)) and the one-slot window.
+    assert report["kv_bytes"] <= (1 - report["eviction_ratio"]) * dense + 2 * 8 * (15 + 1) * 2 * 32 * 4 + 2 * 8 * 2
+    assert report["pages_held"] <= report["pages_needed"] + 2 * 8
+    assert report["allocated_bytes"] / dense <= (1 - report["eviction_ratio"]) + 0.07
     assert len(report["retention_per_head"]) == 2 and len(report["retention_per_head"][0]) == 8
     kept = sum(int(layer.kv.lengths.sum()) for layer in cache.layers)
     assert report["kept_rows"] == kept and report["total_rows"] == 2 * 8 * 1024
-    assert report["gate_bytes"] == 2 * 2 * 1024 * 8 * 4 + 2 * 4  # layers * (K', V') * tokens * d' * fp32 + lengths
+    # The gates' K'/V': every token (1024 rows of d' = 8 in 16-row pages) and a one-slot decode ring per layer.
+    assert report["gate_bytes"] == 2 * (2 * 1024 * 8 * 4 + 2 * 8 * 4 + 1)
 
 
-def test_varlen_capacity_grows_geometrically():
-    store = VarLenKV(2, 3, 4, torch.float32, torch.device("cpu"))
-    capacities = set()
+def test_paged_pool_grows_geometrically_and_syncs_rarely(monkeypatch):
+    store = PagedKV(2, 3, 4, torch.float32, torch.device("cpu"), page_size=16)
+    syncs, pools = [], set()
+    real_sync = store._sync
+    monkeypatch.setattr(store, "_sync", lambda: syncs.append(1) or real_sync())
     row = torch.randn(2, 3, 1, 4)
     for _ in range(3000):
         store.append(row, row, None)
-        capacities.add(store.capacity)
-    assert 3000 <= store.capacity <= 3000 * 33 // 32 + 16  # at most 1/32 slack
-    assert len(capacities) <= 100  # geometric: ~90 reallocations (a fixed 16-row step would need 188)
-    store.trim()
-    assert store.capacity == 3000
+        pools.add(store.num_pages)
+    assert store.pages_used() == 2 * 3 * 188  # ceil(3000 / 16) pages per (row, head)
+    assert store.num_pages <= 1.25 * store.pages_used()  # growth by 1/8 plus headroom
+    assert len(pools) <= 40  # geometric: a page at a time would take 188 reallocations
+    assert len(syncs) <= 60  # free-count read-backs: headroom grows with the length
+    keys, _, live = store.gather()
+    assert live.all() and torch.equal(keys[0, 1, 2999], row[0, 1, 0])
+    store.compact(torch.arange(3000).expand(2, 3, 3000) < 100)  # keep 100 rows: 7 pages a head
+    store.shrink()
+    assert store.pages_used() == 2 * 3 * 7 and store.num_pages <= 2 * 3 * (7 + 2)
 
 
 @torch.no_grad()

@@ -116,9 +116,11 @@ def test_post_prefill_pruning_frees_the_promised_memory(policy):
     report = cache.memory_report()
     for layer, keep in zip(cache.layers, flags):
         assert layer.kv.lengths.tolist() == [[16, 16], [16, 16]] and keep.sum() == 2 * 2 * 16
-        assert layer.kv.capacity == 16
+        assert layer.kv.pages_used() == 2 * 2  # one 16-row page per (row, head): the pruned pages went back
+        assert layer.kv.num_pages <= 2 * 2 * 2  # ... and the pool shrank to them plus one page of headroom each
     assert report["eviction_ratio"] == 0.75 and report["gate_bytes"] == 0
-    assert report["allocated_bytes"] <= 0.25 * report["dense_bytes"] + 1024  # + lengths and flags
+    ring = sum(layer.window.nbytes for layer in cache.layers)  # w = 1: the newest token of every head
+    assert report["kv_bytes"] == 0.25 * report["dense_bytes"] + ring
     step = model(random_ids(2, 1, seed=9), use_cache=True, **{cache_kwarg(model): cache})  # decoding goes on
     assert torch.isfinite(step.logits).all() and cache.layers[0].kv.lengths.tolist() == [[17, 17], [17, 17]]
 
@@ -134,11 +136,14 @@ def test_in_context_policies_hold_their_budget_and_match_the_full_forward(policy
     cache = ag.AttnGateCache()
     chunked = model(ids, use_cache=True, **{cache_kwarg(model): cache}).logits
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
-    lengths = torch.stack([layer.kv.lengths for layer in cache.layers]).float()
+    # Rows attended to: the paged (kept) rows plus the evicted tokens still inside the window.
+    lengths = torch.stack([layer.kv.lengths + layer.window.visible_rows(layer.seen) for layer in cache.layers]).float()
     if isinstance(policy, RandomPolicy):
         assert abs(lengths.mean().item() - 24) < 5
     else:
         assert (lengths == 24).all()  # sinks + w - 1 = 24 rows of 48 in every head
+        sinks = policy.sinks if isinstance(policy, StreamingLLM) else 0
+        assert all((layer.kv.lengths == sinks).all() for layer in cache.layers)  # only the sinks are in the pages
         assert cache.memory_report()["gate_bytes"] == 0
     use_in_context_policy(model, None)
     assert model.model.layers[0].self_attn.flag_source is None
@@ -177,12 +182,12 @@ def test_chunk_pruner_h2o_matches_a_naive_simulation():
     from types import SimpleNamespace
 
     from attngate_ext.evaluation.policies import ChunkPruner
-    from attngate_ext.cache.varlen_kv import VarLenKV
+    from attngate_ext.cache.paged_kv import PagedKV
 
     torch.manual_seed(2)
     B, Hq, H, D, T, chunk, ratio = 1, 2, 1, 8, 40, 8, 0.5
     q, k = torch.randn(B, Hq, T, D) * 2, torch.randn(B, H, T, D) * 2
-    layer = SimpleNamespace(kv=VarLenKV(B, H, D, torch.float32, torch.device("cpu")),
+    layer = SimpleNamespace(kv=PagedKV(B, H, D, torch.float32, torch.device("cpu"), page_size=4),
                             valid_count=torch.zeros(B, dtype=torch.long))
     pruner = ChunkPruner(H2O(), ratio)
     # Naive: explicit list of cached token ids and their accumulated attention.
@@ -204,7 +209,8 @@ def test_chunk_pruner_h2o_matches_a_naive_simulation():
         rest = sorted((j for j in cached if j not in recent), key=lambda j: (-acc[j], cached.index(j)))
         cached = sorted(recent + rest[: budget - len(recent)])
         n = int(layer.kv.lengths[0, 0])
-        got = [int(torch.nonzero((k[0, 0] == layer.kv.keys[0, 0, r]).all(-1))[0]) for r in range(n)]
+        rows = layer.kv.gather()[0]
+        got = [int(torch.nonzero((k[0, 0] == rows[0, 0, r]).all(-1))[0]) for r in range(n)]
         assert got == cached, start
 
 
@@ -212,17 +218,18 @@ def test_chunk_pruner_snapkv_keeps_older_tokens_when_the_budget_is_small():
     from types import SimpleNamespace
 
     from attngate_ext.evaluation.policies import ChunkPruner
-    from attngate_ext.cache.varlen_kv import VarLenKV
+    from attngate_ext.cache.paged_kv import PagedKV
 
     torch.manual_seed(3)
     q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 1, 32, 8)
-    layer = SimpleNamespace(kv=VarLenKV(1, 1, 8, torch.float32, torch.device("cpu")),
+    layer = SimpleNamespace(kv=PagedKV(1, 1, 8, torch.float32, torch.device("cpu"), page_size=16),
                             valid_count=torch.zeros(1, dtype=torch.long))
     pruner = ChunkPruner(SnapKV(window=16, kernel=3), 0.5)
     for start in (0, 16):
         layer.kv.append(k[:, :, start : start + 16], k[:, :, start : start + 16], None)
         layer.valid_count += 16
         pruner(layer, q[:, :, start : start + 16], k[:, :, start : start + 16], torch.ones(1, 16, dtype=torch.bool))
-    rows = [int(torch.nonzero((k[0, 0] == layer.kv.keys[0, 0, r]).all(-1))[0]) for r in range(16)]
+    cached = layer.kv.gather()[0]
+    rows = [int(torch.nonzero((k[0, 0] == cached[0, 0, r]).all(-1))[0]) for r in range(16)]
     assert len(rows) == 16 and sum(t >= 24 for t in rows) == 8  # newest half of the budget protected ...
     assert any(t < 16 for t in rows)  # ... and the rest chosen by votes, older chunks included

@@ -1,4 +1,4 @@
-"""The blocked straight-through training attention against the plain SPEC section 3 formula (values and grads)."""
+"""The blocked straight-through training attention against the plain training formula (values and grads)."""
 
 from __future__ import annotations
 

@@ -6,45 +6,41 @@ call :meth:`AttnGateLayer.attend`); the generic ``Cache.update`` path of ungated
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..gate.config import AttentionGateConfig
 from ..gate.gate import AttentionGate
-from ..gate.masks import block_visibility, grouped_attention
-from ..ops.kernels import decode_attention, sync_checks
-from .varlen_kv import VarLenKV
-
-_NEVER = torch.iinfo(torch.int64).max  # "visible to every later query"
+from ..ops.kernels import sync_checks
+from ..ops.paged import paged_decode_step_, paged_prefill_attention
+from .paged_kv import PagedKV
+from .window import RecentWindow
 
 
 class AttnGateLayer(CacheLayerMixin):
     """One decoder layer of an :class:`AttnGateCache`.
 
     State:
-        kv: the model's gated K/V, :class:`VarLenKV` ``(B, H, C, D)``; rows of a head hold its kept tokens in order,
-            followed by its *pending* tokens (the last ``w - 1`` valid tokens, still inside the protected window).
-        gate_kv: the gate's own K'/V' of every valid token (``(B, h'_kv, C', d')``), while later tokens are gated.
-        pending_keep ``(B, H, w-1)`` / pending_valid ``(B, w-1)``: flags of the last ``w - 1`` sequence slots;
-            a pending token whose flag is off is deleted (``compact_kv_``) when it leaves the window.
+        kv: the model's kept K/V, :class:`PagedKV` over ``(B, H)``: a token whose flag is on goes to its head's
+            pages when it is created, and stays.
+        window: :class:`RecentWindow`, the last ``w = protect_recent`` tokens of every head; an evicted token stays
+            visible there until it leaves the window (then its ring slot is simply overwritten).
+        gate_kv: the gate's own K'/V' of every valid token, :class:`PagedKV` over ``(B, h'_kv)``, while later
+            tokens are gated; gate_ring: the one-slot ring its fused decode step needs (never visible).
         seen: sequence slots processed, padding included (what ``get_seq_length`` reports, so positions stay right).
         valid_count ``(B,)``: valid (non-padding) tokens seen, for the retention statistics.
     """
 
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
-    supports_early_init = False
-
-    def __init__(self) -> None:  # noqa: D107  (CacheLayerMixin.__init__ would set unused keys/values)
+    def __init__(self, page_size: int = 16) -> None:  # noqa: D107  (CacheLayerMixin.__init__ would set keys/values)
+        self.page_size = page_size
         self.is_initialized = False
-        self.kv: Optional[VarLenKV] = None
-        self.gate_kv: Optional[VarLenKV] = None
-        self.pending_keep: Optional[torch.Tensor] = None
-        self.pending_valid: Optional[torch.Tensor] = None
+        self.kv: Optional[PagedKV] = None
+        self.window: Optional[RecentWindow] = None
+        self.gate_kv: Optional[PagedKV] = None
+        self.gate_ring: Optional[RecentWindow] = None
         self.valid_count: Optional[torch.Tensor] = None
         self.seen = 0
         self.gating_done = False  # decode_gating=False: the prompt call is over, later tokens are kept unscored
@@ -76,7 +72,7 @@ class AttnGateLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(self.page_size)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -84,14 +80,10 @@ class AttnGateLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        for store in (self.kv, self.gate_kv):
+        for store in (self.kv, self.window, self.gate_kv, self.gate_ring):
             if store is not None:
                 store.index_batch(indices)
-        device = self.valid_count.device
-        indices = indices.to(device)
-        self.valid_count = self.valid_count.index_select(0, indices)
-        self.pending_keep = self.pending_keep.index_select(0, indices)
-        self.pending_valid = self.pending_valid.index_select(0, indices)
+        self.valid_count = self.valid_count.index_select(0, indices.to(self.valid_count.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -120,11 +112,12 @@ class AttnGateLayer(CacheLayerMixin):
 
     def _initialise(self, key: torch.Tensor, gate: AttentionGate, window: int) -> None:
         B, H, _, D = key.shape
-        self.kv = VarLenKV(B, H, D, key.dtype, key.device)
+        S = self.page_size
+        self.kv = PagedKV(B, H, D, key.dtype, key.device, page_size=S)
+        self.window = RecentWindow(B, H, window, D, key.dtype, key.device)
         gcfg = gate.config
-        self.gate_kv = VarLenKV(B, gcfg.num_kv_heads, gcfg.head_dim, key.dtype, key.device)
-        self.pending_keep = torch.zeros(B, H, window - 1, dtype=torch.bool, device=key.device)
-        self.pending_valid = torch.zeros(B, window - 1, dtype=torch.bool, device=key.device)
+        self.gate_kv = PagedKV(B, gcfg.num_kv_heads, gcfg.head_dim, key.dtype, key.device, page_size=S)
+        self.gate_ring = RecentWindow(B, gcfg.num_kv_heads, 1, gcfg.head_dim, key.dtype, key.device)
         self.valid_count = torch.zeros(B, dtype=torch.int64, device=key.device)
         self.is_initialized = True
 
@@ -140,11 +133,10 @@ class AttnGateLayer(CacheLayerMixin):
         valid: Optional[torch.Tensor],
         positions: Optional[torch.Tensor],
         scale: float,
-        dropout_p: float = 0.0,
         flag_source: Optional[Any] = None,
         after_chunk: Optional[Any] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gates the new tokens, attends under SPEC section 2's rule and stores only what stays.
+        """Gates the new tokens, attends under the eviction rule (docs/design.md, section 2) and stores only what stays.
 
         Args:
             query: ``(B, Hq, T, D)``; key, value: ``(B, H, T, D)`` (RoPE applied).
@@ -162,56 +154,73 @@ class AttnGateLayer(CacheLayerMixin):
         cfg = gate.config
         B, _, T, _ = query.shape
         self._padded = valid is not None
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=query.device)
         if not self.is_initialized:
             self._initialise(key, gate, cfg.protect_recent)
         elif self.valid_count.shape[0] != B:
             raise ValueError(f"AttnGateCache holds a batch of {self.valid_count.shape[0]}, the input has {B} rows")
+        # Free pages are guaranteed by PagedKV's host bounds, so the CUDA ops need no status read-back.
+        no_read_back = sync_checks(False) if query.is_cuda else contextlib.nullcontext()
+        if T == 1 and self.seen > 0:  # a decode step: the short path (no chunk loop, no padding mask needed)
+            with no_read_back:
+                out, probs, keep = self._attend_chunk(query, key, value, gate_input, gate, gate_cos, gate_sin, valid,
+                                                      positions, scale, flag_source)
+                if after_chunk is not None:
+                    after_chunk(self, query, key, valid if valid is not None else self._all_valid(B, T, query))
+            return out, probs, keep
+        if valid is None:
+            valid = self._all_valid(B, T, query)
         prompt_call = self.seen == 0
         chunk = cfg.prefill_chunk if cfg.prefill_chunk > 0 and T > 1 else max(T, 1)
         outputs, all_probs, all_keep = [], [], []
-        with sync_checks(False):  # capacities are guaranteed by VarLenKV.reserve, so no read-back is needed
+        with no_read_back:
             for start in range(0, T, chunk):
                 piece = slice(start, start + chunk)
                 out, probs, keep = self._attend_chunk(
                     query[:, :, piece], key[:, :, piece], value[:, :, piece], gate_input[:, piece], gate,
-                    None if gate_cos is None else gate_cos[:, piece], None if gate_sin is None else gate_sin[:, piece],
-                    valid[:, piece], None if positions is None else positions[:, piece], scale, dropout_p,
-                    flag_source,
+                    None if gate_cos is None else gate_cos[..., piece, :],
+                    None if gate_sin is None else gate_sin[..., piece, :],
+                    valid[:, piece], None if positions is None else positions[:, piece], scale, flag_source,
                 )
                 if after_chunk is not None:
                     after_chunk(self, query[:, :, piece], key[:, :, piece], valid[:, piece])
                 outputs.append(out)
                 all_probs.append(probs)
                 all_keep.append(keep)
-        if T > 1:  # end of a prompt: give the rows reserved for the worst case back to the allocator
-            self.kv.trim()
+        if T > 1:  # end of a prompt: give pages reserved beyond the decode headroom back to the allocator
+            self.kv.shrink()
             if self.gate_kv is not None:
-                self.gate_kv.trim()
+                self.gate_kv.shrink()
         if flag_source is not None or (prompt_call and not cfg.decode_gating):
-            self.gate_kv = None  # generated tokens are not scored, so the gate's K'/V' are no longer needed
+            self.gate_kv = self.gate_ring = None  # generated tokens are not scored: the gate's K'/V' are not needed
             self.gating_done = True
+        if len(outputs) == 1:
+            return outputs[0], all_probs[0], all_keep[0]
         return torch.cat(outputs, dim=2), torch.cat(all_probs, dim=2), torch.cat(all_keep, dim=2)
 
+    @staticmethod
+    def _all_valid(B: int, T: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.ones(B, T, dtype=torch.bool, device=like.device)
+
     def _attend_chunk(self, query, key, value, gate_input, gate, gate_cos, gate_sin, valid, positions, scale,
-                      dropout_p, flag_source):
+                      flag_source):
+        """Flags of a chunk (``valid`` may be None on a decode step: no padding), then attention and storage."""
         B, H, T, _ = key.shape
         if flag_source is not None:
-            keep = flag_source(valid, positions, H) & valid.unsqueeze(1)
+            valid_rows = valid if valid is not None else self._all_valid(B, T, key)
+            keep = flag_source(valid_rows, positions, H) & valid_rows.unsqueeze(1)  # padding is never stored
             probs = keep.float()
         elif self.gating_done:
-            keep = valid.unsqueeze(1).expand(B, H, T)
+            keep = (valid if valid is not None else self._all_valid(B, T, key)).unsqueeze(1).expand(B, H, T)
             probs = keep.float()
         else:
             gate_out = self._gate_attention(gate, gate_input, gate_cos, gate_sin, valid)
             probs, keep = gate.score_heads(gate_out, valid=valid, position_offset=self.seen, positions=positions)
         if T == 1 and self.seen > 0:
-            out = self._decode_step(query, key, value, keep, valid, scale, gate.config.protect_recent)
+            out = self._decode_step(query, key, value, keep, valid, scale)
         else:
-            out = self._prefill_chunk(query, key, value, keep, valid, scale, dropout_p, gate.config.protect_recent)
+            out = self._prefill_chunk(query, key, value, keep, valid, scale, gate.config.protect_recent)
         self.seen += T
-        self.valid_count += valid.sum(dim=1)
+        self.valid_count += T if valid is None else valid.sum(dim=1)
         return out, probs, keep
 
     def _gate_attention(self, gate, x, cos, sin, valid) -> torch.Tensor:
@@ -220,117 +229,84 @@ class AttnGateLayer(CacheLayerMixin):
         store = self.gate_kv
         B, Hg, T, d = gk.shape
         scale = d**-0.5
+        if T == 1 and self.seen > 0:  # every valid gate token is kept (valid is None: no padding)
+            ring = self.gate_ring
+            keep = valid.expand(B, Hg) if valid is not None else torch.ones(B, Hg, dtype=torch.bool, device=x.device)
+            taken = store.prepare_append(1)
+            out = paged_decode_step_(gq[:, :, 0], store.key_pages, store.value_pages, store.page_table, store.lengths,
+                                     store.free_pages, store.free_count, gk[:, :, 0], gv[:, :, 0], keep,
+                                     None if valid is None else valid[:, 0], ring.keys, ring.values, ring.visible, 0,
+                                     scale)
+            store.appended(1, taken)
+            return out.unsqueeze(2)
         gate_keep = valid.unsqueeze(1).expand(B, Hg, T)
-        if T == 1 and self.seen > 0:
-            store.append(gk, gv, gate_keep)
-            return decode_attention(gq[:, :, 0], store.keys, store.values, store.lengths, scale).unsqueeze(2)
         if self.seen == 0 and not self._padded:  # a prompt without padding: plain causal attention
             out = F.scaled_dot_product_attention(gq, gk, gv, is_causal=True, enable_gqa=gq.shape[1] != Hg)
-            store.append(gk, gv, None)
-            return out
-        # Every gate KV head holds the same tokens, so one (B, 1, T, S) mask serves all of them.
-        visible = block_visibility(torch.ones_like(gate_keep[:, :1]), valid, window=1)
-        keys, values = gk, gv
-        if self.seen > 0:
-            rows = store.used_rows
-            live = torch.arange(rows, device=gk.device) < store.lengths[:, :1].unsqueeze(-1)
-            visible = torch.cat([live.unsqueeze(2).expand(B, 1, T, rows), visible], dim=-1)
-            keys = torch.cat([store.keys[:, :, :rows], gk], dim=2)
-            values = torch.cat([store.values[:, :, :rows], gv], dim=2)
-        out = grouped_attention(gq, keys, values, visible, scale)
+        else:  # every gate token is kept: query t sees the cached rows and the valid chunk tokens up to itself
+            out = paged_prefill_attention(gq, store.key_pages, store.value_pages, store.page_table, store.lengths, gk,
+                                          gv, gate_keep, valid, 1, scale)
         store.append(gk, gv, gate_keep)
         return out
 
-    def _pending_rows(self, empty: int) -> torch.Tensor:
-        """Row index ``(B, H, w-1)`` of each pending slot in its head's cache (``empty`` for empty slots)."""
-        lengths = self.kv.lengths.to(torch.int64)
-        npend = self.pending_valid.sum(dim=1)
-        rank = self.pending_valid.cumsum(dim=1) - 1
-        rows = lengths.unsqueeze(-1) - npend.view(-1, 1, 1) + rank.unsqueeze(1)
-        return torch.where(self.pending_valid.unsqueeze(1), rows, empty)
-
-    def _drop_rows(self, rows: torch.Tensor, drop: torch.Tensor) -> None:
-        """Deletes rows ``rows[b, h, k]`` where ``drop[b, h, k]``, keeping the order of the others."""
-        C = self.kv.capacity
-        B, H = drop.shape[:2]
-        keep_rows = torch.ones(B, H, C + 1, dtype=torch.bool, device=drop.device)
-        keep_rows.scatter_(2, torch.where(drop, rows, C), False)
-        self.kv.compact(keep_rows[..., :C])
-
-    def _prefill_chunk(self, query, key, value, keep, valid, scale, dropout_p, window) -> torch.Tensor:
-        kv = self.kv
-        B, H, T, _ = key.shape
-        visible = block_visibility(keep, valid, window)
-        keys, values = key, value
-        if self.seen > 0:
-            # Cached rows: kept rows are visible to every later query; a pending row whose flag is off only
-            # until the query ``window - 1`` slots after it.
-            C = kv.used_rows
-            row = torch.arange(C, device=key.device)
-            deadline = torch.where(row < kv.lengths.unsqueeze(-1), _NEVER, -1)
-            if window > 1:
-                slots = self.seen - (window - 1) + torch.arange(window - 1, device=key.device)
-                pending_deadline = torch.where(self.pending_keep, _NEVER, slots + window - 1)
-                deadline = torch.cat([deadline, deadline.new_empty(B, H, 1)], dim=2)
-                deadline.scatter_(2, self._pending_rows(C), pending_deadline)
-                deadline = deadline[..., :C]
-            query_slots = self.seen + torch.arange(T, device=key.device)
-            cached_visible = deadline.unsqueeze(2) >= query_slots.view(1, 1, T, 1)
-            visible = torch.cat([cached_visible, visible], dim=-1)
-            keys = torch.cat([kv.keys[:, :, :C], key], dim=2)
-            values = torch.cat([kv.values[:, :, :C], value], dim=2)
-        out = grouped_attention(query, keys, values, visible, scale, dropout_p)
-        if window > 1:
-            # Earlier pending tokens that leave the window of the next query go now if their flag is off.
-            leaving = torch.arange(window - 1, device=key.device) < T
-            drop = self.pending_valid.unsqueeze(1) & ~self.pending_keep & leaving
-            self._drop_rows(self._pending_rows(self.kv.capacity), drop)
-        in_next_window = torch.arange(T, device=key.device) >= T - (window - 1)
-        kv.reserve(T, growth=0.5)  # chunks of one prompt: grow by half (the capacity is trimmed after the prompt)
-        kv.append(key, value, valid.unsqueeze(1) & (keep | in_next_window))
-        self._push_pending(keep, valid)
+    def _prefill_chunk(self, query, key, value, keep, valid, scale, window) -> torch.Tensor:
+        """A chunk of new tokens: attends to the pages, the evicted tokens still in the window and itself under the
+        rule, then stores the kept tokens in the pages and the last ``w`` tokens in the window ring."""
+        kv, ring = self.kv, self.window
+        extra = {}
+        if ring.size > 1 and self.seen > 0:
+            extra = dict(extra_key=ring.keys, extra_value=ring.values, extra_until=ring.until(self.seen))
+        out = paged_prefill_attention(query, kv.key_pages, kv.value_pages, kv.page_table, kv.lengths, key, value, keep,
+                                      valid, window, scale, **extra)
+        kv.append(key, value, keep)
+        ring.write(key, value, keep, valid, self.seen)
         return out
 
-    def _decode_step(self, query, key, value, keep, valid, scale, window) -> torch.Tensor:
-        kv = self.kv
-        B, H, _, _ = key.shape
-        # The new token is inside its own window: store it, attend over every live row, then apply the flag of
-        # the token that leaves the window of the next query (the new token itself when w = 1).
-        kv.append(key, value, valid.unsqueeze(1).expand(B, H, 1))
-        out = decode_attention(query[:, :, 0], kv.keys, kv.values, kv.lengths, scale).unsqueeze(2)
-        if window == 1:
-            drop = valid & ~keep[..., 0]
-            kv.lengths -= drop.to(torch.int32)
-            return out
-        tail_valid = torch.cat([self.pending_valid, valid], dim=1)
-        tail_keep = torch.cat([self.pending_keep, keep], dim=2)
-        oldest_row = kv.lengths.to(torch.int64) - tail_valid.sum(dim=1, keepdim=True)
-        drop = tail_valid[:, :1].unsqueeze(1) & ~tail_keep[..., :1]
-        self._drop_rows(oldest_row.unsqueeze(-1).clamp_min(0), drop)
-        self.pending_valid = tail_valid[:, 1:]
-        self.pending_keep = tail_keep[..., 1:]
-        return out
-
-    def _push_pending(self, keep: torch.Tensor, valid: torch.Tensor) -> None:
-        n = self.pending_valid.shape[1]
-        if n == 0:
-            return
-        self.pending_keep = torch.cat([self.pending_keep, keep], dim=2)[..., -n:]
-        self.pending_valid = torch.cat([self.pending_valid, valid], dim=1)[:, -n:]
+    def _decode_step(self, query, key, value, keep, valid, scale) -> torch.Tensor:
+        """One new token in one fused op: into the pages if kept, into the window ring, attention over both."""
+        kv, ring = self.kv, self.window
+        taken = kv.prepare_append(1)
+        out = paged_decode_step_(query[:, :, 0], kv.key_pages, kv.value_pages, kv.page_table, kv.lengths,
+                                 kv.free_pages, kv.free_count, key[:, :, 0], value[:, :, 0], keep[..., 0],
+                                 None if valid is None else valid[:, 0], ring.keys, ring.values, ring.visible,
+                                 self.seen % ring.size, scale)
+        kv.appended(1, taken)
+        return out.unsqueeze(2)
 
     # ----------------------------------------------------------------------------------------------------
     # Accounting
     # ----------------------------------------------------------------------------------------------------
 
-    def allocated_bytes(self) -> int:
-        total = 0
-        for tensor in (self.pending_keep, self.pending_valid, self.valid_count):
-            if tensor is not None:
-                total += tensor.nbytes
-        for store in (self.kv, self.gate_kv):
-            if store is not None:
-                total += store.nbytes
-        return total
+    def memory(self) -> Dict[str, Any]:
+        """This layer's part of :meth:`AttnGateCache.memory_report` (reads lengths back: one synchronisation)."""
+        kv = self.kv
+        B, H = kv.lengths.shape
+        S = kv.page_size
+        lengths = kv.lengths.long()
+        pages_held = int(((lengths + S - 1) // S).sum())
+        pages_free = kv.free_page_count()
+        gate_held = gate_free = gate_meta = 0
+        if self.gate_kv is not None:
+            g = self.gate_kv
+            gate_held = g.pages_used() * g.page_bytes + self.gate_ring.nbytes
+            gate_free = g.free_page_count() * g.page_bytes
+            gate_meta = g.metadata_bytes()
+        kept_heads = (lengths + self.window.visible_rows(self.seen)).sum(dim=0).cpu()
+        return {
+            "kv_bytes": pages_held * kv.page_bytes + self.window.nbytes,
+            "gate_bytes": gate_held,
+            "free_page_bytes": pages_free * kv.page_bytes + gate_free,
+            "metadata_bytes": kv.metadata_bytes() + gate_meta + self.valid_count.nbytes,
+            "dense_bytes": 2 * B * H * self.seen * kv.key_pages.shape[2] * kv.key_pages.element_size(),
+            "dense_valid_bytes": 2 * H * int(self.valid_count.sum().item()) * kv.key_pages.shape[2]
+            * kv.key_pages.element_size(),
+            "pages_held": pages_held,
+            "pages_free": pages_free,
+            "rows_held": int(lengths.sum()),
+            "kept_heads": kept_heads,
+            "valid_tokens": int(self.valid_count.sum().item()),
+            "heads": H,
+            "row_heads": B * H,
+        }
 
 
 class AttnGateCache(Cache):
@@ -346,13 +322,17 @@ class AttnGateCache(Cache):
     ``DynamicCache``), so positions stay right even though evicted rows are gone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, page_size: int = 16) -> None:
+        """``page_size``: rows per page of every (row, KV head) (the unit in which memory is taken and given back)."""
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"AttnGateCache page_size must be an integer >= 1, got {page_size!r}")
         super().__init__(layers=[])
+        self.page_size = page_size
 
     def layer(self, layer_idx: int) -> AttnGateLayer:
         """The cache of decoder layer ``layer_idx`` (created on first use)."""
         while len(self.layers) <= layer_idx:
-            self.layers.append(AttnGateLayer())
+            self.layers.append(AttnGateLayer(self.page_size))
         return self.layers[layer_idx]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
@@ -368,36 +348,55 @@ class AttnGateCache(Cache):
         """What the cache holds against what a dense cache of the same tokens would hold.
 
         Returns a dict with
-            ``allocated_bytes``: every tensor the cache holds (gated K/V at capacity, lengths, the gates' K'/V'
-            caches, pending flags);
-            ``gate_bytes``: the part of that held by the gates' K'/V' caches;
+            ``held_bytes``: K/V the cache holds for tokens: ``kv_bytes + gate_bytes``;
+            ``kv_bytes``: the model's K/V: pages held by some (row, head), plus the window ring (the last
+            ``protect_recent`` tokens of every head);
+            ``gate_bytes``: the gates' own K'/V' pages held (and their one-slot decode ring);
+            ``free_page_bytes``: pages allocated in the pools but held by no head (decode headroom);
+            ``metadata_bytes``: page tables, lengths, free stacks, counters;
+            ``allocated_bytes``: everything: ``held_bytes + free_page_bytes + metadata_bytes``;
             ``dense_bytes``: a ``DynamicCache`` of the same sequence slots (``2 * B * H * seen * D`` per layer);
-            ``kept_rows`` / ``total_rows``: K/V rows held / valid tokens, over (layer, batch, KV head);
+            ``dense_valid_bytes``: the same without padding slots (what a dense cache needs for the real tokens);
+            ``pages_held`` / ``pages_free`` / ``page_size``; ``pages_needed``: ``ceil(rows held / page_size)`` per
+            layer, summed (pages held exceed it by less than one page per (layer, row, head));
+            ``kept_rows`` / ``total_rows``: K/V rows the model attends to (paged rows and evicted tokens still in
+            the window) / valid tokens, over (layer, batch, KV head);
             ``eviction_ratio``: ``1 - kept_rows / total_rows`` (padding excluded);
             ``retention_per_layer``: list of kept fractions; ``retention_per_head``: list (layer) of lists (head).
-        This reads lengths back from the device (one synchronisation).
+        This reads lengths and free counts back from the device (a few synchronisations).
         """
-        allocated = gate_bytes = dense = kept = total = 0
+        totals = dict.fromkeys(("kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes", "dense_bytes",
+                                "dense_valid_bytes", "pages_held", "pages_free", "pages_needed", "kept_rows",
+                                "total_rows"), 0)
         per_layer: List[float] = []
         per_head: List[List[float]] = []
+        page_size = 0
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            kv = layer.kv
-            B, H, _, D = kv.keys.shape
-            allocated += layer.allocated_bytes()
-            gate_bytes += layer.gate_kv.nbytes if layer.gate_kv is not None else 0
-            dense += 2 * B * H * layer.seen * D * kv.keys.element_size()
-            kept_heads = kv.lengths.to(torch.int64).sum(dim=0).cpu()
-            valid_tokens = int(layer.valid_count.sum().item())
-            kept += int(kept_heads.sum())
-            total += valid_tokens * H
-            per_head.append([int(k) / valid_tokens if valid_tokens else 1.0 for k in kept_heads.tolist()])
+            m = layer.memory()
+            page_size = layer.kv.page_size
+            for key in ("kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes", "dense_bytes",
+                        "dense_valid_bytes", "pages_held", "pages_free"):
+                totals[key] += m[key]
+            totals["pages_needed"] += -(-m["rows_held"] // page_size)
+            valid_tokens, H = m["valid_tokens"], m["heads"]
+            totals["kept_rows"] += int(m["kept_heads"].sum())
+            totals["total_rows"] += valid_tokens * H
+            per_head.append([int(k) / valid_tokens if valid_tokens else 1.0 for k in m["kept_heads"].tolist()])
             per_layer.append(float(sum(per_head[-1]) / H))
+        held = totals["kv_bytes"] + totals["gate_bytes"]
+        kept, total = totals.pop("kept_rows"), totals.pop("total_rows")
         return {
-            "allocated_bytes": allocated,
-            "gate_bytes": gate_bytes,
-            "dense_bytes": dense,
+            "held_bytes": held,
+            **{k: totals[k] for k in ("kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes")},
+            "allocated_bytes": held + totals["free_page_bytes"] + totals["metadata_bytes"],
+            "dense_bytes": totals["dense_bytes"],
+            "dense_valid_bytes": totals["dense_valid_bytes"],
+            "pages_held": totals["pages_held"],
+            "pages_free": totals["pages_free"],
+            "pages_needed": totals["pages_needed"],
+            "page_size": page_size,
             "kept_rows": kept,
             "total_rows": total,
             "eviction_ratio": 1.0 - kept / total if total else 0.0,

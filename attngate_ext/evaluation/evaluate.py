@@ -25,13 +25,15 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..models.calibration import calibrate_gate_threshold, set_constant_gates
 from ..gate.config import AttentionGateConfig
+from ..training import cli_checks as checks
 from ..training.data import read_text_documents
+from ..training.user_files import read_jsonl
 from ..models.model import _state, add_attention_gates, gate_config, load_gates, update_gate_config
 from .perplexity import token_windows
 from .policies import POLICIES, Policy, prune_cache, record_queries_and_keys, use_in_context_policy
@@ -41,7 +43,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m attngate_ext.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m attngate_ext.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=checks.HelpWithDefaults)
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--gates", help="trained gates (save_gates directory); default: the gates shipped with the package "
                                    "for this model (attngate_ext.list_pretrained_gates()) if there are any")
@@ -52,29 +55,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="text to set the gates' threshold per ratio (default --text; use other text of the same "
                         "domain, never the evaluation windows, for an honest number)")
     p.add_argument("--calibration-windows", type=int, default=4,
-                   help="windows of --calibration-text used to set the threshold (default 4)")
+                   help="windows of --calibration-text used to set the threshold")
     p.add_argument("--calibration", choices=["global", "per_head"], default="global",
                    help="global: one threshold for every gate (heads keep the different fractions they learned); "
-                        "per_head: every (layer, KV head) evicts the ratio (default global). Either way the ratio is "
+                        "per_head: every (layer, KV head) evicts the ratio. Either way the ratio is "
                         "the one the cache measures at the end of a window, recent-window tokens included")
     p.add_argument("--gate-window", type=int, default=None,
                    help="evaluate the gates with this protect_recent w instead of the one they were trained with")
-    p.add_argument("--policies", nargs="+", default=["gate", *POLICIES], choices=["gate", *POLICIES])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75])
-    p.add_argument("--context-len", type=int, default=256)
-    p.add_argument("--continuation-len", type=int, default=256)
+    p.add_argument("--policies", nargs="+", default=["gate", *POLICIES], choices=["gate", *POLICIES],
+                   help="eviction policies to compare with the dense model")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                   help="when the policies evict: while the window is prefilled, or after the context")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75],
+                   help="target eviction ratios, each in [0, 1)")
+    p.add_argument("--context-len", type=int, default=256, help="context tokens per window")
+    p.add_argument("--continuation-len", type=int, default=256,
+                   help="continuation tokens per window (the perplexity is measured on them)")
     p.add_argument("--windows", type=int, default=8,
-                   help="evaluation windows (default 8), evenly spaced over the text (see --first-windows)")
+                   help="evaluation windows, evenly spaced over the text (see --first-windows)")
     p.add_argument("--first-windows", action="store_true",
                    help="take the first --windows windows of the text instead of evenly spaced ones")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward")
+    p.add_argument("--page-size", type=int, default=16,
+                   help="rows per page of the gated cache; smaller pages waste less on short windows")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to evaluate on (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the random policy)")
     p.add_argument("--out", default="eval.json", help="results JSON (default eval.json)")
     p.add_argument("--plots", help="directory for the PNG plots")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not args.text and not args.mc:
         p.error("give --text (perplexity) and/or --mc (multiple choice)")
@@ -82,6 +92,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--ratios must lie in [0, 1)")
     if args.context_len < 2 or args.continuation_len < 1:
         p.error("--context-len must be >= 2 and --continuation-len >= 1")
+    checks.require(p, args, [("windows", checks.at_least_one, ">= 1"), ("batch_size", checks.at_least_one, ">= 1"),
+                             ("page_size", checks.at_least_one, ">= 1"),
+                             ("calibration_windows", checks.at_least_one, ">= 1"),
+                             ("gate_window", lambda w: w >= 0, ">= 0")])
     return args
 
 
@@ -92,6 +106,7 @@ class Evaluator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.args = args
+        checks.require_model_dir(args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype],
                                                           local_files_only=True).to(args.device).eval()
@@ -158,13 +173,13 @@ class Evaluator:
                 self._reset(None)
             else:
                 self._reset(POLICIES[policy](), ratio, T)
-            cache = AttnGateCache()
+            cache = AttnGateCache(self.args.page_size)
             logits = self.model(input_ids=ids, **self._cache_kwargs(cache)).logits[:, context - 1 : T - 1]
             report = _report(cache)
         else:  # post_prefill
             self._keep_all()
             record_queries_and_keys(self.model, True)
-            cache = AttnGateCache()
+            cache = AttnGateCache(self.args.page_size)
             first = self.model(input_ids=ids[:, :context], **self._cache_kwargs(cache)).logits[:, -1:]
             record_queries_and_keys(self.model, False)
             prune_cache(self.model, cache, POLICIES[policy](), ratio)
@@ -188,7 +203,7 @@ class Evaluator:
 
 def _report(cache) -> Dict[str, Any]:
     r = cache.memory_report()
-    return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["allocated_bytes"], "dense_bytes": r["dense_bytes"]}
+    return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["held_bytes"], "dense_bytes": r["dense_bytes"]}
 
 
 def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, float]]:
@@ -205,13 +220,16 @@ def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, fl
 
 def _mc_records(path: str) -> List[Dict[str, Any]]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                r = json.loads(line)
-                if not {"context", "choices", "label"} <= set(r) or not 0 <= int(r["label"]) < len(r["choices"]):
-                    raise ValueError(f"{path}:{number}: need context, choices and a label indexing the choices")
-                records.append(r)
+    for number, r in read_jsonl(path):
+        if not {"context", "choices", "label"} <= set(r):
+            raise ValueError(f"{path}:{number}: need context, choices and a label indexing the choices")
+        if not isinstance(r["context"], str) or not isinstance(r["choices"], list) or not r["choices"] or not all(
+                isinstance(c, str) for c in r["choices"]):
+            raise ValueError(f"{path}:{number}: context must be a string and choices a non-empty list of strings")
+        if isinstance(r["label"], bool) or not isinstance(r["label"], int) or not 0 <= r["label"] < len(r["choices"]):
+            raise ValueError(f"{path}:{number}: label must be an integer index into the {len(r['choices'])} choices, "
+                             f"got {r['label']!r}")
+        records.append(r)
     if not records:
         raise ValueError(f"no multiple-choice records in {path!r}")
     return records
@@ -235,26 +253,30 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     mc = _mc_records(args.mc) if args.mc else []
     tasks = _tasks(args, ev.trained_gates is not None)
     native = ({k: v.clone() for k, v in ev.trained_gates.items()} if ev.trained_gates is not None else None)
-    progress = None if args.no_progress else _bar(len(tasks))
+    # The bar counts forwards (a calibration, a batch of windows, a multiple-choice record), so a slow row moves too.
+    batches = 0 if windows is None else math.ceil(windows.shape[0] / args.batch_size)
+    units = sum(batches + len(mc) + (policy == "gate") for policy, _, _ in tasks)
+    progress = None if args.no_progress else _bar(units)
+    tick = (lambda: None) if progress is None else (lambda: progress.update(1))
     results = []
     for policy, mode, ratio in tasks:
+        if progress is not None:
+            progress.set_postfix_str(f"{policy}/{mode}/{ratio}")
         if policy == "gate":
             ev.trained_gates = {k: v.clone() for k, v in native.items()}
             if calibration is None:
                 raise ValueError("the gate policy needs --text or --calibration-text to calibrate its biases")
             calibrated = ev.calibrate(ratio, calibration[: args.calibration_windows])
+            tick()
         record: Dict[str, Any] = {"policy": policy, "mode": mode, "target_eviction": ratio}
         if policy == "gate":
             record["calibration_eviction"] = calibrated
         if windows is not None:
-            record.update(_perplexity(ev, windows, policy, mode, ratio))
+            record.update(_perplexity(ev, windows, policy, mode, ratio, tick))
         if mc:
-            record.update(_accuracy(ev, mc, policy, mode, ratio))
+            record.update(_accuracy(ev, mc, policy, mode, ratio, tick))
             record.setdefault("eviction_ratio", record["mc_eviction_ratio"])
         results.append(record)
-        if progress is not None:
-            progress.set_postfix_str(f"{policy}/{mode}/{ratio}")
-            progress.update(1)
     if progress is not None:
         progress.close()
     if native is not None:
@@ -271,10 +293,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.plots:  # after the results are safe on disk
         output["plots"] = _plots(ev, args, results, windows)
         Path(args.out).write_text(json.dumps(output, indent=2))
+    print(f"results: {args.out}" + (f"; plots: {', '.join(output['plots'])}" if args.plots else ""), flush=True)
     return output
 
 
-def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ratio: float) -> Dict[str, Any]:
+def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ratio: float,
+                tick: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     nll, count, ratio_sum, kv, dense = 0.0, 0, 0.0, 0, 0
     for start in range(0, windows.shape[0], ev.args.batch_size):
         batch = windows[start : start + ev.args.batch_size]
@@ -284,13 +308,16 @@ def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ra
         ratio_sum += report["eviction_ratio"] * batch.shape[0]
         kv = max(kv, report["kv_bytes"] or 0)
         dense = max(dense, report["dense_bytes"] or 0)
+        tick()
     # Eviction: measured by the cache at the end of each batch (in context: end of the window; post-prefill: right
-    # after pruning the context). KV share: the largest batch's allocated bytes over its dense cache.
+    # after pruning the context). KV share: the largest batch's held bytes (pages held, the window ring and the gates'
+    # K'/V') over its dense cache.
     return {"perplexity": math.exp(nll / count), "eviction_ratio": ratio_sum / windows.shape[0],
             "kv_bytes": kv or None, "kv_share": kv / dense if dense else 1.0}
 
 
-def _accuracy(ev: Evaluator, records: List[Dict[str, Any]], policy: str, mode: str, ratio: float) -> Dict[str, Any]:
+def _accuracy(ev: Evaluator, records: List[Dict[str, Any]], policy: str, mode: str, ratio: float,
+              tick: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     tok = ev.tokenizer
     correct, ratios = 0, []
     for record in records:
@@ -302,6 +329,7 @@ def _accuracy(ev: Evaluator, records: List[Dict[str, Any]], policy: str, mode: s
             scores.append(float(logprobs.sum()))
             ratios.append(report["eviction_ratio"])
         correct += int(max(range(len(scores)), key=scores.__getitem__) == int(record["label"]))
+        tick()
     return {"accuracy": correct / len(records), "mc_eviction_ratio": sum(ratios) / len(ratios)}
 
 

@@ -40,15 +40,16 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     machinery: the attention rule, per-head storage of kept rows), so the result also reports the eviction ratio
     and bytes that cache measured; a dense model runs as is.
 
-    Returns ``{"perplexity", "nll", "tokens", "eviction_ratio", "allocated_bytes", "dense_bytes"}`` (the byte
-    counts are per batch, the largest seen; for a dense model ``eviction_ratio`` is 0 and the bytes are None).
+    Returns ``{"perplexity", "nll", "tokens", "eviction_ratio", "held_bytes", "dense_bytes"}`` (the byte counts are
+    per batch, the largest seen, ``held_bytes`` as in ``memory_report``; for a dense model ``eviction_ratio`` is 0 and
+    the bytes are None).
     """
     from ..cache.cache import AttnGateCache
 
     gated = hasattr(model, "_attngate_state")
     device = next(model.parameters()).device
     total_nll, total_tokens, kept, rows = 0.0, 0, 0, 0
-    allocated = dense = 0
+    held = dense = 0
     starts: List[int] = list(range(0, windows.shape[0], batch_size))
     if progress:
         from tqdm.auto import tqdm
@@ -62,7 +63,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
             report = cache.memory_report()
             kept += report["kept_rows"]
             rows += report["total_rows"]
-            allocated = max(allocated, report["allocated_bytes"])
+            held = max(held, report["held_bytes"])
             dense = max(dense, report["dense_bytes"])
         else:
             logits = model(input_ids=ids, use_cache=False).logits
@@ -75,6 +76,6 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
         "nll": mean,
         "tokens": total_tokens,
         "eviction_ratio": 1.0 - kept / rows if rows else 0.0,
-        "allocated_bytes": allocated if gated else None,
+        "held_bytes": held if gated else None,
         "dense_bytes": dense if gated else None,
     }

@@ -7,7 +7,7 @@ Every policy scores the tokens of a prompt per (batch row, KV head); :func:`budg
   rows in place with ``compact_kv_`` (:func:`prune_cache`);
 * in context (causal, during prefill, as the gate does) for the policies that decide a token when it is created:
   :func:`in_context_policy` turns them into a gate replacement (``GatedAttention.flag_source``) plus the window
-  ``protect_recent`` of SPEC section 2.
+  ``protect_recent`` of the eviction rule (docs/design.md, section 2).
 
 Scores are computed from the post-RoPE queries and keys the gated layers record (``GatedAttention.record_qk``);
 with grouped-query attention the attention of a KV head is the sum over the query heads of its group.
@@ -208,7 +208,7 @@ def prune_cache(model: nn.Module, cache, policy: Policy, eviction_ratio: float) 
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
         keep_rows = keep.gather(2, order.unsqueeze(1).expand(B, H, T))
         layer.kv.compact(keep_rows)
-        layer.kv.trim()
+        layer.kv.shrink()
         flags.append(keep)
         attn.recorded = None
     return flags
@@ -235,13 +235,14 @@ class ChunkPruner:
     def __call__(self, layer, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor) -> None:
         kv = layer.kv
         B, H = kv.lengths.shape
-        rows = kv.used_rows
+        cached, _, _ = kv.gather()  # (B, H, rows, D): every head's rows in token order
+        rows = cached.shape[2]
         lengths = kv.lengths.long()
         new = valid.sum(dim=1)  # rows this chunk appended (every valid token: w = 1, keep all)
         # Attention of the chunk's queries over the cached rows: old rows are visible to all, new ones causally.
         Hq, T, D = query.shape[1], query.shape[2], query.shape[3]
         q = query.float().reshape(B, H, Hq // H, T, D)
-        scores = torch.matmul(q, kv.keys[:, :, :rows].float().unsqueeze(2).transpose(-1, -2)) / math.sqrt(D)
+        scores = torch.matmul(q, cached.float().unsqueeze(2).transpose(-1, -2)) / math.sqrt(D)
         r = torch.arange(rows, device=key.device).view(1, 1, 1, rows)
         first_new = (lengths - new.view(-1, 1)).view(B, H, 1, 1)
         rank = (valid.long().cumsum(1) - 1).view(B, 1, T, 1)
@@ -264,7 +265,7 @@ class ChunkPruner:
             protected = SnapKV.protected(new, budget).view(B, 1, 1)
             ranked = torch.where(from_end < protected, _FORCED, pooled)
         keep_rows = budget_flags(ranked, live, budget)
-        kv.compact(torch.cat([keep_rows, keep_rows.new_zeros(B, H, kv.capacity - rows)], dim=-1))
+        kv.compact(keep_rows)
         if isinstance(self.policy, H2O):  # follow the rows compact_kv_ moved; rows past the new length are free
             order = torch.argsort((~keep_rows).to(torch.int8), dim=-1, stable=True)
             layer.h2o_accumulated = acc.gather(-1, order) * keep_rows.gather(-1, order)

@@ -31,7 +31,7 @@ def default_gate_head_dim(model_kv_heads: int, model_head_dim: int, gate_kv_head
 
 @dataclasses.dataclass
 class AttentionGateConfig:
-    """Settings of the Attention-Gate (SPEC section 1) and of the eviction rule (SPEC section 2).
+    """Settings of the Attention-Gate and of the eviction rule (docs/design.md, sections 1 and 2).
 
     Attributes:
         num_heads: query heads h' of the gate's own small attention.

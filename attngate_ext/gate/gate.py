@@ -32,12 +32,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the Llama convention; x is (B, heads, T, d), cos/sin are (B, T, d)."""
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+    """Rotary embedding in the Llama convention; x is (B, heads, T, d), cos/sin are (B, T, d) or (B, 1, T, d)."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
 
 
 class AttentionGate(nn.Module):
-    """The Attention-Gate of one decoder layer (SPEC section 1).
+    """The Attention-Gate of one decoder layer (docs/design.md, section 1).
 
     ``Q' = RoPE(x W_q')``, ``K' = RoPE(x W_k')``, ``V' = x W_v'``, ``O' = causal_softmax(Q'K'^T / sqrt(d')) V'``,
     ``p = sigmoid(O' W_g + b_g)`` per KV head of the model, ``keep = p >= threshold`` or a sink position, and
@@ -120,21 +122,35 @@ class AttentionGate(nn.Module):
     def project(
         self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q', K', V' of the tokens ``x`` ``(B, T, d)``: ``(B, h', T, d')``, ``(B, h'_kv, T, d')`` twice, RoPE applied."""
+        """Q', K', V' of the tokens ``x`` ``(B, T, d)``: ``(B, h', T, d')``, ``(B, h'_kv, T, d')`` twice, RoPE applied.
+
+        One matrix product with the three projections stacked, and one RoPE call for Q' and K' together.
+        ``cos``/``sin``: ``(B, T, d')`` or ``(B, 1, T, d')``.
+        """
         cfg = self.config
         B, T, _ = x.shape
-        d = cfg.head_dim
-        q = self.q_proj(x).view(B, T, cfg.num_heads, d).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
+        d, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        qkv = F.linear(x, self._stacked_qkv_weight()).view(B, T, nq + 2 * nkv, d).transpose(1, 2)
+        qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv :]
         if cfg.rope:
             if cos is None or sin is None:
                 raise ValueError("AttentionGate with rope=True needs cos and sin")
-            if tuple(cos.shape) != (B, T, d) or tuple(sin.shape) != (B, T, d):
+            if cos.shape[-2:] != (T, d) or cos.shape[0] != B or sin.shape != cos.shape:
                 raise ValueError(f"cos and sin must have shape (B, T, head_dim) = {(B, T, d)}, got "
                                  f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
+            qk = apply_rope(qk, cos, sin)
+        return qk[:, :nq], qk[:, nq:], v
+
+    def _stacked_qkv_weight(self) -> torch.Tensor:
+        """``cat(W_q', W_k', W_v')``: rebuilt when a weight changes (or every call while they need gradients)."""
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return torch.cat(weights)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        if getattr(self, "_stacked_key", None) != key:
+            self._stacked = torch.cat([w.detach() for w in weights])
+            self._stacked_key = key
+        return self._stacked
 
     def score_heads(
         self,
@@ -162,8 +178,9 @@ class AttentionGate(nn.Module):
                                      bias.detach().to(gate_out.dtype), cfg.threshold, op_sinks,
                                      position_offset, valid)
         else:
-            probs, keep = gate_flags(gate_out, weight.to(gate_out.dtype), bias.to(gate_out.dtype), cfg.threshold,
-                                     op_sinks, position_offset, valid)
+            if weight.dtype != gate_out.dtype:
+                weight, bias = weight.to(gate_out.dtype), bias.to(gate_out.dtype)
+            probs, keep = gate_flags(gate_out, weight, bias, cfg.threshold, op_sinks, position_offset, valid)
         if positions is not None and cfg.sink_tokens > 0:
             sink = (positions < cfg.sink_tokens).unsqueeze(1)
             if valid is not None:

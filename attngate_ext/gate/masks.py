@@ -1,4 +1,4 @@
-"""The attention rule of SPEC section 2 as boolean masks, and grouped-query attention under such a mask."""
+"""The eviction rule (docs/design.md, section 2) as boolean masks, and grouped-query attention under such a mask."""
 
 from __future__ import annotations
 

@@ -74,7 +74,8 @@ def set_constant_gates(model: nn.Module, keep: bool) -> None:
     """Makes every gate keep (or evict) every token regardless of its input.
 
     With ``keep=False``, ``sink_tokens = s`` and ``protect_recent = w`` the gated model is exactly StreamingLLM
-    (s attention sinks plus a window of the w most recent tokens) on the same cache machinery (SPEC section 2).
+    (s attention sinks plus a window of the w most recent tokens) on the same cache machinery
+    (docs/design.md, section 2).
     """
     for gate in gates(model):
         with torch.no_grad():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,6 +11,7 @@ from ..cache.cache import AttnGateCache
 from ..gate.gate import AttentionGate, GateOutput, apply_rope
 from ..gate.masks import block_visibility, grouped_attention
 from ..gate.ste_attention import ste_gated_attention
+from ..ops.paged import paged_prefill_attention
 
 # Keyword the gated model's pre-forward hook uses to hand the 2-D padding mask down to every layer.
 PADDING_MASK_KWARG = "gate_padding_mask"
@@ -19,13 +20,25 @@ PADDING_MASK_KWARG = "gate_padding_mask"
 PROMPT_LENGTH_KWARG = "gate_prompt_length"
 
 
+def rule_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                   valid: Optional[torch.Tensor], window: int, scale: float) -> torch.Tensor:
+    """Attention of ``query`` ``(B, Hq, T, D)`` over ``key``/``value`` ``(B, H, T, D)`` under the eviction rule
+    (flags ``keep`` ``(B, H, T)``, padding ``valid`` ``(B, T)``, window), through ``paged_prefill_attention`` with
+    an empty cache: no ``T x T`` mask is built."""
+    B, H, _, D = key.shape
+    pages = key.new_zeros(0, 1, D)
+    table = torch.zeros(B, H, 0, dtype=torch.int32, device=key.device)
+    lengths = torch.zeros(B, H, dtype=torch.int32, device=key.device)
+    return paged_prefill_attention(query, pages, pages, table, lengths, key, value, keep, valid, window, scale)
+
+
 class GatedAttention(nn.Module):
     """Wraps one attention module of a Llama-style model (q/k/v/o projections, RoPE, GQA, optional bias).
 
     The wrapped module keeps its weights and is restored by :func:`attngate_ext.remove_attention_gates`. The
     forward computes the model's q/k/v exactly as the wrapped module does, scores the tokens with ``gate`` and
-    attends under SPEC section 2's rule: with an :class:`AttnGateCache` only kept rows are stored; without a
-    cache the same rule is applied as a mask over the whole sequence.
+    attends under the eviction rule (docs/design.md, section 2): with an :class:`AttnGateCache` only kept rows are
+    stored; without a cache the same rule runs over the whole sequence inside the attention kernel.
 
     In training mode with autograd on and trainable gate parameters, the forward always takes the straight-through
     path (hard flags forward, the sigmoid's gradient backward) and ignores an empty cache, whatever ``use_cache``
@@ -57,21 +70,57 @@ class GatedAttention(nn.Module):
         self.record_qk = False
         self.recorded: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
         self.last_gate: Optional[GateOutput] = None
+        self._retain_dtype: Optional[torch.dtype] = None
         self.last_retain: Optional[torch.Tensor] = None
         self.last_valid: Optional[torch.Tensor] = None
+        # The gate's RoPE tables of the current forward; add_attention_gates makes the layers of a model share one.
+        self.rope_memo: Dict[str, Any] = {}
+
+    @property
+    def last_retain(self) -> Optional[torch.Tensor]:
+        """The retention weights ``F`` ``(B, H, T)`` of the last forward (differentiable while training the gates);
+        after a cached (inference) forward, the hard flags in the query dtype."""
+        if self._last_retain is None and self.last_gate is not None and self._retain_dtype is not None:
+            return self.last_gate.keep.to(self._retain_dtype)
+        return self._last_retain
+
+    @last_retain.setter
+    def last_retain(self, value: Optional[torch.Tensor]) -> None:
+        self._last_retain = value
+
+    def _valid(self, padding_mask: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
+        """``(B, T)`` bool, False on padding, from the model's 2-D mask (shared through ``rope_memo`` like the
+        RoPE tables: every layer of a forward gets the same mask)."""
+        if padding_mask is None:
+            return None
+        memo = self.rope_memo
+        if memo.get("mask") is not padding_mask or memo.get("mask_meta") != (padding_mask._version, T):
+            memo.update(mask=padding_mask, mask_meta=(padding_mask._version, T),
+                        valid=padding_mask[:, -T:].to(torch.bool))
+        return memo["valid"]
 
     def _gate_rope(self, hidden: torch.Tensor, position_embeddings, position_ids) -> Tuple[torch.Tensor, ...]:
+        """The gate's RoPE tables ``(B, 1, T, d')``; computed once per forward and shared by the layers that share
+        ``rope_memo`` (they depend only on the positions, which every layer of a forward gets as one tensor)."""
         B, T, _ = hidden.shape
         if not self.gate.config.rope:
             return None, None
+        source = position_embeddings[0] if self.gate_shares_rope else position_ids
+        if source is None:
+            raise ValueError("a gate whose head_dim differs from the model's needs position_ids for its RoPE")
+        memo = self.rope_memo
+        meta = (source._version, hidden.dtype, B, T)
+        if memo.get("source") is source and memo.get("meta") == meta:
+            return memo["tables"]
         if self.gate_shares_rope:
             cos, sin = position_embeddings
-            return cos.expand(B, T, -1), sin.expand(B, T, -1)
-        if position_ids is None:
-            raise ValueError("a gate whose head_dim differs from the model's needs position_ids for its RoPE")
-        freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.gate_inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1).expand(B, T, -1)
-        return emb.cos().to(hidden.dtype), emb.sin().to(hidden.dtype)
+            tables = cos.expand(B, T, -1).unsqueeze(1), sin.expand(B, T, -1).unsqueeze(1)
+        else:
+            freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.gate_inv_freq
+            emb = torch.cat([freqs, freqs], dim=-1).expand(B, T, -1).unsqueeze(1)
+            tables = emb.cos().to(hidden.dtype), emb.sin().to(hidden.dtype)
+        memo.update(source=source, meta=meta, tables=tables)
+        return tables
 
     def forward(
         self,
@@ -92,7 +141,8 @@ class GatedAttention(nn.Module):
         padding_mask = kwargs.get(PADDING_MASK_KWARG)
         position_ids = kwargs.get("position_ids")
         B, T, _ = hidden_states.shape
-        valid = padding_mask[:, -T:].to(torch.bool) if padding_mask is not None else None
+        valid = self._valid(padding_mask, T)
+        gate_cos, gate_sin = self._gate_rope(hidden_states, position_embeddings, position_ids)
         if position_ids is not None:
             position_ids = position_ids.expand(B, T)
 
@@ -102,7 +152,6 @@ class GatedAttention(nn.Module):
         value = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
-        gate_cos, gate_sin = self._gate_rope(hidden_states, position_embeddings, position_ids)
         dropout = attn.attention_dropout if self.training else 0.0
 
         if self.record_qk:
@@ -119,11 +168,12 @@ class GatedAttention(nn.Module):
         if cache is not None:
             layer = cache.layer(self.layer_idx)
             self._check_window(layer.get_seq_length() + T)
+            # Inference: the cached path applies no attention dropout.
             out, probs, keep = layer.attend(query, key, value, hidden_states, self.gate, gate_cos, gate_sin, valid,
-                                            position_ids, self.scaling, dropout, self.flag_source,
-                                            self.after_chunk)
+                                            position_ids, self.scaling, self.flag_source, self.after_chunk)
             self.last_gate = GateOutput(probs, keep, None, None)
-            self.last_retain, self.last_valid = keep.to(query.dtype), valid
+            self.last_retain, self.last_valid = None, valid  # the property converts last_gate.keep when asked
+            self._retain_dtype = query.dtype
         else:
             if self.after_chunk is not None:
                 raise ValueError("a policy that prunes the cache between chunks (H2O, SnapKV in context) needs a "
@@ -145,7 +195,7 @@ class GatedAttention(nn.Module):
             window = self.gate.config.protect_recent
             self.last_gate, self.last_valid = GateOutput(gate.probs, keep, None, None), valid
             if gate.probs.requires_grad:
-                # Training (SPEC section 3): hard flags forward, the sigmoid's gradient backward, applied as
+                # Training (docs/design.md, section 3): hard flags forward, the sigmoid's gradient backward, applied as
                 # multiplicative weights so that evicted keys still get a gradient. Forced keeps (sinks,
                 # decode_gating=False tokens) carry no gradient.
                 probs = gate.probs.to(query.dtype)
@@ -153,10 +203,13 @@ class GatedAttention(nn.Module):
                 retain = torch.where(forced, torch.ones_like(probs), keep.to(probs.dtype) + probs - probs.detach())
                 self.last_retain = retain
                 out = ste_gated_attention(query, key, value, retain, valid, window, self.scaling)
-            else:
+            elif dropout > 0.0:
                 self.last_retain = keep.to(query.dtype)
                 visible = block_visibility(keep, valid, window)
                 out = grouped_attention(query, key, value, visible, self.scaling, dropout)
+            else:  # the rule inside the attention kernel (an empty paged cache): no T x T mask
+                self.last_retain = keep.to(query.dtype)
+                out = rule_attention(query, key, value, keep, valid, window, self.scaling)
 
         out = out.transpose(1, 2).reshape(B, T, -1).contiguous()
         return attn.o_proj(out), None

@@ -133,12 +133,14 @@ def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] 
         width = default_gate_head_dim(facts["num_key_value_heads"], int(first.head_dim), config.num_kv_heads)
         config = dataclasses.replace(config, head_dim=width)
     theta = _rope_theta(model.config)
+    rope_memo: Dict[str, Any] = {}
     for layer in decoder.layers:
         attn = layer.self_attn
         weight = attn.q_proj.weight
         gate = AttentionGate(facts["hidden_size"], facts["num_key_value_heads"], config)
         gate.to(device=weight.device, dtype=weight.dtype)
         gated = GatedAttention(attn, gate, theta, _sliding_window(attn))
+        gated.rope_memo = rope_memo  # one gate RoPE table per forward for all layers
         gated.train(attn.training)
         layer.self_attn = gated
     params = inspect.signature(decoder.forward).parameters
@@ -227,7 +229,8 @@ def load_gates(model: nn.Module, path: str) -> nn.Module:
     """Loads gates saved by :func:`save_gates` into ``model`` (adding gates first if it has none); returns it.
 
     Raises ``ValueError`` naming the mismatch when the gates were saved for a different model shape or the model
-    already has gates with another config, and ``FileNotFoundError`` when ``path`` holds no saved gates.
+    already has gates with another config, or naming the tensor when a weight is NaN or infinite (such gates would
+    evict every token), and ``FileNotFoundError`` when ``path`` holds no saved gates.
     """
     from safetensors.torch import load_file
 
@@ -251,8 +254,17 @@ def load_gates(model: nn.Module, path: str) -> nn.Module:
     else:
         add_attention_gates(model, config)
     tensors = load_file(weights_path)
+    _check_finite(tensors, weights_path)
     for i, gate in enumerate(gates(model)):
         prefix = f"layers.{i}."
         own = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
         gate.load_state_dict(own, strict=True)
     return model
+
+
+def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{where}: gate weight {name} has {bad} NaN or infinite values; these gates are unusable "
+                             "(retrain them with finite hyperparameters)")

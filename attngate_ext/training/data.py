@@ -7,12 +7,13 @@ out of attention and of the loss. So no token ever attends across a document bor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from .user_files import read_jsonl
 
 IGNORE_INDEX = -100  # label of tokens outside the loss (prompt, padding), as in transformers
 
@@ -95,24 +96,30 @@ def sft_examples(tokenizer, path: str, seq_len: int) -> Examples:
     rows, masks, labels = [], [], []
     pad = _pad_id(tokenizer)
     eos = tokenizer.eos_token_id
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not {"prompt", "answer"} <= set(record):
-                raise ValueError(f"{path}:{number}: each SFT record needs 'prompt' and 'answer' fields")
-            prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-            answer = tokenizer(record["answer"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-            ids = (prompt + answer)[:seq_len]
-            target = ([IGNORE_INDEX] * len(prompt) + answer)[:seq_len]
-            n = len(ids)
-            rows.append(ids + [pad] * (seq_len - n))
-            masks.append([1] * n + [0] * (seq_len - n))
-            labels.append(target + [IGNORE_INDEX] * (seq_len - n))
+    for number, record in read_jsonl(path):
+        prompt_text, answer_text = _sft_fields(record, path, number)
+        prompt = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+        answer = tokenizer(answer_text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids = (prompt + answer)[:seq_len]
+        target = ([IGNORE_INDEX] * len(prompt) + answer)[:seq_len]
+        n = len(ids)
+        rows.append(ids + [pad] * (seq_len - n))
+        masks.append([1] * n + [0] * (seq_len - n))
+        labels.append(target + [IGNORE_INDEX] * (seq_len - n))
     if not rows:
         raise ValueError(f"no SFT records in {path!r}")
     return Examples(torch.tensor(rows), torch.tensor(masks), torch.tensor(labels))
+
+
+def _sft_fields(record: dict, path: str, number: int) -> Tuple[str, str]:
+    """The prompt and answer strings of one SFT record; anything else is a ValueError naming ``path:line``."""
+    if not {"prompt", "answer"} <= set(record):
+        raise ValueError(f"{path}:{number}: each SFT record needs 'prompt' and 'answer' fields")
+    for field in ("prompt", "answer"):
+        if not isinstance(record[field], str):
+            raise ValueError(f"{path}:{number}: '{field}' must be a string, got {type(record[field]).__name__} "
+                             f"{record[field]!r}")
+    return record["prompt"], record["answer"]
 
 
 def _pad_id(tokenizer) -> int:

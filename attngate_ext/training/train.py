@@ -1,4 +1,4 @@
-"""Train the Attention-Gates of a pre-trained Llama-style model (SPEC section 3).
+"""Train the Attention-Gates of a pre-trained Llama-style model (docs/design.md, section 3).
 
     python -m attngate_ext.train --model DIR --text a.txt b.txt --out runs/gates --steps 300
     python -m attngate_ext.train --model DIR --sft data.jsonl --out runs/sft --lora --steps 300
@@ -13,7 +13,8 @@ is then a threshold). Checkpoints under ``OUT/checkpoints/step-N`` hold the gate
 LoRA adapter, and the optimizer/scheduler state; ``--resume`` continues from the latest one. ``OUT/report.json``
 gets the history and the measured retention per layer and head. The model directory is read locally only.
 Under torchrun every process trains on its slice of each global batch and gradients are averaged (gloo on CPU,
-NCCL on GPU); process 0 writes the files.
+NCCL on GPU); process 0 writes the files. An ``--out`` that holds a run's results is refused unless ``--resume``
+or ``--overwrite`` (see :mod:`attngate_ext.training.cli_checks`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -38,6 +40,8 @@ from .distributed import (World, average_gradients, barrier, broadcast_parameter
                           shutdown)
 from .losses import eviction_target
 from .objectives import OBJECTIVES, STEPS, init_biases_to_mean_scores
+from . import cli_checks as checks
+from .user_files import read_json_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_TARGETS = r".*\.self_attn\.attention\.(q_proj|k_proj|v_proj|o_proj)"  # the model's, not the gates' projections
@@ -45,7 +49,8 @@ LOGGED = ("loss", "task_loss", "eviction_loss", "retention", "target")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m attngate_ext.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m attngate_ext.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=checks.HelpWithDefaults)
     p.add_argument("--model", required=True, help="local Hugging Face model directory (Llama/Mistral/Qwen2)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text", nargs="+", help="plain-text files or directories of *.txt (continual pre-training)")
@@ -60,12 +65,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per process and micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=256,
-                   help="tokens per training sequence; train at the context length the gates will see (default 256)")
+                   help="tokens per training sequence; train at the context length the gates will see")
     p.add_argument("--max-documents", type=int, default=None, help="use only the first N text documents")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--lora-lr", type=float, default=1e-4, help="learning rate of the LoRA adapters")
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--target-eviction", type=float, default=0.5, help="target eviction ratio (default 0.5)")
     p.add_argument("--target-ramp", type=int, default=0,
                    help="raise the eviction target linearly from 0 to --target-eviction over the first N steps "
@@ -91,15 +96,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "zero every token has the same logit, so lowering the bias would evict all tokens at once; "
                         "a spread orders them, and retention falls smoothly. 0 keeps the near-zero W_g init")
     p.add_argument("--lora", action="store_true", help="also train LoRA adapters on q/k/v/o (needs peft)")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the model and the gates")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to train on (default: cuda when available, else cpu)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (an error when it has none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run's results: delete its checkpoints, gates, lora and "
+                        "report.json first")
     p.add_argument("--stop-after", type=int, default=None,
                    help="leave after N steps of this run (checkpointed; continue with --resume), e.g. for time limits")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order, fresh gates)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every"):
@@ -111,6 +121,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--window must be >= 1")
     if args.objective != "lm" and args.lora:
         p.error("--lora trains the model itself: use it with --objective lm")
+    checks.require(p, args, [
+        ("lr", checks.positive, "a finite number > 0"),
+        ("lora_lr", checks.positive, "a finite number > 0"),
+        ("weight_decay", checks.non_negative, "a finite number >= 0"),
+        ("alpha", checks.non_negative, "a finite number >= 0"),
+        ("init_spread", checks.non_negative, "a finite number >= 0"),
+        ("temperature", checks.positive, "a finite number > 0"),
+        ("warmup", lambda x: x >= 0, ">= 0"),
+        ("target_ramp", lambda x: x >= 0, ">= 0"),
+        ("min_future", lambda x: x >= 0, ">= 0"),
+        ("sinks", lambda x: x >= 0, ">= 0"),
+        ("gate_head_dim", checks.at_least_one, ">= 1"),
+        ("lora_rank", checks.at_least_one, ">= 1"),
+        ("keep_checkpoints", checks.at_least_one, ">= 1"),
+        ("stop_after", checks.at_least_one, ">= 1"),
+        ("max_documents", checks.at_least_one, ">= 1"),
+    ])
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
     return args
 
 
@@ -127,8 +156,7 @@ def load_model(args: argparse.Namespace):
     """The frozen base model (local files only) with gates (fresh or from --init-gates) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model must be a local model directory, got {args.model!r}")
+    checks.require_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], local_files_only=True)
     model.to(args.device)
@@ -140,7 +168,7 @@ def load_model(args: argparse.Namespace):
     else:
         config = AttentionGateConfig()
         if args.gate_config:
-            config = AttentionGateConfig.from_json(Path(args.gate_config).read_text())
+            config = AttentionGateConfig.from_dict(read_json_file(args.gate_config, "--gate-config"))
         config = dataclasses.replace(config, **_config_overrides(args))
         if args.gate_head_dim is not None:
             config = dataclasses.replace(config, head_dim=args.gate_head_dim)
@@ -203,17 +231,29 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     world = init_world(args.device)
     args.device = world.device
     try:
-        return _train(args, world)
+        out = Path(args.out)
+        # Every process checks --out (so that all refuse together); process 0 alone deletes and creates.
+        created = checks.prepare_out_dir(out, args.resume, getattr(args, "overwrite", False), latest_checkpoint,
+                                         write=world.main)
+        barrier(world)
+        try:
+            report = _train(args, world, out)
+        except BaseException:
+            done = checks.clean_up_failed_run(out, created, latest_checkpoint) if world.main else None
+            if done:
+                print(done, file=sys.stderr)
+            raise
+        if world.main:
+            written = [out / name for name in ("gates", "lora", "report.json", "checkpoints") if (out / name).exists()]
+            print("outputs: " + ", ".join(str(p) for p in written), flush=True)
+        return report
     finally:
         shutdown(world)
 
 
-def _train(args: argparse.Namespace, world: World) -> Dict[str, Any]:
+def _train(args: argparse.Namespace, world: World, out: Path) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    out = Path(args.out)
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args)
     peft_model = add_lora(model, args.lora_rank) if args.lora else None
     for gate in gates(model):

@@ -2,46 +2,46 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 #include "dispatch.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
 
 template <typename scalar_t>
-void append_kv_kernel(at::Tensor& key_cache, at::Tensor& value_cache,  // (B, H, C, D)
-                      const at::Tensor& key, const at::Tensor& value,   // (B, H, T, D)
-                      const at::Tensor& keep,                           // (B, H, T) bool or undefined
-                      const std::vector<int64_t>& start) {              // [b * H + h] first free row
+void append_kv_kernel(Tensor& key_cache, Tensor& value_cache,  // (B, H, C, D)
+                      const Tensor& key, const Tensor& value,  // (B, H, T, D)
+                      const Tensor& keep,                      // (B, H, T) bool or undefined
+                      const std::vector<int64_t>& start) {     // [b * H + h] first free row
   const int64_t B = key.size(0), H = key.size(1), T = key.size(2), D = key.size(3);
-  scalar_t* kc = key_cache.data_ptr<scalar_t>();
-  scalar_t* vc = value_cache.data_ptr<scalar_t>();
-  const scalar_t* k = key.data_ptr<scalar_t>();
-  const scalar_t* v = value.data_ptr<scalar_t>();
-  const bool* keep_p = keep.defined() ? keep.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  scalar_t* kc = key_cache.mutable_data_ptr<scalar_t>();
+  scalar_t* vc = value_cache.mutable_data_ptr<scalar_t>();
+  const scalar_t* k = key.const_data_ptr<scalar_t>();
+  const scalar_t* v = value.const_data_ptr<scalar_t>();
+  const bool* keep_p = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  // Strides read once: each Tensor::stride() is a call into torch.
+  const cpu::Strides3 ks = cpu::strides3(key), vs = cpu::strides3(value), kcs = cpu::strides3(key_cache),
+                      vcs = cpu::strides3(value_cache);
+  const cpu::Strides3 keeps = keep.defined() ? cpu::strides3(keep) : cpu::Strides3{};
+  torch::stable::parallel_for(0, B * H, cpu::grain_for(2 * T * D), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       int64_t dst = start[bh];
       for (int64_t t = 0; t < T; ++t) {
-        if (keep_p != nullptr && !keep_p[b * keep.stride(0) + h * keep.stride(1) + t * keep.stride(2)]) continue;
-        const int64_t src_k = b * key.stride(0) + h * key.stride(1) + t * key.stride(2);
-        const int64_t src_v = b * value.stride(0) + h * value.stride(1) + t * value.stride(2);
-        std::copy_n(k + src_k, D, kc + b * key_cache.stride(0) + h * key_cache.stride(1) + dst * key_cache.stride(2));
-        std::copy_n(v + src_v, D,
-                    vc + b * value_cache.stride(0) + h * value_cache.stride(1) + dst * value_cache.stride(2));
+        if (keep_p != nullptr && !keep_p[keeps.at(b, h, t)]) continue;
+        std::copy_n(k + ks.at(b, h, t), D, kc + kcs.at(b, h, dst));
+        std::copy_n(v + vs.at(b, h, t), D, vc + vcs.at(b, h, dst));
         ++dst;
       }
     }
   });
 }
 
-void append_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& lengths, const at::Tensor& key,
-                   const at::Tensor& value, const std::optional<at::Tensor>& keep) {
+void append_kv_cpu(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, const Tensor& key, const Tensor& value,
+                   const std::optional<Tensor>& keep) {
   check_append_kv_args(key_cache, value_cache, lengths, key, value, keep);
   const int64_t B = key.size(0), H = key.size(1), T = key.size(2), C = key_cache.size(2);
   if (B * H == 0) return;
@@ -49,11 +49,12 @@ void append_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& l
   const std::vector<int64_t> start = cpu::read_lengths(lengths);
   std::vector<int64_t> counts(start.size(), T);
   if (keep.has_value()) {
-    const bool* kp = keep->data_ptr<bool>();
+    const bool* kp = keep->const_data_ptr<bool>();
+    const cpu::Strides3 keeps = cpu::strides3(*keep);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         int64_t n = 0;
-        for (int64_t t = 0; t < T; ++t) n += kp[b * keep->stride(0) + h * keep->stride(1) + t * keep->stride(2)];
+        for (int64_t t = 0; t < T; ++t) n += kp[keeps.at(b, h, t)];
         counts[b * H + h] = n;
       }
   }
@@ -65,15 +66,15 @@ void append_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& l
   raise_for_status("append_kv_", status);
   if (T > 0 && key.size(3) > 0) {
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "append_kv_cpu", [&] {
-      append_kv_kernel<scalar_t>(key_cache, value_cache, key, value, keep.has_value() ? *keep : at::Tensor(), start);
+      append_kv_kernel<scalar_t>(key_cache, value_cache, key, value, keep.has_value() ? *keep : Tensor(), start);
     });
   }
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) cpu::write_length(lengths, b, h, start[b * H + h] + counts[b * H + h]);
+  for (size_t i = 0; i < counts.size(); ++i) counts[i] += start[i];
+  cpu::write_lengths(lengths, counts);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("append_kv_", &append_kv_cpu); }
+ATTNGATE_IMPL(CPU, append_kv_, append_kv_cpu);
 
 }  // namespace attngate

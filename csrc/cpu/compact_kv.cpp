@@ -2,12 +2,11 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 #include "dispatch.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -26,25 +25,24 @@ void compact_head(scalar_t* base, int64_t row_stride, int64_t D, const bool* kee
 }
 
 template <typename scalar_t>
-void compact_kv_kernel(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& keep,
-                       const std::vector<int64_t>& live, std::vector<int64_t>& kept) {
+void compact_kv_kernel(Tensor& key_cache, Tensor& value_cache, const Tensor& keep, const std::vector<int64_t>& live,
+                       std::vector<int64_t>& kept) {
   const int64_t H = key_cache.size(1), D = key_cache.size(3);
-  scalar_t* kc = key_cache.data_ptr<scalar_t>();
-  scalar_t* vc = value_cache.data_ptr<scalar_t>();
-  const bool* kp = keep.data_ptr<bool>();
-  at::parallel_for(0, static_cast<int64_t>(live.size()), 1, [&](int64_t begin, int64_t end) {
+  scalar_t* kc = key_cache.mutable_data_ptr<scalar_t>();
+  scalar_t* vc = value_cache.mutable_data_ptr<scalar_t>();
+  const bool* kp = keep.const_data_ptr<bool>();
+  const cpu::Strides3 keeps = cpu::strides3(keep), kcs = cpu::strides3(key_cache), vcs = cpu::strides3(value_cache);
+  torch::stable::parallel_for(0, static_cast<int64_t>(live.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const bool* keep_row = kp + b * keep.stride(0) + h * keep.stride(1);
-      compact_head(kc + b * key_cache.stride(0) + h * key_cache.stride(1), key_cache.stride(2), D, keep_row,
-                   keep.stride(2), live[bh], kept[bh]);
-      compact_head(vc + b * value_cache.stride(0) + h * value_cache.stride(1), value_cache.stride(2), D, keep_row,
-                   keep.stride(2), live[bh], kept[bh]);
+      const bool* keep_row = kp + keeps.at(b, h, 0);
+      compact_head(kc + kcs.at(b, h, 0), kcs.s2, D, keep_row, keeps.s2, live[bh], kept[bh]);
+      compact_head(vc + vcs.at(b, h, 0), vcs.s2, D, keep_row, keeps.s2, live[bh], kept[bh]);
     }
   });
 }
 
-void compact_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& lengths, const at::Tensor& keep) {
+void compact_kv_cpu(Tensor& key_cache, Tensor& value_cache, Tensor& lengths, const Tensor& keep) {
   check_compact_kv_args(key_cache, value_cache, lengths, keep);
   const int64_t B = key_cache.size(0), H = key_cache.size(1), C = key_cache.size(2), L = keep.size(2);
   if (B * H == 0) return;
@@ -59,12 +57,11 @@ void compact_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache, at::Tensor& 
   ATTNGATE_DISPATCH_FLOATING_TYPES(key_cache.scalar_type(), "compact_kv_cpu", [&] {
     compact_kv_kernel<scalar_t>(key_cache, value_cache, keep, live, kept);
   });
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) cpu::write_length(lengths, b, h, kept[b * H + h]);
+  cpu::write_lengths(lengths, kept);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("compact_kv_", &compact_kv_cpu); }
+ATTNGATE_IMPL(CPU, compact_kv_, compact_kv_cpu);
 
 }  // namespace attngate

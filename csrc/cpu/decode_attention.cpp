@@ -4,13 +4,11 @@
 #include <limits>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 #include "dispatch.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -18,28 +16,29 @@ namespace {
 // One task per (b, KV head): every query head of the GQA group shares the K/V rows, which are widened to float
 // once per row. Two passes over the live rows: scores (then max and exp), then the weighted sum of values.
 template <typename scalar_t>
-void decode_attention_kernel(const at::Tensor& query,                                 // (B, Hq, D)
-                             const at::Tensor& key_cache, const at::Tensor& value_cache,  // (B, H, C, D)
+void decode_attention_kernel(const Tensor& query,                                 // (B, Hq, D)
+                             const Tensor& key_cache, const Tensor& value_cache,  // (B, H, C, D)
                              const std::vector<int64_t>& lengths, float scale,
-                             at::Tensor& out) {                                       // (B, Hq, D) contiguous
+                             Tensor& out) {  // (B, Hq, D) contiguous
   const int64_t H = key_cache.size(1), D = key_cache.size(3), Hq = query.size(1), group = Hq / H;
-  const scalar_t* q = query.data_ptr<scalar_t>();
-  const scalar_t* kc = key_cache.data_ptr<scalar_t>();
-  const scalar_t* vc = value_cache.data_ptr<scalar_t>();
-  scalar_t* o = out.data_ptr<scalar_t>();
-  at::parallel_for(0, static_cast<int64_t>(lengths.size()), 1, [&](int64_t begin, int64_t end) {
+  const scalar_t* q = query.const_data_ptr<scalar_t>();
+  const scalar_t* kc = key_cache.const_data_ptr<scalar_t>();
+  const scalar_t* vc = value_cache.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  const int64_t q_sb = query.stride(0), q_sh = query.stride(1);  // read once: each stride() calls into torch
+  const cpu::Strides3 kcs = cpu::strides3(key_cache), vcs = cpu::strides3(value_cache);
+  torch::stable::parallel_for(0, static_cast<int64_t>(lengths.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(static_cast<size_t>(group * D)), row(static_cast<size_t>(D));
     std::vector<float> acc(static_cast<size_t>(group * D));
     std::vector<float> scores;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, n = lengths[bh];
-      for (int64_t g = 0; g < group; ++g)
-        cpu::to_float(q + b * query.stride(0) + (h * group + g) * query.stride(1), qf.data() + g * D, D);
-      const scalar_t* k = kc + b * key_cache.stride(0) + h * key_cache.stride(1);
-      const scalar_t* v = vc + b * value_cache.stride(0) + h * value_cache.stride(1);
+      for (int64_t g = 0; g < group; ++g) cpu::to_float(q + b * q_sb + (h * group + g) * q_sh, qf.data() + g * D, D);
+      const scalar_t* k = kc + kcs.at(b, h, 0);
+      const scalar_t* v = vc + vcs.at(b, h, 0);
       scores.assign(static_cast<size_t>(group * n), 0.0f);
       for (int64_t j = 0; j < n; ++j) {
-        cpu::to_float(k + j * key_cache.stride(2), row.data(), D);
+        cpu::to_float(k + j * kcs.s2, row.data(), D);
         for (int64_t g = 0; g < group; ++g) scores[g * n + j] = cpu::dot(qf.data() + g * D, row.data(), D) * scale;
       }
       std::vector<float> inv_sum(static_cast<size_t>(group), 0.0f);
@@ -56,7 +55,7 @@ void decode_attention_kernel(const at::Tensor& query,                           
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t j = 0; j < n; ++j) {
-        cpu::to_float(v + j * value_cache.stride(2), row.data(), D);
+        cpu::to_float(v + j * vcs.s2, row.data(), D);
         for (int64_t g = 0; g < group; ++g) {
           const float p = scores[g * n + j];
           float* a = acc.data() + g * D;
@@ -71,10 +70,10 @@ void decode_attention_kernel(const at::Tensor& query,                           
   });
 }
 
-at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                const at::Tensor& lengths, double scale) {
+Tensor decode_attention_cpu(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
+                            const Tensor& lengths, double scale) {
   check_decode_attention_args(query, key_cache, value_cache, lengths, scale);
-  at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   if (out.numel() == 0) return out;
   const std::vector<int64_t> live = cpu::read_lengths(lengths);
   const int64_t C = key_cache.size(2);
@@ -90,6 +89,6 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key_c
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
+ATTNGATE_IMPL(CPU, decode_attention, decode_attention_cpu);
 
 }  // namespace attngate

@@ -3,27 +3,24 @@
 // threshold, forced sink keeps, padding, and the (B, T, H) -> (B, H, T) transpose — is one fused pass.
 #include <cmath>
 
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
-#include <torch/library.h>
-
 #include "checks.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
 
-void gate_flags_epilogue(const float* logits,   // (B, T, H) contiguous
-                         const float* bias,     // (H) or nullptr
-                         const at::Tensor& valid,  // (B, T) bool or undefined
-                         int64_t B, int64_t T, int64_t H, float threshold, int64_t sink_tokens,
-                         int64_t position_offset,
+void gate_flags_epilogue(const float* logits,  // (B, T, H) contiguous
+                         const float* bias,    // (H) or nullptr
+                         const Tensor& valid,  // (B, T) bool or undefined
+                         int64_t B, int64_t T, int64_t H, float threshold, int64_t sink_tokens, int64_t position_offset,
                          float* probs, bool* keep) {  // (B, H, T) contiguous
-  const bool* valid_p = valid.defined() ? valid.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
+  const bool* valid_p = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  const int64_t vs_b = valid.defined() ? valid.stride(0) : 0, vs_t = valid.defined() ? valid.stride(1) : 0;
+  torch::stable::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / T, t = i % T;
-      const bool is_valid = valid_p == nullptr || valid_p[b * valid.stride(0) + t * valid.stride(1)];
+      const bool is_valid = valid_p == nullptr || valid_p[b * vs_b + t * vs_t];
       const bool is_sink = position_offset + t < sink_tokens;
       for (int64_t h = 0; h < H; ++h) {
         const float z = logits[i * H + h] + (bias != nullptr ? bias[h] : 0.0f);
@@ -36,26 +33,26 @@ void gate_flags_epilogue(const float* logits,   // (B, T, H) contiguous
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> gate_flags_cpu(const at::Tensor& gate_out, const at::Tensor& weight,
-                                                  const std::optional<at::Tensor>& bias, double threshold,
-                                                  int64_t sink_tokens, int64_t position_offset,
-                                                  const std::optional<at::Tensor>& valid) {
+std::tuple<Tensor, Tensor> gate_flags_cpu(const Tensor& gate_out, const Tensor& weight,
+                                          const std::optional<Tensor>& bias, double threshold, int64_t sink_tokens,
+                                          int64_t position_offset, const std::optional<Tensor>& valid) {
   check_gate_flags_args(gate_out, weight, bias, threshold, sink_tokens, position_offset, valid);
   const int64_t B = gate_out.size(0), T = gate_out.size(1), H = weight.size(0);
-  at::Tensor probs = at::empty({B, H, T}, gate_out.options().dtype(at::kFloat));
-  at::Tensor keep = at::empty({B, H, T}, gate_out.options().dtype(at::kBool));
+  Tensor probs = empty_like_device({B, H, T}, kFloat, gate_out);
+  Tensor keep = empty_like_device({B, H, T}, kBool, gate_out);
   if (probs.numel() == 0) return {probs, keep};
   // float32 inputs to the matmul: a float16/bfloat16 matmul would round the logits to the input precision.
-  const at::Tensor logits = at::matmul(gate_out.to(at::kFloat), weight.to(at::kFloat).t()).contiguous();
-  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  gate_flags_epilogue(logits.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                      valid.has_value() ? *valid : at::Tensor(), B, T, H, static_cast<float>(threshold), sink_tokens,
-                      position_offset, probs.data_ptr<float>(), keep.data_ptr<bool>());
+  const Tensor logits = torch::stable::contiguous(torch::stable::matmul(
+      torch::stable::to(gate_out, kFloat), torch::stable::transpose(torch::stable::to(weight, kFloat), 0, 1)));
+  const Tensor bias_f = bias.has_value() ? torch::stable::contiguous(torch::stable::to(*bias, kFloat)) : Tensor();
+  gate_flags_epilogue(logits.mutable_data_ptr<float>(), bias_f.defined() ? bias_f.mutable_data_ptr<float>() : nullptr,
+                      valid.has_value() ? *valid : Tensor(), B, T, H, static_cast<float>(threshold), sink_tokens,
+                      position_offset, probs.mutable_data_ptr<float>(), keep.mutable_data_ptr<bool>());
   return {probs, keep};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attngate, CPU, m) { m.impl("gate_flags", &gate_flags_cpu); }
+ATTNGATE_IMPL(CPU, gate_flags, gate_flags_cpu);
 
 }  // namespace attngate

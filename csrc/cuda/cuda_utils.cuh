@@ -4,15 +4,11 @@
 #pragma once
 #include <cstdint>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cuda_runtime.h>
 
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
+#include "stable_api.h"
 
 namespace attngate {
 namespace cuda {
@@ -244,23 +240,23 @@ __global__ void __launch_bounds__(kPlanThreads) plan_lengths_kernel(
 // An int32 scratch buffer on the current stream: word 0 is the status word that kernels OR StatusBits into,
 // words [1, 1 + extra_words) are free for the caller. The first `zeroed_words` words are cleared with an async
 // memset on the current stream, so the op stays CUDA-graph capturable.
-inline at::Tensor make_status_scratch(const at::Tensor& like, int64_t extra_words, int64_t zeroed_words) {
-  at::Tensor scratch = at::empty({1 + extra_words}, like.options().dtype(at::kInt));
+inline Tensor make_status_scratch(const Tensor& like, int64_t extra_words, int64_t zeroed_words) {
+  Tensor scratch = empty_like_device({1 + extra_words}, kInt, like);
   if (zeroed_words > 0) {
-    C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr<int32_t>(), 0, zeroed_words * sizeof(int32_t),
-                                   at::cuda::getCurrentCUDAStream()));
+    STD_CUDA_CHECK(cudaMemsetAsync(scratch.mutable_data_ptr<int32_t>(), 0, zeroed_words * sizeof(int32_t),
+                                   cuda::current_stream()));
   }
   return scratch;
 }
 
 // The one host synchronisation of the CUDA ops: reads the status word back and raises, only when sync checks
 // are on and the current stream is not being captured into a CUDA graph (a capture cannot sync).
-inline void check_status(const char* op, const at::Tensor& scratch) {
+inline void check_status(const char* op, const Tensor& scratch) {
   if (!sync_checks_enabled()) return;
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+  const cudaStream_t stream = current_stream();
+  if (is_capturing(stream)) return;
   int32_t host_status = 0;
-  c10::cuda::memcpy_and_sync(&host_status, scratch.data_ptr<int32_t>(), sizeof(int32_t), cudaMemcpyDeviceToHost,
-                             at::cuda::getCurrentCUDAStream());
+  copy_to_host_and_sync(&host_status, scratch.const_data_ptr<int32_t>(), sizeof(int32_t), stream);
   raise_for_status(op, host_status);
 }
 

@@ -10,14 +10,12 @@
 #include <limits>
 #include <tuple>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include "checks.h"
+#include "cuda/stable_cuda.cuh"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
+#include "registration.h"
+#include "stable_api.h"
 
 namespace attngate {
 namespace {
@@ -162,56 +160,60 @@ __global__ void __launch_bounds__(kThreads, 2) gate_flags_kernel(
 }
 
 template <typename scalar_t, bool kVector, int kHeads>
-void launch_gate_flags(const at::Tensor& gate_out, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& valid, at::Tensor& probs, at::Tensor& keep, GateParams p) {
+void launch_gate_flags(const Tensor& gate_out, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& valid, Tensor& probs, Tensor& keep, GateParams p) {
   constexpr int64_t kVec = cuda::vec_elems<scalar_t, kVector>();
   constexpr int64_t kChunk = 32 * kVec;
   const int64_t Hpad = cuda::round_up(p.H, kHeads);
   p.Gp = cuda::round_up(p.G, kChunk);
   const int64_t weight_bytes = Hpad * p.Gp * static_cast<int64_t>(sizeof(float));
-  TORCH_CHECK(Hpad * p.Gp < std::numeric_limits<int32_t>::max(), "gate_flags: weight too large (H * G = ", p.H * p.G,
-              ")");
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  AG_CHECK(Hpad * p.Gp < std::numeric_limits<int32_t>::max(), "gate_flags: weight too large (H * G = ", p.H * p.G, ")");
+  const cuda::DeviceFacts* props = &cuda::device_facts();
   const bool in_smem = weight_bytes <= std::min<int64_t>(kMaxSmemWeights, props->sharedMemPerBlockOptin);
-  at::Tensor weight_f;
+  Tensor weight_f;
   if (!in_smem) {
-    weight_f = at::zeros({Hpad, p.Gp}, gate_out.options().dtype(at::kFloat));
-    weight_f.narrow(0, 0, p.H).narrow(1, 0, p.G).copy_(weight);
+    weight_f = torch::stable::new_zeros(gate_out, {Hpad, p.Gp}, kFloat);
+    Tensor rows = torch::stable::narrow(weight_f, 0, 0, p.H);
+    Tensor corner = torch::stable::narrow(rows, 1, 0, p.G);
+    torch::stable::copy_(corner, weight);
     if (kVec > 1) {
-      weight_f = weight_f.view({Hpad, p.Gp / kChunk, 32, kVec / 4, 4}).permute({0, 1, 3, 2, 4}).contiguous();
+      // (Hpad, chunks, 32 lanes, kVec / 4, 4) -> (Hpad, chunks, kVec / 4, 32 lanes, 4)
+      weight_f = torch::stable::contiguous(
+          torch::stable::transpose(torch::stable::view(weight_f, {Hpad, p.Gp / kChunk, 32, kVec / 4, 4}), 2, 3));
     }
   }
   const size_t smem = in_smem ? static_cast<size_t>(weight_bytes) : 0;
   auto kernel = gate_flags_kernel<scalar_t, kVector, kHeads>;
   if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   // Enough blocks to fill the GPU once; each block then loops over rows, so the weights are staged few times.
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   const int64_t rows_per_block = kWarps * kRows;
   const int64_t blocks = std::min<int64_t>(cuda::ceil_div(p.B * p.T, rows_per_block),
                                            static_cast<int64_t>(props->multiProcessorCount) * std::max(per_sm, 1));
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      gate_out.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-      in_smem ? nullptr : weight_f.data_ptr<float>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
-      valid.has_value() ? valid->data_ptr<bool>() : nullptr, probs.data_ptr<float>(), keep.data_ptr<bool>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, cuda::current_stream()>>>(
+      gate_out.mutable_data_ptr<scalar_t>(), weight.mutable_data_ptr<scalar_t>(),
+      in_smem ? nullptr : weight_f.mutable_data_ptr<float>(),
+      bias.has_value() ? bias->mutable_data_ptr<scalar_t>() : nullptr,
+      valid.has_value() ? valid->mutable_data_ptr<bool>() : nullptr, probs.mutable_data_ptr<float>(),
+      keep.mutable_data_ptr<bool>(), p);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> gate_flags_cuda(const at::Tensor& gate_out, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias, double threshold,
-                                                   int64_t sink_tokens, int64_t position_offset,
-                                                   const std::optional<at::Tensor>& valid) {
+std::tuple<Tensor, Tensor> gate_flags_cuda(const Tensor& gate_out, const Tensor& weight,
+                                           const std::optional<Tensor>& bias, double threshold, int64_t sink_tokens,
+                                           int64_t position_offset, const std::optional<Tensor>& valid) {
   check_gate_flags_args(gate_out, weight, bias, threshold, sink_tokens, position_offset, valid);
   const int64_t B = gate_out.size(0), T = gate_out.size(1), G = gate_out.size(2), H = weight.size(0);
-  at::Tensor probs = at::empty({B, H, T}, gate_out.options().dtype(at::kFloat));
-  at::Tensor keep = at::empty({B, H, T}, gate_out.options().dtype(at::kBool));
+  Tensor probs = empty_like_device({B, H, T}, kFloat, gate_out);
+  Tensor keep = empty_like_device({B, H, T}, kBool, gate_out);
   if (B * T == 0 || H == 0) return {probs, keep};
 
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(gate_out));
+  const cuda::DeviceGuard device_guard(gate_out);
   GateParams p;
   p.B = B, p.T = T, p.G = G, p.H = H, p.Gp = 0;
   p.go_sb = gate_out.stride(0), p.go_st = gate_out.stride(1);
@@ -234,6 +236,6 @@ std::tuple<at::Tensor, at::Tensor> gate_flags_cuda(const at::Tensor& gate_out, c
   return {probs, keep};
 }
 
-}  // namespace attngate
+ATTNGATE_IMPL(CUDA, gate_flags, gate_flags_cuda);
 
-TORCH_LIBRARY_IMPL(attngate, CUDA, m) { m.impl("gate_flags", &attngate::gate_flags_cuda); }
+}  // namespace attngate

@@ -1,0 +1,259 @@
+"""Real-model section (``run.py --real``): SmolLM2-135M-Instruct on held-out Shakespeare, dense vs gated.
+
+The model and text come from ``examples/real_assets.py`` (converted once into ``~/.cache/attngate_ext``; the
+section says so and is skipped when they are missing). Everything runs in float32 on the run's device.
+
+* **memory**: the trained gates (``attngate_ext.pretrained_gates`` when the package ships gates for this model,
+  else random gates, said in the output) on a batch of 4 held-out prompts of different lengths, left-padded, then
+  ``decode`` greedy steps. Reported: the K/V bytes held against ``(1 - measured eviction) + 3%`` of a dense cache of
+  the same (valid) tokens, plus the gates' own K'/V'; pages held against pages needed.
+* **half precision**: fresh gates (keep everything) in bfloat16: teacher-forced decode logits of the plain bf16 model
+  and of the gated bf16 model against the float32 model, and greedy tokens against float32's.
+* **speed**: one long held-out prompt (``long_prompt`` tokens), prefill and ``decode`` greedy steps, dense
+  (``DynamicCache``) then gated with the gates' biases calibrated to evict ``eviction`` of a training play: prefill
+  time and decode tokens/s, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import attngate_ext
+from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
+from benchmarks.e2e import cache_kwarg
+from benchmarks.report import Row
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+KV_SLACK = 0.03  # held K/V <= (1 - eviction) + 3% of dense, plus the gates' K'/V'
+PREFILL_TARGET = 1.3  # gated prefill time <= 1.3x dense
+DECODE_TARGET = 1.2  # gated decode tokens/s >= 1.2x dense
+MODEL_NAME = "smollm2-135m-instruct"
+
+
+@dataclasses.dataclass
+class RealConfig:
+    """Prompt lengths and steps of the section."""
+
+    batch_lengths: tuple = (1024, 896, 704, 512)
+    long_prompt: int = 8064
+    decode: int = 64
+    eviction: float = 0.5
+    warmup: int = 64
+    half_prompt: int = 256
+    half_steps: int = 32
+
+
+def _assets():
+    """(model directory, training plays, held-out plays), or None when the assets are not prepared."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import real_assets
+    finally:
+        sys.path.pop(0)
+    model_dir = real_assets.CACHE / "smollm2-135m-instruct"
+    if not (model_dir / "config.json").is_file():
+        return None
+    train, held_out = real_assets.shakespeare_split()[:2]
+    return model_dir, train, held_out
+
+
+def _tokens(tokenizer, paths: List[Path], count: int) -> torch.Tensor:
+    ids: List[int] = []
+    for path in paths:
+        ids += tokenizer(path.read_text(encoding="utf-8"))["input_ids"]
+        if len(ids) >= count:
+            break
+    return torch.tensor(ids[:count])
+
+
+def _gates(model) -> str:
+    """Loads the shipped trained gates when there are some for this model; else adds random gates."""
+    loader = getattr(attngate_ext, "pretrained_gates", None)
+    if loader is not None:
+        try:
+            attngate_ext.load_gates(model, loader(MODEL_NAME))
+            return f"trained gates ({MODEL_NAME})"
+        except (FileNotFoundError, KeyError, ValueError):
+            pass
+    attngate_ext.add_attention_gates(model, attngate_ext.AttentionGateConfig(head_dim=8, sink_tokens=4))
+    randomize_gates(model, seed=0)
+    return "random gates (no trained gates shipped for this model)"
+
+
+def _timed_generate(model, ids: torch.Tensor, mask: Optional[torch.Tensor], cache, steps: int):
+    """Prefill then ``steps`` greedy steps; (prefill s, decode s)."""
+    key = cache_kwarg(model)
+    kwargs = {key: cache, "use_cache": True, "logits_to_keep": 1}
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, attention_mask=mask, **kwargs)
+    prefill = time.perf_counter() - t0
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        token = model(input_ids=token, attention_mask=mask, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+    return prefill, time.perf_counter() - t0
+
+
+def _decode_logits(model, ids: torch.Tensor, prompt: int, cache) -> torch.Tensor:
+    """Teacher-forced: the logits of every decode step after a ``prompt``-token prefill, float32 ``(B, steps, V)``."""
+    key = cache_kwarg(model)
+    out = model(input_ids=ids[:, :prompt], use_cache=True, **{key: cache})
+    logits = [out.logits[:, -1].float()]
+    for t in range(prompt, ids.shape[1] - 1):
+        logits.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **{key: cache}).logits[:, -1].float())
+    return torch.stack(logits, dim=1)
+
+
+def _greedy(model, ids: torch.Tensor, steps: int, cache) -> torch.Tensor:
+    key = cache_kwarg(model)
+    token = model(input_ids=ids, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
+    tokens = [token]
+    for _ in range(steps - 1):
+        token = model(input_ids=token, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1)
+
+
+def half_precision(model_dir: Path, ids: torch.Tensor, prompt: int, device: torch.device) -> Dict[str, float]:
+    """Fresh gates in bf16 against the plain bf16 model, both measured against the float32 model."""
+    models = {dtype: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+              for dtype in (torch.float32, torch.bfloat16)}
+    steps = ids.shape[1] - prompt
+    reference = _decode_logits(models[torch.float32], ids, prompt, DynamicCache())
+    greedy_ref = _greedy(models[torch.float32], ids[:, :prompt], steps, DynamicCache())
+    plain = _decode_logits(models[torch.bfloat16], ids, prompt, DynamicCache())
+    greedy_plain = _greedy(models[torch.bfloat16], ids[:, :prompt], steps, DynamicCache())
+    attngate_ext.add_attention_gates(models[torch.bfloat16])
+    gated = _decode_logits(models[torch.bfloat16], ids, prompt, attngate_ext.AttnGateCache())
+    greedy_gated = _greedy(models[torch.bfloat16], ids[:, :prompt], steps, attngate_ext.AttnGateCache())
+
+    def first_flip(tokens: torch.Tensor) -> int:
+        differs = (tokens != greedy_ref).any(dim=0).nonzero()
+        return int(differs[0]) if differs.numel() else steps
+
+    return {"steps": steps,
+            "plain_max_abs": float((plain - reference).abs().max()),
+            "gated_max_abs": float((gated - reference).abs().max()),
+            "plain_mean_abs": float((plain - reference).abs().mean()),
+            "gated_mean_abs": float((gated - reference).abs().mean()),
+            "plain_first_greedy_flip": first_flip(greedy_plain),
+            "gated_first_greedy_flip": first_flip(greedy_gated)}
+
+
+@torch.no_grad()
+def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object]]:
+    """The section's measurements, or None when the assets are missing."""
+    assets = _assets()
+    if assets is None:
+        return None
+    model_dir, train, held_out = assets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    key = cache_kwarg(model)
+    long_ids = _tokens(tokenizer, held_out, cfg.long_prompt).unsqueeze(0).to(device)
+    calibration = _tokens(tokenizer, train[:1], 2048).unsqueeze(0).to(device)
+    result: Dict[str, object] = {"config": dataclasses.asdict(cfg)}
+    result["half"] = half_precision(model_dir, long_ids[:, : cfg.half_prompt + cfg.half_steps], cfg.half_prompt,
+                                    device)
+
+    # Speed: dense, then gated at the asked eviction, same prompt, warm-up first.
+    _timed_generate(model, long_ids[:, : cfg.warmup], None, DynamicCache(), 4)
+    dense_prefill, dense_decode = _timed_generate(model, long_ids, None, DynamicCache(), cfg.decode)
+    result["gates"] = _gates(model)
+    calibrate_gate_bias(model, calibration, cfg.eviction)
+    _timed_generate(model, long_ids[:, : cfg.warmup], None, attngate_ext.AttnGateCache(), 4)
+    cache = attngate_ext.AttnGateCache()
+    gated_prefill, gated_decode = _timed_generate(model, long_ids, None, cache, cfg.decode)
+    report = cache.memory_report()
+    result["speed"] = {
+        "dense_prefill_s": dense_prefill, "gated_prefill_s": gated_prefill,
+        "prefill_ratio": gated_prefill / dense_prefill,
+        "dense_decode_tok_s": cfg.decode / dense_decode, "gated_decode_tok_s": cfg.decode / gated_decode,
+        "decode_speedup": dense_decode / gated_decode, "eviction": report["eviction_ratio"],
+    }
+    del cache
+
+    # Memory: a left-padded batch of held-out prompts of different lengths, with the gates as trained.
+    attngate_ext.remove_attention_gates(model)
+    _gates(model)
+    text = _tokens(tokenizer, held_out[1:], sum(cfg.batch_lengths))
+    longest = max(cfg.batch_lengths)
+    ids = torch.zeros(len(cfg.batch_lengths), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    start = 0
+    for row, n in enumerate(cfg.batch_lengths):
+        ids[row, longest - n :] = text[start : start + n]
+        mask[row, longest - n :] = 1
+        start += n
+    cache = attngate_ext.AttnGateCache()
+    _timed_generate(model, ids.to(device), mask.to(device), cache, cfg.decode)
+    report = cache.memory_report()
+    dense_valid = report["dense_valid_bytes"]
+    allowed = (1 - report["eviction_ratio"] + KV_SLACK) * dense_valid
+    result["memory"] = {
+        "eviction": report["eviction_ratio"], "kv_bytes": report["kv_bytes"], "gate_bytes": report["gate_bytes"],
+        "free_page_bytes": report["free_page_bytes"], "dense_valid_bytes": dense_valid,
+        "dense_bytes": report["dense_bytes"], "kv_share": report["kv_bytes"] / dense_valid,
+        "gate_share": report["gate_bytes"] / dense_valid, "target_share": allowed / dense_valid,
+        "target_met": report["kv_bytes"] <= allowed, "pages_held": report["pages_held"],
+        "pages_needed": report["pages_needed"],
+        "row_heads": model.config.num_hidden_layers * len(cfg.batch_lengths) * model.config.num_key_value_heads,
+        "retention_per_layer": report["retention_per_layer"],
+    }
+    return result
+
+
+def real_model_section(run_cfg) -> List[Row]:
+    """The run.py section (only with ``--real``): prints both parts, returns two Rows."""
+    cfg = RealConfig(batch_lengths=(128, 96, 80, 64), long_prompt=512, decode=8, warmup=16, half_prompt=64,
+                     half_steps=8) if run_cfg.quick else RealConfig()
+    res = run_real(cfg, run_cfg.device)
+    if res is None:
+        print("\nreal model: SmolLM2 assets not prepared; run `python examples/real_assets.py` first (skipped)")
+        return []
+    speed, mem, half = res["speed"], res["memory"], res["half"]
+    print(f"\nreal model: SmolLM2-135M-Instruct, float32, {res['gates']}")
+    print(f"  half precision, fresh gates (keep all), {half['steps']} teacher-forced decode steps after "
+          f"{cfg.half_prompt} tokens, logits against float32:")
+    print(f"    plain bf16: max |diff| {half['plain_max_abs']:.3f}, mean {half['plain_mean_abs']:.4f}, first greedy "
+          f"token differing from float32 at step {half['plain_first_greedy_flip']}")
+    print(f"    gated bf16: max |diff| {half['gated_max_abs']:.3f}, mean {half['gated_mean_abs']:.4f}, first greedy "
+          f"token differing from float32 at step {half['gated_first_greedy_flip']}")
+    print(f"  speed, {cfg.long_prompt}-token held-out prompt + {cfg.decode} greedy steps, gated at "
+          f"{speed['eviction']:.1%} measured eviction:")
+    print(f"    prefill: dense {speed['dense_prefill_s']:.2f} s, gated {speed['gated_prefill_s']:.2f} s -> "
+          f"{speed['prefill_ratio']:.2f}x (target <= {PREFILL_TARGET}x: "
+          f"{'met' if speed['prefill_ratio'] <= PREFILL_TARGET else 'MISSED'})")
+    print(f"    decode: dense {speed['dense_decode_tok_s']:.2f} tok/s, gated {speed['gated_decode_tok_s']:.2f} tok/s "
+          f"-> {speed['decode_speedup']:.2f}x (target >= {DECODE_TARGET}x: "
+          f"{'met' if speed['decode_speedup'] >= DECODE_TARGET else 'MISSED'})")
+    print(f"  memory, batch {len(cfg.batch_lengths)} left-padded held-out prompts {list(cfg.batch_lengths)} + "
+          f"{cfg.decode} steps, measured eviction {mem['eviction']:.3f}:")
+    print(f"    K/V held {mem['kv_share']:.3f} of dense (valid tokens), target (1 - eviction) + {KV_SLACK} = "
+          f"{mem['target_share']:.3f}: {'met' if mem['target_met'] else 'MISSED'}; gates' K'V' "
+          f"+{mem['gate_share']:.3f}; free pages {mem['free_page_bytes'] / 2**20:.1f} MiB")
+    print(f"    pages held {mem['pages_held']}, needed {mem['pages_needed']} (+ at most one per (layer, row, head) "
+          f"= {mem['row_heads']})")
+    shape = f"SmolLM2 N{cfg.long_prompt}+{cfg.decode}"
+    rows = [Row(section="real", op="smollm2_speed", shape=shape, dtype="float32", device=run_cfg.device.type,
+                op_us=speed["gated_prefill_s"] * 1e6, ref_us=speed["dense_prefill_s"] * 1e6,
+                speedup=speed["decode_speedup"], bytes=0, gbps=0.0, copy_gbps=0.0, pct_copy=0.0, check="ok",
+                extra=speed),
+            Row(section="real", op="smollm2_half", shape=f"SmolLM2 N{cfg.half_prompt}+{cfg.half_steps}",
+                dtype="bfloat16", device=run_cfg.device.type, op_us=0.0, ref_us=0.0, speedup=0.0, bytes=0, gbps=0.0,
+                copy_gbps=0.0, pct_copy=0.0, check="ok", extra=half),
+            Row(section="real", op="smollm2_memory", shape=f"SmolLM2 B{len(cfg.batch_lengths)}", dtype="float32",
+                device=run_cfg.device.type, op_us=0.0, ref_us=0.0, speedup=0.0, bytes=mem["kv_bytes"], gbps=0.0,
+                copy_gbps=0.0, pct_copy=0.0, check="ok", extra=mem)]
+    return rows

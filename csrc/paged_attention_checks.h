@@ -1,0 +1,35 @@
+// Argument checks of paged_decode_attention and paged_prefill_attention, shared by the CPU and CUDA entry points
+// (metadata only: shapes, dtypes, devices, contiguity; no device reads). Messages name the argument. Value checks
+// (lengths in [0, M * page_size], page ids in [0, P)) happen in the kernels and are reported with StatusBits.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "stable_api.h"
+
+namespace attngate {
+
+// query (B, Hq, D), the paged cache (check_paged_cache), scale finite, and the optional extra rows
+// extra_key/extra_value (B, H, E, D) with extra_valid (B, H, E) bool.
+void check_paged_decode_attention_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                       const Tensor& page_table, const Tensor& lengths, double scale,
+                                       const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
+                                       const std::optional<Tensor>& extra_valid);
+
+// query (B, Hq, T, D), key/value (B, H, T, D), keep (B, H, T) bool, valid (B, T) bool, window >= 1, scale finite,
+// and the optional extra rows extra_key/extra_value (B, H, E, D) with extra_until (B, H, E) int32.
+void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                        const Tensor& page_table, const Tensor& lengths, const Tensor& key,
+                                        const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
+                                        int64_t window, double scale, const std::optional<Tensor>& extra_key,
+                                        const std::optional<Tensor>& extra_value,
+                                        const std::optional<Tensor>& extra_until);
+
+// CPU value check of the paged state: every lengths[b, h] in [0, M * page_size] and the page ids of its first
+// ceil(lengths / page_size) table entries in [0, P). Returns the StatusBits found (0: valid) and fills `lens`
+// with lengths as [b * H + h].
+int32_t validate_paged_state_cpu(const Tensor& key_pages, const Tensor& page_table, const Tensor& lengths,
+                                 std::vector<int64_t>& lens);
+
+}  // namespace attngate

@@ -1,0 +1,61 @@
+// Shared by the CPU and CUDA entry points of attngate::paged_decode_step_ (one fused decode step: append if kept,
+// write the window ring slot, attend): the argument checks (metadata only; messages name the argument) and the
+// append of the new token through the paged_append_kv_ kernel of the same device (a direct call: no second trip
+// through the dispatcher).
+#pragma once
+#include <cstdint>
+#include <optional>
+
+#include "overlap.h"
+#include "paged_append.h"
+#include "paged_attention_checks.h"
+#include "paged_checks.h"
+#include "stable_api.h"
+
+namespace attngate {
+
+inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                         const Tensor& page_table, const Tensor& lengths, const Tensor& free_pages,
+                                         const Tensor& free_count, const Tensor& key, const Tensor& value,
+                                         const Tensor& keep, const std::optional<Tensor>& valid, const Tensor& ring_key,
+                                         const Tensor& ring_value, const Tensor& ring_valid, int64_t slot,
+                                         double scale) {
+  check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/true);
+  check_free_stack(key_pages, free_pages, free_count);
+  const int64_t B = page_table.size(0), H = page_table.size(1);
+  check_new_rows(key, "key", key_pages, page_table, /*rows_dim=*/false);
+  check_new_rows(value, "value", key_pages, page_table, /*rows_dim=*/false);
+  AG_CHECK(keep.scalar_type() == kBool, "keep must be bool, got ", keep.scalar_type());
+  AG_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == H, "keep must have shape (B, H) = (", B, ", ", H,
+           "), got ", keep.sizes());
+  AG_CHECK(keep.device() == key_pages.device(), "keep must be on the same device as key_pages (", key_pages.device(),
+           "), got ", keep.device());
+  if (valid.has_value()) {
+    AG_CHECK(valid->scalar_type() == kBool, "valid must be bool, got ", valid->scalar_type());
+    AG_CHECK(valid->dim() == 1 && valid->size(0) == B, "valid must have shape (B,) = (", B, ",), got ", valid->sizes());
+    AG_CHECK(valid->device() == key_pages.device(), "valid must be on the same device as key_pages (",
+             key_pages.device(), "), got ", valid->device());
+  }
+  // The ring is the attention's extra rows (B, H, W, D) with ring_valid (B, H, W): the decode checks cover it.
+  check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
+                                    ring_valid);
+  const int64_t W = ring_key.size(2);
+  AG_CHECK(0 <= slot && slot < W, "slot must lie in [0, W) with W = ring_key.size(2) = ", W, ", got ", slot);
+  check_no_row_overlap(ring_key, "ring_key");
+  check_no_row_overlap(ring_value, "ring_value");
+  check_no_element_overlap(ring_valid, "ring_valid");
+  check_no_shared_memory(ring_key, "ring_key", ring_value, "ring_value");
+  check_no_shared_memory(ring_key, "ring_key", key_pages, "key_pages");
+  check_no_shared_memory(ring_value, "ring_value", value_pages, "value_pages");
+}
+
+// Appends key/value (B, H, D) to the pages of the heads where keep (B, H) with `append`, the device's
+// paged_append_kv_ kernel (which checks the free stack and the page-table room before writing anything).
+inline void append_new_token(PagedAppendFn append, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
+                             Tensor& lengths, Tensor& free_pages, Tensor& free_count, const Tensor& key,
+                             const Tensor& value, const Tensor& keep) {
+  append(key_pages, value_pages, page_table, lengths, free_pages, free_count, torch::stable::unsqueeze(key, 2),
+         torch::stable::unsqueeze(value, 2), std::optional<Tensor>(torch::stable::unsqueeze(keep, 2)));
+}
+
+}  // namespace attngate

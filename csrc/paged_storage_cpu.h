@@ -1,0 +1,110 @@
+// Host helpers shared by the CPU kernels of the paged storage ops: the value checks every op starts with, the
+// release of emptied pages and row moves (layout: attngate_ext/ops/paged.py; semantics:
+// attngate_ext/ops/paged_reference.py).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "checks.h"
+#include "paged_storage_tables.h"
+#include "stable_api.h"
+
+namespace attngate::cpu {
+
+using paged::pages_for;
+using paged::Tables;
+
+// First checks of every op, in the reference's order: lengths in [0, M * S] (read into `old`, as int64 by
+// b * H + h), then free_count in [0, P] (read into `free`). Returns the status bits.
+inline int32_t check_state(const Tables& t, std::vector<int64_t>& old, int64_t& free) {
+  const int64_t BH = t.B * t.H;
+  old.resize(static_cast<size_t>(BH));
+  int32_t status = 0;
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    old[bh] = *t.length(bh);
+    if (old[bh] < 0 || old[bh] > t.M * t.S) status |= kStatusLengthOutOfRange;
+  }
+  free = *t.free_count;
+  if (free < 0 || free > t.P) status |= kStatusFreeCountOutOfRange;
+  return status;
+}
+
+// Whether every page a head uses ([0, ceil(old / S)) of its table row) has an id in [0, P).
+inline bool used_ids_ok(const Tables& t, const std::vector<int64_t>& old) {
+  for (int64_t bh = 0; bh < static_cast<int64_t>(old.size()); ++bh) {
+    for (int64_t i = 0, n = pages_for(old[bh], t.S); i < n; ++i) {
+      if (!t.id_ok(*t.entry(bh, i))) return false;
+    }
+  }
+  return true;
+}
+
+// Pages that shrinking every head from old to next rows empties; pushing them must not overflow free_pages.
+inline int32_t check_give_back(const Tables& t, const std::vector<int64_t>& old, const std::vector<int64_t>& next,
+                               int64_t free) {
+  int64_t freed = 0;
+  for (size_t i = 0; i < old.size(); ++i) freed += pages_for(old[i], t.S) - pages_for(next[i], t.S);
+  return free + freed > t.P ? kStatusFreeCountOutOfRange : 0;
+}
+
+// Pushes pages [ceil(next / S), ceil(old / S)) of every head, head by head in page order, onto the free stack,
+// sets their table entries to -1 and writes the new lengths and free_count.
+inline void give_back(const Tables& t, const std::vector<int64_t>& old, const std::vector<int64_t>& next,
+                      int64_t free) {
+  int64_t top = free;
+  for (int64_t bh = 0; bh < static_cast<int64_t>(old.size()); ++bh) {
+    for (int64_t i = pages_for(next[bh], t.S), end = pages_for(old[bh], t.S); i < end; ++i) {
+      *t.free_at(top++) = *t.entry(bh, i);
+      *t.entry(bh, i) = -1;
+    }
+    *t.length(bh) = static_cast<int32_t>(next[bh]);
+  }
+  *t.free_count = static_cast<int32_t>(top);
+}
+
+// Walks the logical rows of one head, from `row` on, without a division per row: (page id, slot) of the row.
+struct RowCursor {
+  const int32_t* entries;  // the head's page-table row, stride `stride`
+  int64_t stride, S, index, slot;
+
+  RowCursor(const Tables& t, int64_t bh, int64_t row)
+      : entries(t.entry(bh, 0)), stride(t.t_sm), S(t.S), index(row / t.S), slot(row % t.S) {}
+  int64_t page() const { return entries[index * stride]; }
+  void next() {
+    if (++slot == S) slot = 0, ++index;
+  }
+};
+
+// Rows of the key and value pools (P, S, D) addressed by (page, slot).
+template <typename scalar_t>
+struct PagedRows {
+  scalar_t* k;
+  scalar_t* v;
+  int64_t k_sp, k_ss, v_sp, v_ss, D;
+
+  PagedRows(Tensor& key_pages, Tensor& value_pages)
+      : k(key_pages.mutable_data_ptr<scalar_t>()),
+        v(value_pages.mutable_data_ptr<scalar_t>()),
+        k_sp(key_pages.stride(0)),
+        k_ss(key_pages.stride(1)),
+        v_sp(value_pages.stride(0)),
+        v_ss(value_pages.stride(1)),
+        D(key_pages.size(2)) {}
+
+  scalar_t* key_row(int64_t page, int64_t slot) const { return k + page * k_sp + slot * k_ss; }
+  scalar_t* value_row(int64_t page, int64_t slot) const { return v + page * v_sp + slot * v_ss; }
+
+  // Copies the key and value row at (sp, ss) onto (dp, ds) (distinct rows: they never overlap).
+  void copy(int64_t sp, int64_t ss, int64_t dp, int64_t ds) const {
+    std::copy_n(key_row(sp, ss), D, key_row(dp, ds));
+    std::copy_n(value_row(sp, ss), D, value_row(dp, ds));
+  }
+
+  // Copies logical row `src` of head bh onto its logical row `dst`.
+  void move(const Tables& t, int64_t bh, int64_t src, int64_t dst) const {
+    copy(*t.entry(bh, src / t.S), src % t.S, *t.entry(bh, dst / t.S), dst % t.S);
+  }
+};
+
+}  // namespace attngate::cpu
