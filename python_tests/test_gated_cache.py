@@ -28,14 +28,15 @@ def test_memory_after_long_prefill_follows_eviction():
     dense = report["dense_bytes"]
     assert dense == 2 * 2 * 8 * 1024 * 32 * 4  # layers * (K, V) * heads * tokens * dim * fp32
     # Held: the kept rows in pages (at most one partly filled page per (layer, head)) and the one-slot window.
-    assert report["kv_bytes"] <= (1 - report["eviction_ratio"]) * dense + 2 * 8 * (15 + 1) * 2 * 32 * 4 + 2 * 8 * 2
+    assert report["kv_bytes"] <= (1 - report["eviction_ratio"]) * dense + 2 * 8 * (15 + 1) * 2 * 32 * 4 + 2 * 8 * 2 * 2
     assert report["pages_held"] <= report["pages_needed"] + 2 * 8
     assert report["allocated_bytes"] / dense <= (1 - report["eviction_ratio"]) + 0.07
     assert len(report["retention_per_head"]) == 2 and len(report["retention_per_head"][0]) == 8
     kept = sum(int(layer.kv.lengths.sum()) for layer in cache.layers)
     assert report["kept_rows"] == kept and report["total_rows"] == 2 * 8 * 1024
-    # The gates' K'/V': every token (1024 rows of d' = 8 in 16-row pages) and a one-slot decode ring per layer.
-    assert report["gate_bytes"] == 2 * (2 * 1024 * 8 * 4 + 2 * 8 * 4 + 1)
+    # The gates' K'/V': every token (1024 rows of d' = 8 in 16-row pages) and a one-slot decode ring per layer
+    # (its K'/V' row and two flags).
+    assert report["gate_bytes"] == 2 * (2 * 1024 * 8 * 4 + 2 * 8 * 4 + 2)
 
 
 def test_paged_pool_grows_geometrically_and_syncs_rarely(monkeypatch):

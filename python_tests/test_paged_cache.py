@@ -54,7 +54,8 @@ def test_reset_and_del_give_every_page_back():
 @torch.no_grad()
 def test_short_prompts_stay_within_the_stated_overhead(page_size):
     # Fresh gates keep everything. Held K/V = the valid tokens' rows, plus, per (layer, row, KV head), at most one
-    # partly filled page (page_size - 1 rows) and the window ring (protect_recent rows); the gates' K'/V' likewise.
+    # partly filled page (page_size - 1 rows) and the window ring's flags; a kept token is stored once (in the ring
+    # while it is among the last protect_recent tokens, in the pages after). The gates' K'/V' likewise.
     window = 2
     model = ag.add_attention_gates(make_model("mistral"), ag.AttentionGateConfig(head_dim=8, protect_recent=window))
     lengths = [5, 11, 19]
@@ -67,14 +68,14 @@ def test_short_prompts_stay_within_the_stated_overhead(page_size):
     report = cache.memory_report()
     layers, rows, heads, head_dim, elem = 2, 3, 2, 16, 4
     row_bytes = 2 * head_dim * elem  # one K row and one V row
-    per_head = (page_size - 1 + window) * row_bytes
+    per_head = (page_size - 1) * row_bytes
     assert report["eviction_ratio"] == 0.0
     assert report["dense_valid_bytes"] == layers * heads * sum(lengths) * row_bytes
-    assert report["kv_bytes"] <= report["dense_valid_bytes"] + layers * rows * heads * per_head + layers * rows * heads * window
+    assert report["kv_bytes"] <= report["dense_valid_bytes"] + layers * rows * heads * (per_head + 2 * window)
     gate_rows = layers * sum(lengths) * 2 * 8 * elem
     assert report["gate_bytes"] <= gate_rows + layers * rows * (page_size * 2 * 8 * elem + 2 * 8 * elem + 1)
-    if page_size == 1:  # no page rounding: exactly the kept rows and the ring
-        assert report["kv_bytes"] == report["dense_valid_bytes"] + layers * rows * heads * (window * row_bytes + window)
+    if page_size == 1:  # no page rounding: exactly the kept rows (the last `window` of them in the ring) + 2 flags
+        assert report["kv_bytes"] == report["dense_valid_bytes"] + layers * rows * heads * 2 * window
 
 
 @torch.no_grad()
@@ -130,3 +131,32 @@ def test_pages_held_follow_each_head_not_the_longest():
     # A (B, H, C, D) rectangle would hold every head at the longest one's 256 rows.
     rectangle = layers * rows * heads * 256 * 2 * 32 * 4
     assert report["kv_bytes"] < 0.5 * rectangle
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+@torch.no_grad()
+def test_a_wide_window_holds_no_kept_row_twice(chunk):
+    # With w = 12 and about half of the tokens evicted, every kept token is stored once: in the ring while it is
+    # recent, in the pages after. Held rows = the rows the next query attends to, plus at most the one ring slot per
+    # (layer, row, head) that holds the evicted token just leaving the window (page_size 1: no page rounding).
+    window = 12
+    model = ag.add_attention_gates(make_model("llama"), ag.AttentionGateConfig(head_dim=8, protect_recent=window,
+                                                                               prefill_chunk=chunk))
+    randomize_gates(model, seed=4)
+    ids = random_ids(2, 70, seed=6)
+    calibrate_gate_bias(model, ids, 0.5)
+    cache = ag.AttnGateCache(page_size=1)
+    key = cache_kwarg(model)
+    out = model(input_ids=ids, use_cache=True, **{key: cache})
+    token = out.logits[:, -1:].argmax(-1)
+    for _ in range(20):  # decode steps move kept tokens from the ring to the pages one by one
+        token = model(input_ids=token, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
+    report = cache.memory_report()
+    assert 0.3 < report["eviction_ratio"] < 0.7
+    c = model.config
+    layers, rows, heads = c.num_hidden_layers, 2, c.num_key_value_heads
+    row_bytes = 2 * (c.hidden_size // c.num_attention_heads) * 4  # one K and one V row, float32
+    flags = layers * rows * heads * 2 * window
+    held_rows = (report["kv_bytes"] - flags) // row_bytes
+    assert report["kv_bytes"] == held_rows * row_bytes + flags
+    assert report["kept_rows"] <= held_rows <= report["kept_rows"] + layers * rows * heads

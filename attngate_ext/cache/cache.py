@@ -25,9 +25,10 @@ class AttnGateLayer(CacheLayerMixin):
 
     State:
         kv: the model's kept K/V, :class:`PagedKV` over ``(B, H)``: a token whose flag is on goes to its head's
-            pages when it is created, and stays.
-        window: :class:`RecentWindow`, the last ``w = protect_recent`` tokens of every head; an evicted token stays
-            visible there until it leaves the window (then its ring slot is simply overwritten).
+            pages when it leaves the window (w = 1: when it is created), and stays.
+        window: :class:`RecentWindow`, the last ``w = protect_recent`` tokens of every head, visible to every query
+            inside the window; when a token leaves it, it moves to the pages if kept, else its ring slot is simply
+            overwritten. A kept token is thus stored once, and the cache holds the window plus the older kept rows.
         gate_kv: the gate's own K'/V' of every valid token, :class:`PagedKV` over ``(B, h'_kv)``, while later
             tokens are gated; gate_ring: the one-slot ring its fused decode step needs (never visible).
         seen: sequence slots processed, padding included (what ``get_seq_length`` reports, so positions stay right).
@@ -84,6 +85,7 @@ class AttnGateLayer(CacheLayerMixin):
             if store is not None:
                 store.index_batch(indices)
         self.valid_count = self.valid_count.index_select(0, indices.to(self.valid_count.device))
+        self._no_keep = self._no_keep.new_zeros(self.valid_count.shape[0], self._no_keep.shape[1])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -114,7 +116,8 @@ class AttnGateLayer(CacheLayerMixin):
         B, H, _, D = key.shape
         S = self.page_size
         self.kv = PagedKV(B, H, D, key.dtype, key.device, page_size=S)
-        self.window = RecentWindow(B, H, window, D, key.dtype, key.device)
+        self.window = RecentWindow(B, H, window, D, key.dtype, key.device, holds_kept=window > 1)
+        self._no_keep = torch.zeros(B, H, dtype=torch.bool, device=key.device)
         gcfg = gate.config
         self.gate_kv = PagedKV(B, gcfg.num_kv_heads, gcfg.head_dim, key.dtype, key.device, page_size=S)
         self.gate_ring = RecentWindow(B, gcfg.num_kv_heads, 1, gcfg.head_dim, key.dtype, key.device)
@@ -249,27 +252,47 @@ class AttnGateLayer(CacheLayerMixin):
         return out
 
     def _prefill_chunk(self, query, key, value, keep, valid, scale, window) -> torch.Tensor:
-        """A chunk of new tokens: attends to the pages, the evicted tokens still in the window and itself under the
-        rule, then stores the kept tokens in the pages and the last ``w`` tokens in the window ring."""
+        """A chunk of new tokens: attends to the pages, the window ring and itself under the rule, then moves the
+        kept ring rows whose slots the chunk takes to the pages, stores the chunk's kept tokens older than the
+        window in the pages and its last ``w`` tokens in the ring."""
         kv, ring = self.kv, self.window
+        T = key.shape[2]
         extra = {}
         if ring.size > 1 and self.seen > 0:
-            extra = dict(extra_key=ring.keys, extra_value=ring.values, extra_until=ring.until(self.seen))
+            extra = dict(extra_key=ring.keys, extra_value=ring.values, extra_until=ring.until(self.seen, T))
         out = paged_prefill_attention(query, kv.key_pages, kv.value_pages, kv.page_table, kv.lengths, key, value, keep,
                                       valid, window, scale, **extra)
-        kv.append(key, value, keep)
+        if not ring.holds_kept:
+            kv.append(key, value, keep)
+        else:
+            if self.seen > 0:
+                kv.append(ring.keys, ring.values, ring.leaving(self.seen, T))
+            older = T - ring.size
+            if older > 0:
+                kv.append(key[:, :, :older], value[:, :, :older], keep[..., :older])
         ring.write(key, value, keep, valid, self.seen)
         return out
 
     def _decode_step(self, query, key, value, keep, valid, scale) -> torch.Tensor:
-        """One new token in one fused op: into the pages if kept, into the window ring, attention over both."""
+        """One new token: into the window ring (w = 1: also into the pages if kept) and attention over the pages and
+        the ring in one fused op. With w > 1 the token leaving the window moves to the pages first if it is kept
+        (one append op), and the new token's flag is stored with its ring slot."""
         kv, ring = self.kv, self.window
+        slot = self.seen % ring.size
+        if ring.holds_kept:
+            leaving = ring.keep[:, :, slot : slot + 1] & ring.visible[:, :, slot : slot + 1]
+            kv.append(ring.keys[:, :, slot : slot + 1], ring.values[:, :, slot : slot + 1], leaving)
+            new_keep = self._no_keep  # stays in the ring, visible, until it leaves the window
+        else:
+            new_keep = keep[..., 0]
         taken = kv.prepare_append(1)
         out = paged_decode_step_(query[:, :, 0], kv.key_pages, kv.value_pages, kv.page_table, kv.lengths,
-                                 kv.free_pages, kv.free_count, key[:, :, 0], value[:, :, 0], keep[..., 0],
+                                 kv.free_pages, kv.free_count, key[:, :, 0], value[:, :, 0], new_keep,
                                  None if valid is None else valid[:, 0], ring.keys, ring.values, ring.visible,
-                                 self.seen % ring.size, scale)
+                                 slot, scale)
         kv.appended(1, taken)
+        if ring.holds_kept:
+            ring.keep[:, :, slot] = keep[..., 0]
         return out.unsqueeze(2)
 
     # ----------------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """RecentWindow: the protected window of every (batch row, KV head), as a small ring of the last W tokens.
 
-With the eviction rule's window W = ``protect_recent``, query i sees key j when j is kept or ``i - j < W``. Kept
-tokens go to the pages as soon as they are created; an evicted token only has to stay visible to the next W - 1
-queries, so it lives in this ring (slot ``position % W``) until a later token overwrites it: evicted rows leave
-without any compaction. ``visible`` marks the ring rows that are evicted tokens still inside the window (a kept
-token's ring row is not visible: its copy in the pages is).
+With the eviction rule's window W = ``protect_recent``, query i sees key j when j is kept or ``i - j < W``. Every
+token spends its first W positions in this ring (slot ``position % W``), visible to every query, whatever its
+flag. When a later token takes its slot, a kept token moves to its head's pages and an evicted one is simply
+overwritten: evicted rows leave without any compaction, and a kept row is stored once (in the ring while it is
+recent, in the pages after), so the cache holds the window plus the kept tokens older than it.
+
+``holds_kept=False`` (a one-slot ring, W = 1) keeps the older arrangement: a kept token goes to the pages when it
+is created, and the ring row of a kept token is not visible (its copy in the pages is). With one slot nothing is
+duplicated for long, and the decode step stays one fused op.
 """
 
 from __future__ import annotations
@@ -13,13 +17,19 @@ import torch
 
 
 class RecentWindow:
-    """K/V ``(B, H, W, D)`` and ``visible`` ``(B, H, W)`` of the last W sequence slots of every (row, head)."""
+    """K/V ``(B, H, W, D)``, ``visible`` and ``keep`` ``(B, H, W)`` of the last W sequence slots of every (row, head).
+
+    ``visible``: the slot holds a valid token that queries inside the window see. ``keep``: that token's flag
+    (only with ``holds_kept``; it then moves to the pages when its slot is taken).
+    """
 
     def __init__(self, batch: int, heads: int, window: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, holds_kept: bool = False) -> None:
         self.keys = torch.zeros(batch, heads, window, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.visible = torch.zeros(batch, heads, window, dtype=torch.bool, device=device)
+        self.keep = torch.zeros_like(self.visible)
+        self.holds_kept = holds_kept
 
     @property
     def size(self) -> int:
@@ -28,36 +38,52 @@ class RecentWindow:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.visible.nbytes
+        return self.keys.nbytes + self.values.nbytes + self.visible.nbytes + self.keep.nbytes
 
-    def until(self, seen: int) -> torch.Tensor:
-        """For a chunk starting at sequence slot ``seen``: the last query index of the chunk that sees each ring row
-        (``(B, H, W)`` int32, -1 for none), the ``extra_until`` of ``paged_prefill_attention``.
+    def until(self, seen: int, chunk: int) -> torch.Tensor:
+        """For a chunk of ``chunk`` tokens starting at sequence slot ``seen``: the last query index of the chunk that
+        sees each ring row (``(B, H, W)`` int32, -1 for none), the ``extra_until`` of ``paged_prefill_attention``.
 
         Slot z holds the token at position p = seen - W + ((z - seen) mod W); query t sees it while
-        ``seen + t - p < W``, i.e. ``t <= (z - seen) mod W - 1``.
+        ``seen + t - p < W``, i.e. ``t <= (z - seen) mod W - 1``, or always when it is kept (``holds_kept``).
         """
         W = self.size
-        last = (torch.arange(W, device=self.visible.device) - seen) % W - 1
-        return torch.where(self.visible, last.to(torch.int32), -1)
+        last = ((torch.arange(W, device=self.visible.device) - seen) % W - 1).to(torch.int32)
+        if self.holds_kept:
+            last = torch.where(self.keep, chunk - 1, last.view(1, 1, W))
+        return torch.where(self.visible, last, -1)
+
+    def leaving(self, seen: int, chunk: int) -> torch.Tensor:
+        """``(B, H, W)``: the kept ring rows whose slots a chunk of ``chunk`` tokens starting at ``seen`` takes
+        (they move to the pages)."""
+        W = self.size
+        taken = torch.zeros(W, dtype=torch.bool, device=self.visible.device)
+        taken[(torch.arange(min(chunk, W), device=taken.device) + seen) % W] = True
+        return self.visible & self.keep & taken
 
     def write(self, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor,
               seen: int) -> None:
         """Stores the last ``min(T, W)`` tokens of a chunk ``key``/``value`` ``(B, H, T, D)`` starting at slot
-        ``seen``, visible where ``valid`` ``(B, T)`` and not ``keep`` ``(B, H, T)``."""
+        ``seen``, with their ``keep`` ``(B, H, T)`` flags where ``valid`` ``(B, T)``."""
         T = key.shape[2]
         W = self.size
         first = max(T - W, 0)
         slots = (torch.arange(first, T, device=key.device) + seen) % W
         self.keys[:, :, slots] = key[:, :, first:]
         self.values[:, :, slots] = value[:, :, first:]
-        self.visible[:, :, slots] = valid[:, first:].unsqueeze(1) & ~keep[:, :, first:]
+        valid = valid[:, first:].unsqueeze(1)
+        kept = keep[:, :, first:]
+        if self.holds_kept:
+            self.visible[:, :, slots] = valid.expand_as(kept)
+            self.keep[:, :, slots] = valid & kept
+        else:
+            self.visible[:, :, slots] = valid & ~kept
 
     def visible_rows(self, seen: int) -> torch.Tensor:
-        """``(B, H)`` ring rows that the next query (sequence slot ``seen``) still sees: evicted tokens inside the
-        window. The slot ``seen % W`` holds the token at ``seen - W``, which no later query sees."""
+        """``(B, H)`` ring rows that the next query (sequence slot ``seen``) still sees, or that stay as kept rows.
+        The slot ``seen % W`` holds the token at ``seen - W``, which no later query sees unless it is kept."""
         alive = torch.arange(self.size, device=self.visible.device) != seen % self.size
-        return (self.visible & alive).sum(dim=2)
+        return (self.visible & (alive | self.keep)).sum(dim=2)
 
     def index_batch(self, index: torch.Tensor) -> None:
         """Selects / reorders / repeats batch rows (beam search)."""
@@ -65,3 +91,4 @@ class RecentWindow:
         self.keys = self.keys.index_select(0, index)
         self.values = self.values.index_select(0, index)
         self.visible = self.visible.index_select(0, index)
+        self.keep = self.keep.index_select(0, index)
