@@ -140,6 +140,8 @@ EXTENSION, WITH_CUDA = _extension()
 
 setup(
     packages=find_packages(include=["attngate_ext", "attngate_ext.*"]),
+    # The shipped trained gates (attngate_ext.pretrained_gates): weights, config, thresholds and card.
+    package_data={"attngate_ext": ["pretrained/*/*.safetensors", "pretrained/*/*.json", "pretrained/*/README.md"]},
     ext_modules=[EXTENSION],
     cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": _limited_api_tag()}},

@@ -33,6 +33,9 @@ def main(path: str) -> None:
         names = whl.namelist()
         meta = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         build_info = whl.read("attngate_ext/_build_info.py").decode()
+        shipped = [n for n in names if n.startswith("attngate_ext/pretrained/") and n.endswith(".safetensors")]
+        if not shipped:
+            fail("the shipped gates (attngate_ext/pretrained/*/attention_gates.safetensors) are not in the wheel")
         libs = [n for n in names if re.fullmatch(r"attngate_ext/_C\.abi3\.so", n)]
         if len(libs) != 1:
             fail(f"expected attngate_ext/_C.abi3.so in the wheel, found {libs}")
