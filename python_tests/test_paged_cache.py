@@ -160,3 +160,18 @@ def test_a_wide_window_holds_no_kept_row_twice(chunk):
     held_rows = (report["kv_bytes"] - flags) // row_bytes
     assert report["kv_bytes"] == held_rows * row_bytes + flags
     assert report["kept_rows"] <= held_rows <= report["kept_rows"] + layers * rows * heads
+
+
+@torch.no_grad()
+def test_a_wide_window_on_a_short_prompt_holds_the_prompt_not_the_window():
+    # w = 256 and 20 tokens: the ring grows with the tokens (in steps of 16 slots), so it holds 32 slots, not 256.
+    model = ag.add_attention_gates(make_model("llama"), ag.AttentionGateConfig(head_dim=8, protect_recent=256))
+    cache = ag.AttnGateCache(page_size=1)
+    _prefill_and_decode(model, cache, random_ids(2, 17, seed=8), steps=3)
+    report = cache.memory_report()
+    c = model.config
+    layers, rows, heads = c.num_hidden_layers, 2, c.num_key_value_heads
+    row_bytes = 2 * (c.hidden_size // c.num_attention_heads) * 4
+    assert report["eviction_ratio"] == 0.0 and report["dense_valid_bytes"] == layers * rows * heads * 20 * row_bytes
+    assert report["kv_bytes"] == layers * rows * heads * 32 * (row_bytes + 2)
+    assert all(layer.window.capacity == 32 for layer in cache.layers)

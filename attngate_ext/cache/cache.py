@@ -234,6 +234,7 @@ class AttnGateLayer(CacheLayerMixin):
         scale = d**-0.5
         if T == 1 and self.seen > 0:  # every valid gate token is kept (valid is None: no padding)
             ring = self.gate_ring
+            ring.reserve(1)
             keep = valid.expand(B, Hg) if valid is not None else torch.ones(B, Hg, dtype=torch.bool, device=x.device)
             taken = store.prepare_append(1)
             out = paged_decode_step_(gq[:, :, 0], store.key_pages, store.value_pages, store.page_table, store.lengths,
@@ -279,6 +280,7 @@ class AttnGateLayer(CacheLayerMixin):
         (one append op), and the new token's flag is stored with its ring slot."""
         kv, ring = self.kv, self.window
         slot = self.seen % ring.size
+        ring.reserve(slot + 1)
         if ring.holds_kept:
             leaving = ring.keep[:, :, slot : slot + 1] & ring.visible[:, :, slot : slot + 1]
             kv.append(ring.keys[:, :, slot : slot + 1], ring.values[:, :, slot : slot + 1], leaving)

@@ -6,6 +6,9 @@ flag. When a later token takes its slot, a kept token moves to its head's pages 
 overwritten: evicted rows leave without any compaction, and a kept row is stored once (in the ring while it is
 recent, in the pages after), so the cache holds the window plus the kept tokens older than it.
 
+The ring's storage grows with the tokens seen, up to W slots (a short prompt with a wide window holds its own tokens,
+not W slots): slot numbers are always ``position % W``, and before the sequence reaches W they are the positions.
+
 ``holds_kept=False`` (a one-slot ring, W = 1) keeps the older arrangement: a kept token goes to the pages when it
 is created, and the ring row of a kept token is not visible (its copy in the pages is). With one slot nothing is
 duplicated for long, and the decode step stays one fused op.
@@ -23,18 +26,45 @@ class RecentWindow:
     (only with ``holds_kept``; it then moves to the pages when its slot is taken).
     """
 
+    GROWTH_ROWS = 16  # storage grows by at least this many slots (and a quarter), rounded to a multiple of it
+
     def __init__(self, batch: int, heads: int, window: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, holds_kept: bool = False) -> None:
-        self.keys = torch.zeros(batch, heads, window, head_dim, dtype=dtype, device=device)
+        self.window = window
+        self.keys = torch.zeros(batch, heads, 0, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
-        self.visible = torch.zeros(batch, heads, window, dtype=torch.bool, device=device)
+        self.visible = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
         self.keep = torch.zeros_like(self.visible)
         self.holds_kept = holds_kept
 
     @property
     def size(self) -> int:
-        """W, the slots of the ring."""
+        """W, the window: slot numbers are positions modulo W."""
+        return self.window
+
+    @property
+    def capacity(self) -> int:
+        """Slots stored now (at most W)."""
         return self.keys.shape[2]
+
+    def reserve(self, slots: int) -> None:
+        """Makes slots ``0 .. slots - 1`` exist (``slots <= W``); grows geometrically, copying the ring once."""
+        have = self.capacity
+        if slots <= have:
+            return
+        step = self.GROWTH_ROWS
+        grown = max(slots, have + max(step, have // 4))
+        grown = min(self.window, -(-grown // step) * step)
+        extra = grown - have
+        B, H, _, D = self.keys.shape
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(B, H, extra, D)], dim=2)
+        self.values = torch.cat([self.values, self.values.new_zeros(B, H, extra, D)], dim=2)
+        self.visible = torch.cat([self.visible, self.visible.new_zeros(B, H, extra)], dim=2)
+        self.keep = torch.cat([self.keep, self.keep.new_zeros(B, H, extra)], dim=2)
+
+    def reserve_for(self, seen: int, chunk: int) -> None:
+        """Reserves the slots a chunk of ``chunk`` tokens starting at sequence slot ``seen`` writes."""
+        self.reserve(min(self.window, seen + chunk))
 
     @property
     def nbytes(self) -> int:
@@ -48,17 +78,18 @@ class RecentWindow:
         ``seen + t - p < W``, i.e. ``t <= (z - seen) mod W - 1``, or always when it is kept (``holds_kept``).
         """
         W = self.size
-        last = ((torch.arange(W, device=self.visible.device) - seen) % W - 1).to(torch.int32)
+        last = ((torch.arange(self.capacity, device=self.visible.device) - seen) % W - 1).to(torch.int32)
         if self.holds_kept:
-            last = torch.where(self.keep, chunk - 1, last.view(1, 1, W))
+            last = torch.where(self.keep, chunk - 1, last)
         return torch.where(self.visible, last, -1)
 
     def leaving(self, seen: int, chunk: int) -> torch.Tensor:
         """``(B, H, W)``: the kept ring rows whose slots a chunk of ``chunk`` tokens starting at ``seen`` takes
         (they move to the pages)."""
         W = self.size
-        taken = torch.zeros(W, dtype=torch.bool, device=self.visible.device)
-        taken[(torch.arange(min(chunk, W), device=taken.device) + seen) % W] = True
+        slots = (torch.arange(min(chunk, W), device=self.visible.device) + seen) % W
+        taken = torch.zeros(self.capacity, dtype=torch.bool, device=self.visible.device)
+        taken[slots[slots < self.capacity]] = True
         return self.visible & self.keep & taken
 
     def write(self, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor,
@@ -67,6 +98,7 @@ class RecentWindow:
         ``seen``, with their ``keep`` ``(B, H, T)`` flags where ``valid`` ``(B, T)``."""
         T = key.shape[2]
         W = self.size
+        self.reserve_for(seen, T)
         first = max(T - W, 0)
         slots = (torch.arange(first, T, device=key.device) + seen) % W
         self.keys[:, :, slots] = key[:, :, first:]
@@ -82,7 +114,7 @@ class RecentWindow:
     def visible_rows(self, seen: int) -> torch.Tensor:
         """``(B, H)`` ring rows that the next query (sequence slot ``seen``) still sees, or that stay as kept rows.
         The slot ``seen % W`` holds the token at ``seen - W``, which no later query sees unless it is kept."""
-        alive = torch.arange(self.size, device=self.visible.device) != seen % self.size
+        alive = torch.arange(self.capacity, device=self.visible.device) != seen % self.size
         return (self.visible & (alive | self.keep)).sum(dim=2)
 
     def index_batch(self, index: torch.Tensor) -> None:
