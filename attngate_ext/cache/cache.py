@@ -281,20 +281,19 @@ class AttnGateLayer(CacheLayerMixin):
         kv, ring = self.kv, self.window
         slot = self.seen % ring.size
         ring.reserve(slot + 1)
+        new_keep = keep[..., 0]
+        rows = 1
         if ring.holds_kept:
-            leaving = ring.keep[:, :, slot : slot + 1] & ring.visible[:, :, slot : slot + 1]
-            kv.append(ring.keys[:, :, slot : slot + 1], ring.values[:, :, slot : slot + 1], leaving)
-            new_keep = self._no_keep  # stays in the ring, visible, until it leaves the window
-        else:
-            new_keep = keep[..., 0]
-        taken = kv.prepare_append(1)
+            slot_key, slot_value, slot_keep, slot_keep_2d = ring.slot_views(slot)
+            kv.append(slot_key, slot_value, slot_keep)  # the token leaving the window, where kept
+            slot_keep_2d.copy_(new_keep)  # the new token's flag, with its ring slot (written by the op below)
+            new_keep, rows = self._no_keep, 0  # it stays in the ring, visible, until it leaves the window
+        taken = kv.prepare_append(rows)
         out = paged_decode_step_(query[:, :, 0], kv.key_pages, kv.value_pages, kv.page_table, kv.lengths,
                                  kv.free_pages, kv.free_count, key[:, :, 0], value[:, :, 0], new_keep,
                                  None if valid is None else valid[:, 0], ring.keys, ring.values, ring.visible,
                                  slot, scale)
-        kv.appended(1, taken)
-        if ring.holds_kept:
-            ring.keep[:, :, slot] = keep[..., 0]
+        kv.appended(rows, taken)
         return out.unsqueeze(2)
 
     # ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ class RecentWindow:
     """K/V ``(B, H, W, D)``, ``visible`` and ``keep`` ``(B, H, W)`` of the last W sequence slots of every (row, head).
 
     ``visible``: the slot holds a valid token that queries inside the window see. ``keep``: that token's flag
-    (only with ``holds_kept``; it then moves to the pages when its slot is taken).
+    (only with ``holds_kept``; it then moves to the pages when its slot is taken). ``keep`` is never set on a slot
+    that is not ``visible`` (padding is never kept).
     """
 
     GROWTH_ROWS = 16  # storage grows by at least this many slots (and a quarter), rounded to a multiple of it
@@ -36,6 +37,7 @@ class RecentWindow:
         self.visible = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
         self.keep = torch.zeros_like(self.visible)
         self.holds_kept = holds_kept
+        self._slot_views: dict = {}
 
     @property
     def size(self) -> int:
@@ -61,6 +63,7 @@ class RecentWindow:
         self.values = torch.cat([self.values, self.values.new_zeros(B, H, extra, D)], dim=2)
         self.visible = torch.cat([self.visible, self.visible.new_zeros(B, H, extra)], dim=2)
         self.keep = torch.cat([self.keep, self.keep.new_zeros(B, H, extra)], dim=2)
+        self._make_slot_views()
 
     def reserve_for(self, seen: int, chunk: int) -> None:
         """Reserves the slots a chunk of ``chunk`` tokens starting at sequence slot ``seen`` writes."""
@@ -82,6 +85,20 @@ class RecentWindow:
         if self.holds_kept:
             last = torch.where(self.keep, chunk - 1, last)
         return torch.where(self.visible, last, -1)
+
+    def slot_views(self, slot: int):
+        """``(key (B, H, 1, D), value (B, H, 1, D), keep (B, H, 1), keep (B, H))`` views of ring slot ``slot``, made
+        when the storage changes (a decode step then issues no slicing ops for them)."""
+        return self._slot_views[slot]
+
+    def _make_slot_views(self) -> None:
+        self._slot_views = {}
+        if not self.holds_kept:
+            return
+        for slot in range(self.capacity):
+            keep = self.keep.narrow(2, slot, 1)
+            self._slot_views[slot] = (self.keys.narrow(2, slot, 1), self.values.narrow(2, slot, 1), keep,
+                                      keep.squeeze(2))
 
     def leaving(self, seen: int, chunk: int) -> torch.Tensor:
         """``(B, H, W)``: the kept ring rows whose slots a chunk of ``chunk`` tokens starting at ``seen`` takes
@@ -124,3 +141,4 @@ class RecentWindow:
         self.values = self.values.index_select(0, index)
         self.visible = self.visible.index_select(0, index)
         self.keep = self.keep.index_select(0, index)
+        self._make_slot_views()
