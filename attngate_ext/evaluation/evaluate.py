@@ -95,7 +95,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     checks.require(p, args, [("windows", checks.at_least_one, ">= 1"), ("batch_size", checks.at_least_one, ">= 1"),
                              ("page_size", checks.at_least_one, ">= 1"),
                              ("calibration_windows", checks.at_least_one, ">= 1"),
-                             ("gate_window", lambda w: w >= 0, ">= 0")])
+                             ("gate_window", checks.at_least_one, ">= 1")])
     return args
 
 
