@@ -45,14 +45,16 @@ const char* const kSchemas[] = {
     "paged_prefill_attention(Tensor query, Tensor key_pages, Tensor value_pages, Tensor page_table, "
     "Tensor lengths, Tensor key, Tensor value, Tensor keep, Tensor? valid, int window, float scale, "
     "Tensor? extra_key=None, Tensor? extra_value=None, Tensor? extra_until=None) -> Tensor",
-    // One fused decode step: appends the new token key/value (B, H, D) to the pages of the heads where keep (B, H),
-    // writes it into slot `slot` of the ring of recent rows ring_key/ring_value (B, H, W, D) with
-    // ring_valid[:, :, slot] = valid & ~keep, then attends with query (B, Hq, D) over the pages plus the valid ring
-    // rows (paged_append_kv_ + ring write + paged_decode_attention in one call).
+    // One fused decode step. Without ring_keep: appends the new token key/value (B, H, D) to the pages of the heads
+    // where keep (B, H), writes it into slot `slot` of the ring of recent rows ring_key/ring_value (B, H, W, D) with
+    // ring_valid[:, :, slot] = valid & ~keep. With ring_keep (B, H, W) (the ring holds kept tokens until they leave
+    // the window): first appends the row leaving slot `slot` to the pages where ring_keep[:, :, slot], then writes
+    // the new token there with ring_valid = valid and ring_keep = valid & keep. Then attends with query (B, Hq, D)
+    // over the pages plus the valid ring rows (paged_append_kv_ + ring write + paged_decode_attention in one call).
     "paged_decode_step_(Tensor query, Tensor(a!) key_pages, Tensor(b!) value_pages, Tensor(c!) page_table, "
     "Tensor(d!) lengths, Tensor(e!) free_pages, Tensor(f!) free_count, Tensor key, Tensor value, Tensor keep, "
-    "Tensor? valid, Tensor(g!) ring_key, Tensor(h!) ring_value, Tensor(i!) ring_valid, int slot, float scale) "
-    "-> Tensor",
+    "Tensor? valid, Tensor(g!) ring_key, Tensor(h!) ring_value, Tensor(i!) ring_valid, int slot, float scale, "
+    "Tensor(j!)? ring_keep=None) -> Tensor",
     // Turns the host read-back of device-side value checks (lengths range, capacity) on CUDA on or off; returns
     // the previous setting. CPU checks are always on. See README "Errors and host synchronisation".
     "set_sync_checks(bool enabled) -> bool",

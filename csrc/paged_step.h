@@ -19,7 +19,7 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
                                          const Tensor& free_count, const Tensor& key, const Tensor& value,
                                          const Tensor& keep, const std::optional<Tensor>& valid, const Tensor& ring_key,
                                          const Tensor& ring_value, const Tensor& ring_valid, int64_t slot,
-                                         double scale) {
+                                         double scale, const std::optional<Tensor>& ring_keep) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/true);
   check_free_stack(key_pages, free_pages, free_count);
   const int64_t B = page_table.size(0), H = page_table.size(1);
@@ -47,6 +47,25 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
   check_no_shared_memory(ring_key, "ring_key", ring_value, "ring_value");
   check_no_shared_memory(ring_key, "ring_key", key_pages, "key_pages");
   check_no_shared_memory(ring_value, "ring_value", value_pages, "value_pages");
+  if (ring_keep.has_value()) {
+    AG_CHECK(ring_keep->scalar_type() == kBool, "ring_keep must be bool, got ", ring_keep->scalar_type());
+    AG_CHECK(ring_keep->dim() == 3 && ring_keep->size(0) == B && ring_keep->size(1) == H && ring_keep->size(2) == W,
+             "ring_keep must have shape (B, H, W) = (", B, ", ", H, ", ", W, "), got ", ring_keep->sizes());
+    AG_CHECK(ring_keep->device() == key_pages.device(), "ring_keep must be on the same device as key_pages (",
+             key_pages.device(), "), got ", ring_keep->device());
+    check_no_element_overlap(*ring_keep, "ring_keep");
+    check_no_shared_memory(*ring_keep, "ring_keep", ring_valid, "ring_valid");
+  }
+}
+
+// With ring_keep: appends the row leaving ring slot `slot` (views of ring_key/ring_value/ring_keep; ring_keep is
+// never set where ring_valid is not) to the pages where it is kept, before the new token overwrites the slot.
+inline void append_leaving_row(PagedAppendFn append, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
+                               Tensor& lengths, Tensor& free_pages, Tensor& free_count, Tensor ring_key,
+                               Tensor ring_value, Tensor ring_keep, int64_t slot) {  // handles: copies are cheap
+  append(key_pages, value_pages, page_table, lengths, free_pages, free_count,
+         torch::stable::narrow(ring_key, 2, slot, 1), torch::stable::narrow(ring_value, 2, slot, 1),
+         std::optional<Tensor>(torch::stable::narrow(ring_keep, 2, slot, 1)));
 }
 
 // Appends key/value (B, H, D) to the pages of the heads where keep (B, H) with `append`, the device's

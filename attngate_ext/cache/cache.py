@@ -85,7 +85,6 @@ class AttnGateLayer(CacheLayerMixin):
             if store is not None:
                 store.index_batch(indices)
         self.valid_count = self.valid_count.index_select(0, indices.to(self.valid_count.device))
-        self._no_keep = self._no_keep.new_zeros(self.valid_count.shape[0], self._no_keep.shape[1])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -117,7 +116,6 @@ class AttnGateLayer(CacheLayerMixin):
         S = self.page_size
         self.kv = PagedKV(B, H, D, key.dtype, key.device, page_size=S)
         self.window = RecentWindow(B, H, window, D, key.dtype, key.device, holds_kept=window > 1)
-        self._no_keep = torch.zeros(B, H, dtype=torch.bool, device=key.device)
         gcfg = gate.config
         self.gate_kv = PagedKV(B, gcfg.num_kv_heads, gcfg.head_dim, key.dtype, key.device, page_size=S)
         self.gate_ring = RecentWindow(B, gcfg.num_kv_heads, 1, gcfg.head_dim, key.dtype, key.device)
@@ -275,25 +273,18 @@ class AttnGateLayer(CacheLayerMixin):
         return out
 
     def _decode_step(self, query, key, value, keep, valid, scale) -> torch.Tensor:
-        """One new token: into the window ring (w = 1: also into the pages if kept) and attention over the pages and
-        the ring in one fused op. With w > 1 the token leaving the window moves to the pages first if it is kept
-        (one append op), and the new token's flag is stored with its ring slot."""
+        """One new token in one fused op: into the window ring, attention over the pages and the ring. With w > 1
+        the kept token leaving the window moves to the pages first and the new token waits in the ring with its
+        flag (``ring_keep``); with w = 1 a kept new token goes to the pages directly."""
         kv, ring = self.kv, self.window
         slot = self.seen % ring.size
         ring.reserve(slot + 1)
-        new_keep = keep[..., 0]
-        rows = 1
-        if ring.holds_kept:
-            slot_key, slot_value, slot_keep, slot_keep_2d = ring.slot_views(slot)
-            kv.append(slot_key, slot_value, slot_keep)  # the token leaving the window, where kept
-            slot_keep_2d.copy_(new_keep)  # the new token's flag, with its ring slot (written by the op below)
-            new_keep, rows = self._no_keep, 0  # it stays in the ring, visible, until it leaves the window
-        taken = kv.prepare_append(rows)
+        taken = kv.prepare_append(1)
         out = paged_decode_step_(query[:, :, 0], kv.key_pages, kv.value_pages, kv.page_table, kv.lengths,
-                                 kv.free_pages, kv.free_count, key[:, :, 0], value[:, :, 0], new_keep,
+                                 kv.free_pages, kv.free_count, key[:, :, 0], value[:, :, 0], keep[..., 0],
                                  None if valid is None else valid[:, 0], ring.keys, ring.values, ring.visible,
-                                 slot, scale)
-        kv.appended(rows, taken)
+                                 slot, scale, ring.keep if ring.holds_kept else None)
+        kv.appended(1, taken)
         return out.unsqueeze(2)
 
     # ----------------------------------------------------------------------------------------------------

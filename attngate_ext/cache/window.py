@@ -11,7 +11,8 @@ not W slots): slot numbers are always ``position % W``, and before the sequence 
 
 ``holds_kept=False`` (a one-slot ring, W = 1) keeps the older arrangement: a kept token goes to the pages when it
 is created, and the ring row of a kept token is not visible (its copy in the pages is). With one slot nothing is
-duplicated for long, and the decode step stays one fused op.
+duplicated for long. Either way a decode step is one ``paged_decode_step_`` call (``ring_keep=keep`` with
+``holds_kept``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class RecentWindow:
         self.visible = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
         self.keep = torch.zeros_like(self.visible)
         self.holds_kept = holds_kept
-        self._slot_views: dict = {}
 
     @property
     def size(self) -> int:
@@ -63,7 +63,6 @@ class RecentWindow:
         self.values = torch.cat([self.values, self.values.new_zeros(B, H, extra, D)], dim=2)
         self.visible = torch.cat([self.visible, self.visible.new_zeros(B, H, extra)], dim=2)
         self.keep = torch.cat([self.keep, self.keep.new_zeros(B, H, extra)], dim=2)
-        self._make_slot_views()
 
     def reserve_for(self, seen: int, chunk: int) -> None:
         """Reserves the slots a chunk of ``chunk`` tokens starting at sequence slot ``seen`` writes."""
@@ -85,20 +84,6 @@ class RecentWindow:
         if self.holds_kept:
             last = torch.where(self.keep, chunk - 1, last)
         return torch.where(self.visible, last, -1)
-
-    def slot_views(self, slot: int):
-        """``(key (B, H, 1, D), value (B, H, 1, D), keep (B, H, 1), keep (B, H))`` views of ring slot ``slot``, made
-        when the storage changes (a decode step then issues no slicing ops for them)."""
-        return self._slot_views[slot]
-
-    def _make_slot_views(self) -> None:
-        self._slot_views = {}
-        if not self.holds_kept:
-            return
-        for slot in range(self.capacity):
-            keep = self.keep.narrow(2, slot, 1)
-            self._slot_views[slot] = (self.keys.narrow(2, slot, 1), self.values.narrow(2, slot, 1), keep,
-                                      keep.squeeze(2))
 
     def leaving(self, seen: int, chunk: int) -> torch.Tensor:
         """``(B, H, W)``: the kept ring rows whose slots a chunk of ``chunk`` tokens starting at ``seen`` takes
@@ -141,4 +126,3 @@ class RecentWindow:
         self.values = self.values.index_select(0, index)
         self.visible = self.visible.index_select(0, index)
         self.keep = self.keep.index_select(0, index)
-        self._make_slot_views()

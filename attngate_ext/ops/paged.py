@@ -163,18 +163,24 @@ def paged_decode_step_(
     ring_valid: torch.Tensor,
     slot: int,
     scale: float,
+    ring_keep: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One fused decode step of a gated layer: store the new token, attend.
 
     ``key``/``value`` ``(B, H, D)`` is the new token and ``keep`` ``(B, H)`` its flags (``valid`` ``(B,)``: false on
-    padding, None for none). The kept heads append it to their pages (as :func:`paged_append_kv_`); every head writes
-    it into slot ``slot`` of its ring of recent rows ``ring_key``/``ring_value`` ``(B, H, W, D)`` with
-    ``ring_valid[:, :, slot] = valid & ~keep`` (an evicted token stays visible while it is inside the window); then
-    ``query`` ``(B, Hq, D)`` attends over the pages and the valid ring rows (as :func:`paged_decode_attention`).
-    Returns ``(B, Hq, D)``.
+    padding, None for none). Every head writes it into slot ``slot`` of its ring of recent rows
+    ``ring_key``/``ring_value`` ``(B, H, W, D)``; then ``query`` ``(B, Hq, D)`` attends over the pages and the ring
+    rows where ``ring_valid`` (as :func:`paged_decode_attention`). Returns ``(B, Hq, D)``.
+
+    * Without ``ring_keep``: the kept heads also append the new token to their pages (as :func:`paged_append_kv_`),
+      and ``ring_valid[:, :, slot] = valid & ~keep`` (an evicted token stays visible while it is inside the window).
+    * With ``ring_keep`` ``(B, H, W)`` bool (the ring holds every token of the window, kept ones until they leave
+      it): first the row leaving slot ``slot`` is appended to the pages where ``ring_keep[:, :, slot]`` (which must
+      never be set where ``ring_valid`` is not), then the new token takes the slot with
+      ``ring_valid[:, :, slot] = valid`` and ``ring_keep[:, :, slot] = valid & keep``.
     """
     return _ops.paged_decode_step_(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
-                                   value, keep, valid, ring_key, ring_value, ring_valid, slot, scale)
+                                   value, keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep)
 
 
 def gather_pages(
@@ -285,13 +291,14 @@ def _paged_prefill_attention_fake(query, key_pages, value_pages, page_table, len
 
 @torch.library.register_fake("attngate::paged_decode_step_")
 def _paged_decode_step_fake(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
-                            keep, valid, ring_key, ring_value, ring_valid, slot, scale):
+                            keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep=None):
     _check_paged_fake(key_pages, value_pages, page_table, lengths)
     _check_free_fake(key_pages, free_pages, free_count)
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (B, Hq, D), got {tuple(query.shape)}")
     torch._check(query.dtype == key_pages.dtype, lambda: "query must have the dtype of key_pages")
     for tensor, name in ((query, "query"), (key, "key"), (value, "value"), (keep, "keep"), (valid, "valid"),
-                         (ring_key, "ring_key"), (ring_value, "ring_value"), (ring_valid, "ring_valid")):
+                         (ring_key, "ring_key"), (ring_value, "ring_value"), (ring_valid, "ring_valid"),
+                         (ring_keep, "ring_keep")):
         if tensor is not None:
             _check_same_device(tensor, name, key_pages, "key_pages")
     return query.new_empty(query.shape).contiguous()

@@ -280,16 +280,28 @@ def paged_decode_step_(
     ring_valid: torch.Tensor,
     slot: int,
     scale: float,
+    ring_keep: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """paged_append_kv_ of the kept new token, its write into ring slot ``slot`` (valid & ~keep), then
-    paged_decode_attention over the pages and the valid ring rows."""
+    """Without ``ring_keep``: paged_append_kv_ of the kept new token and its write into ring slot ``slot``
+    (valid & ~keep). With it: paged_append_kv_ of the row leaving the slot where ``ring_keep[:, :, slot]``, then the
+    new token's write (valid, and ring_keep = valid & keep). Then paged_decode_attention over the pages and the valid
+    ring rows."""
     if not 0 <= slot < ring_key.shape[2]:
         raise RuntimeError(f"paged_decode_step_: slot must lie in [0, W = {ring_key.shape[2]}), got {slot}")
-    paged_append_kv_(key_pages, value_pages, page_table, lengths, free_pages, free_count, key.unsqueeze(2),
-                     value.unsqueeze(2), keep.unsqueeze(2))
+    row_valid = valid.unsqueeze(1) if valid is not None else torch.ones_like(keep)
+    if ring_keep is None:
+        paged_append_kv_(key_pages, value_pages, page_table, lengths, free_pages, free_count, key.unsqueeze(2),
+                         value.unsqueeze(2), keep.unsqueeze(2))
+    else:
+        paged_append_kv_(key_pages, value_pages, page_table, lengths, free_pages, free_count,
+                         ring_key[:, :, slot : slot + 1].clone(), ring_value[:, :, slot : slot + 1].clone(),
+                         ring_keep[:, :, slot : slot + 1].clone())
     ring_key[:, :, slot] = key
     ring_value[:, :, slot] = value
-    row_valid = valid.unsqueeze(1) if valid is not None else torch.ones_like(keep)
-    ring_valid[:, :, slot] = row_valid & ~keep
+    if ring_keep is None:
+        ring_valid[:, :, slot] = row_valid & ~keep
+    else:
+        ring_valid[:, :, slot] = row_valid.expand_as(keep)
+        ring_keep[:, :, slot] = row_valid & keep
     return paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
                                   ring_valid)

@@ -1,6 +1,7 @@
-// CPU kernel of attngate::paged_decode_step_: one decode step of a gated layer in one call. The new token goes to
-// the pages of the heads that keep it (the paged_append_kv_ kernel), into its window-ring slot, then the query
-// attends over the pages and the valid ring rows (the paged_decode_attention kernel).
+// CPU kernel of attngate::paged_decode_step_: one decode step of a gated layer in one call. Without ring_keep the
+// new token goes to the pages of the heads that keep it (the paged_append_kv_ kernel) and into its window-ring slot;
+// with ring_keep the kept row leaving that slot goes to the pages first and the new token waits in the ring. Then
+// the query attends over the pages and the valid ring rows (the paged_decode_attention kernel).
 //
 // Every value check (lengths, every page id, free pages, page-table room) passes before anything is written.
 #include <algorithm>
@@ -19,6 +20,7 @@ namespace {
 
 template <typename scalar_t>
 void write_ring_slot(Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid,  // (B, H, W[, D])
+                     const std::optional<Tensor>& ring_keep,                    // (B, H, W) or none
                      const Tensor& key, const Tensor& value,                    // (B, H, D)
                      const Tensor& keep, const std::optional<Tensor>& valid, int64_t slot) {
   const int64_t B = key.size(0), H = key.size(1), D = key.size(2);
@@ -33,12 +35,20 @@ void write_ring_slot(Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid,  
   const cpu::Strides3 rks = cpu::strides3(ring_key), rvs = cpu::strides3(ring_value), rvals = cpu::strides3(ring_valid);
   const int64_t k_sb = key.stride(0), k_sh = key.stride(1), v_sb = value.stride(0), v_sh = value.stride(1);
   const int64_t keep_sb = keep.stride(0), keep_sh = keep.stride(1);
+  bool* rkeep = ring_keep.has_value() ? ring_keep->mutable_data_ptr<bool>() : nullptr;
+  const cpu::Strides3 rkeeps = rkeep != nullptr ? cpu::strides3(*ring_keep) : cpu::Strides3{};
   for (int64_t b = 0; b < B; ++b) {
     const bool row_valid = vp == nullptr || vp[b * vs];
     for (int64_t h = 0; h < H; ++h) {
       std::copy_n(k + b * k_sb + h * k_sh, D, rk + rks.at(b, h, slot));
       std::copy_n(v + b * v_sb + h * v_sh, D, rv + rvs.at(b, h, slot));
-      rvalid[rvals.at(b, h, slot)] = row_valid && !kp[b * keep_sb + h * keep_sh];
+      const bool kept = kp[b * keep_sb + h * keep_sh];
+      if (rkeep != nullptr) {  // the token waits in the ring, visible, with its flag
+        rvalid[rvals.at(b, h, slot)] = row_valid;
+        rkeep[rkeeps.at(b, h, slot)] = row_valid && kept;
+      } else {
+        rvalid[rvals.at(b, h, slot)] = row_valid && !kept;
+      }
     }
   }
 }
@@ -46,16 +56,22 @@ void write_ring_slot(Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid,  
 Tensor paged_decode_step_cpu(const Tensor& query, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
                              Tensor& lengths, Tensor& free_pages, Tensor& free_count, const Tensor& key,
                              const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
-                             Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale) {
+                             Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale,
+                             const std::optional<Tensor>& ring_keep) {
   check_paged_decode_step_args(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
-                               keep, valid, ring_key, ring_value, ring_valid, slot, scale);
+                               keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep);
   // The whole paged state first (the append checks only the pages it writes, the attention reads them all).
   std::vector<int64_t> lens;
   raise_for_status("paged_decode_step_", validate_paged_state_cpu(key_pages, page_table, lengths, lens));
-  append_new_token(paged_append_kv_cpu, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
-                   keep);
+  if (ring_keep.has_value()) {
+    append_leaving_row(paged_append_kv_cpu, key_pages, value_pages, page_table, lengths, free_pages, free_count,
+                       ring_key, ring_value, *ring_keep, slot);
+  } else {
+    append_new_token(paged_append_kv_cpu, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
+                     value, keep);
+  }
   ATTNGATE_DISPATCH_FLOATING_TYPES(key.scalar_type(), "paged_decode_step_cpu", [&] {
-    write_ring_slot<scalar_t>(ring_key, ring_value, ring_valid, key, value, keep, valid, slot);
+    write_ring_slot<scalar_t>(ring_key, ring_value, ring_valid, ring_keep, key, value, keep, valid, slot);
   });
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   cpu::paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,

@@ -16,20 +16,38 @@ namespace {
 Tensor paged_decode_step_cuda(const Tensor& query, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
                               Tensor& lengths, Tensor& free_pages, Tensor& free_count, const Tensor& key,
                               const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
-                              Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale) {
+                              Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale,
+                              const std::optional<Tensor>& ring_keep) {
   check_paged_decode_step_args(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
-                               keep, valid, ring_key, ring_value, ring_valid, slot, scale);
+                               keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep);
   const cuda::DeviceGuard device_guard(query);
-  append_new_token(paged_append_kv_cuda, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
-                   value, keep);
+  if (ring_keep.has_value()) {  // the kept row leaving the slot goes to the pages; the new token waits in the ring
+    append_leaving_row(paged_append_kv_cuda, key_pages, value_pages, page_table, lengths, free_pages, free_count,
+                       ring_key, ring_value, *ring_keep, slot);
+  } else {
+    append_new_token(paged_append_kv_cuda, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
+                     value, keep);
+  }
   Tensor key_slot = torch::stable::select(ring_key, 2, slot);
   Tensor value_slot = torch::stable::select(ring_value, 2, slot);
   Tensor valid_slot = torch::stable::select(ring_valid, 2, slot);
   torch::stable::copy_(key_slot, key);
   torch::stable::copy_(value_slot, value);
-  Tensor visible = call_aten("aten::logical_not", "", keep);
-  if (valid.has_value()) visible = call_aten("aten::logical_and_", "", visible, torch::stable::unsqueeze(*valid, 1));
-  torch::stable::copy_(valid_slot, visible);
+  if (ring_keep.has_value()) {
+    Tensor keep_slot = torch::stable::select(*ring_keep, 2, slot);
+    if (valid.has_value()) {
+      Tensor row_valid = torch::stable::unsqueeze(*valid, 1);
+      torch::stable::copy_(valid_slot, row_valid);  // broadcast over the heads
+      torch::stable::copy_(keep_slot, call_aten("aten::logical_and", "", keep, row_valid));
+    } else {
+      torch::stable::fill_(valid_slot, 1.0);
+      torch::stable::copy_(keep_slot, keep);
+    }
+  } else {
+    Tensor visible = call_aten("aten::logical_not", "", keep);
+    if (valid.has_value()) visible = call_aten("aten::logical_and_", "", visible, torch::stable::unsqueeze(*valid, 1));
+    torch::stable::copy_(valid_slot, visible);
+  }
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   const Tensor scratch = cuda::make_status_scratch(key_pages, 0, 1);
   launch_paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
