@@ -1,7 +1,7 @@
 // Shared by the CPU and CUDA entry points of attngate::paged_decode_step_ (one fused decode step: append if kept,
 // write the window ring slot, attend): the argument checks (metadata only; messages name the argument) and the
-// append of the new token through the paged_append_kv_ kernel of the same device (a direct call: no second trip
-// through the dispatcher).
+// step's append (the new token, or with ring_keep the row leaving the ring slot) through the paged_append_kv_
+// kernel of the same device (a direct call: no second trip through the dispatcher).
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -58,23 +58,24 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
   }
 }
 
-// With ring_keep: appends the row leaving ring slot `slot` (views of ring_key/ring_value/ring_keep; ring_keep is
-// never set where ring_valid is not) to the pages where it is kept, before the new token overwrites the slot.
-inline void append_leaving_row(PagedAppendFn append, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
-                               Tensor& lengths, Tensor& free_pages, Tensor& free_count, Tensor ring_key,
-                               Tensor ring_value, Tensor ring_keep, int64_t slot) {  // handles: copies are cheap
-  append(key_pages, value_pages, page_table, lengths, free_pages, free_count,
-         torch::stable::narrow(ring_key, 2, slot, 1), torch::stable::narrow(ring_value, 2, slot, 1),
-         std::optional<Tensor>(torch::stable::narrow(ring_keep, 2, slot, 1)));
-}
-
-// Appends key/value (B, H, D) to the pages of the heads where keep (B, H) with `append`, the device's
-// paged_append_kv_ kernel (which checks the free stack and the page-table room before writing anything).
-inline void append_new_token(PagedAppendFn append, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
-                             Tensor& lengths, Tensor& free_pages, Tensor& free_count, const Tensor& key,
-                             const Tensor& value, const Tensor& keep) {
-  append(key_pages, value_pages, page_table, lengths, free_pages, free_count, torch::stable::unsqueeze(key, 2),
-         torch::stable::unsqueeze(value, 2), std::optional<Tensor>(torch::stable::unsqueeze(keep, 2)));
+// The pages' part of a decode step, with `append`, the device's paged_append_kv_ kernel (which checks the free stack
+// and the page-table room before writing anything):
+// * without ring_keep: the new token key/value (B, H, D) where keep (B, H);
+// * with ring_keep: the row leaving ring slot `slot` (views of ring_key/ring_value/ring_keep; ring_keep is never set
+//   where ring_valid is not) where it is kept, before the new token overwrites the slot.
+inline void append_step_rows(PagedAppendFn append, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
+                             Tensor& lengths, Tensor& free_pages, Tensor& free_count, Tensor key, Tensor value,
+                             Tensor keep, Tensor ring_key, Tensor ring_value,
+                             const std::optional<Tensor>& ring_keep, int64_t slot) {  // handles: copies are cheap
+  if (ring_keep.has_value()) {
+    Tensor flags = *ring_keep;
+    append(key_pages, value_pages, page_table, lengths, free_pages, free_count,
+           torch::stable::narrow(ring_key, 2, slot, 1), torch::stable::narrow(ring_value, 2, slot, 1),
+           std::optional<Tensor>(torch::stable::narrow(flags, 2, slot, 1)));
+  } else {
+    append(key_pages, value_pages, page_table, lengths, free_pages, free_count, torch::stable::unsqueeze(key, 2),
+           torch::stable::unsqueeze(value, 2), std::optional<Tensor>(torch::stable::unsqueeze(keep, 2)));
+  }
 }
 
 }  // namespace attngate

@@ -63,13 +63,8 @@ Tensor paged_decode_step_cpu(const Tensor& query, Tensor& key_pages, Tensor& val
   // The whole paged state first (the append checks only the pages it writes, the attention reads them all).
   std::vector<int64_t> lens;
   raise_for_status("paged_decode_step_", validate_paged_state_cpu(key_pages, page_table, lengths, lens));
-  if (ring_keep.has_value()) {
-    append_leaving_row(paged_append_kv_cpu, key_pages, value_pages, page_table, lengths, free_pages, free_count,
-                       ring_key, ring_value, *ring_keep, slot);
-  } else {
-    append_new_token(paged_append_kv_cpu, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
-                     value, keep);
-  }
+  append_step_rows(paged_append_kv_cpu, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
+                   keep, ring_key, ring_value, ring_keep, slot);
   ATTNGATE_DISPATCH_FLOATING_TYPES(key.scalar_type(), "paged_decode_step_cpu", [&] {
     write_ring_slot<scalar_t>(ring_key, ring_value, ring_valid, ring_keep, key, value, keep, valid, slot);
   });

@@ -110,13 +110,7 @@ __global__ void __launch_bounds__(kThreads) compact_rows_kernel(
   const int64_t first_dst = dst0 + stay;  // destinations [first_dst, dst0 + n) of the moving rows
   const int64_t first = first_dst / S;
   const int64_t last = std::min<int64_t>((dst0 + n - 1) / S, chunk - 1);
-  const int64_t wait_chunk = first + threadIdx.x;
-  if (wait_chunk <= last) {
-    const volatile int32_t* done = read_done + bh * p.nchunks + wait_chunk;
-    while (*done == 0) __nanosleep(64);
-    __threadfence();
-  }
-  __syncthreads();
+  cuda::wait_for_chunks_read(read_done + bh * p.nchunks, first, last);
 
   for (int i = threadIdx.x; i < moving * units; i += kThreads) {
     const int r = i / units;

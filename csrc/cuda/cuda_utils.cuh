@@ -88,6 +88,19 @@ __device__ __forceinline__ void copy_elems(T* __restrict__ dst, const T* __restr
   }
 }
 
+// In-place compaction across blocks: block (bh, chunk) may write rows only once every lower chunk whose source rows
+// those destinations overlap has read them. Thread t of the block waits for the flag of chunk first + t (one thread
+// per chunk in [first, last]: the destinations of one chunk's rows span at most two chunks), then the block syncs.
+__device__ __forceinline__ void wait_for_chunks_read(const int32_t* chunk_flags, int64_t first, int64_t last) {
+  const int64_t wait_chunk = first + threadIdx.x;
+  if (wait_chunk <= last) {
+    const volatile int32_t* done = chunk_flags + wait_chunk;
+    while (*done == 0) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);

@@ -168,13 +168,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(
   // Destination range [dst0 + stay, dst0 + n): wait for the lower chunks whose source rows it overlaps.
   const int64_t first = (dst0 + stay) / CH;
   const int64_t last = std::min<int64_t>((dst0 + n - 1) / CH, chunk - 1);
-  const int64_t wait_chunk = first + threadIdx.x;
-  if (wait_chunk <= last) {
-    const volatile int32_t* done = read_done + bh * p.nchunks + wait_chunk;
-    while (*done == 0) __nanosleep(64);
-    __threadfence();
-  }
-  __syncthreads();
+  cuda::wait_for_chunks_read(read_done + bh * p.nchunks, first, last);
 
   for (int i = threadIdx.x; i < moving * units; i += kThreads) {
     const int r = i / units;

@@ -21,13 +21,8 @@ Tensor paged_decode_step_cuda(const Tensor& query, Tensor& key_pages, Tensor& va
   check_paged_decode_step_args(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
                                keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep);
   const cuda::DeviceGuard device_guard(query);
-  if (ring_keep.has_value()) {  // the kept row leaving the slot goes to the pages; the new token waits in the ring
-    append_leaving_row(paged_append_kv_cuda, key_pages, value_pages, page_table, lengths, free_pages, free_count,
-                       ring_key, ring_value, *ring_keep, slot);
-  } else {
-    append_new_token(paged_append_kv_cuda, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
-                     value, keep);
-  }
+  append_step_rows(paged_append_kv_cuda, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
+                   value, keep, ring_key, ring_value, ring_keep, slot);
   Tensor key_slot = torch::stable::select(ring_key, 2, slot);
   Tensor value_slot = torch::stable::select(ring_value, 2, slot);
   Tensor valid_slot = torch::stable::select(ring_valid, 2, slot);
