@@ -31,7 +31,7 @@ sys.path.insert(0, HERE)
 from build_helpers.cuda import plan_cuda, say  # noqa: E402
 
 # The oldest torch the extension supports: the stable-ABI target. Keep in step with pyproject.toml.
-TORCH_TARGET = (2, 13)
+TORCH_TARGET = (2, 11)
 TORCH_TARGET_HEX = f"0x{TORCH_TARGET[0]:02x}{TORCH_TARGET[1]:02x}000000000000"
 
 

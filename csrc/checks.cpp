@@ -30,7 +30,7 @@ void check_last_dim_contiguous(const Tensor& t, const char* name) {
 void check_cache(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths, bool writes) {
   AG_CHECK(key_cache.dim() == 4, "key_cache must be 4-D (B, H, C, D), got shape ", key_cache.sizes());
   check_float(key_cache, "key_cache");
-  AG_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ", key_cache.sizes(),
+  AG_CHECK(same_shape(value_cache, key_cache), "value_cache must have the shape of key_cache ", key_cache.sizes(),
            ", got ", value_cache.sizes());
   AG_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), "value_cache must have the dtype of key_cache (",
            key_cache.scalar_type(), "), got ", value_cache.scalar_type());
@@ -138,7 +138,7 @@ void check_append_kv_args(const Tensor& key_cache, const Tensor& value_cache, co
   const int64_t B = key_cache.size(0), H = key_cache.size(1), D = key_cache.size(3);
   AG_CHECK(key.dim() == 4 && key.size(0) == B && key.size(1) == H && key.size(3) == D,
            "key must have shape (B, H, T, D) with (B, H, D) = (", B, ", ", H, ", ", D, "), got ", key.sizes());
-  AG_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ", value.sizes());
+  AG_CHECK(same_shape(value, key), "value must have the shape of key ", key.sizes(), ", got ", value.sizes());
   AG_CHECK(key.scalar_type() == key_cache.scalar_type(), "key must have the dtype of key_cache (",
            key_cache.scalar_type(), "), got ", key.scalar_type());
   AG_CHECK(value.scalar_type() == key_cache.scalar_type(), "value must have the dtype of key_cache (",

@@ -49,7 +49,7 @@ void check_extra(const Tensor& key_pages, const Tensor& page_table, const std::o
   AG_CHECK(extra_value.has_value(), "extra_key was given without extra_value");
   check_new_rows(*extra_key, "extra_key", key_pages, page_table, /*rows_dim=*/true);
   check_new_rows(*extra_value, "extra_value", key_pages, page_table, /*rows_dim=*/true);
-  AG_CHECK(extra_value->sizes() == extra_key->sizes(), "extra_value must have the shape of extra_key ",
+  AG_CHECK(same_shape(*extra_value, *extra_key), "extra_value must have the shape of extra_key ",
            extra_key->sizes(), ", got ", extra_value->sizes());
   AG_CHECK(extra_key->size(2) <= std::numeric_limits<int32_t>::max(), "extra_key must have E < 2^31 rows, got ",
            extra_key->size(2));
@@ -84,7 +84,7 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
   check_new_rows(key, "key", key_pages, page_table, /*rows_dim=*/true);
   AG_CHECK(key.size(2) == T, "key must have shape (B, H, T, D) with T = ", T, " (query's), got ", key.sizes());
   check_new_rows(value, "value", key_pages, page_table, /*rows_dim=*/true);
-  AG_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ", value.sizes());
+  AG_CHECK(same_shape(value, key), "value must have the shape of key ", key.sizes(), ", got ", value.sizes());
   check_rows_tensor(keep, "keep", kBool, "bool", B, H, T, "T", key_pages);
   if (valid.has_value()) {
     AG_CHECK(valid->scalar_type() == kBool, "valid must be bool, got ", valid->scalar_type());

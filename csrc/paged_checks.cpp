@@ -22,7 +22,7 @@ void check_paged_cache(const Tensor& key_pages, const Tensor& value_pages, const
   AG_CHECK(key_pages.dim() == 3, "key_pages must be 3-D (P, page_size, D), got shape ", key_pages.sizes());
   AG_CHECK(is_supported_float(key_pages.scalar_type()), "key_pages must be float32, float16 or bfloat16, got ",
            key_pages.scalar_type());
-  AG_CHECK(value_pages.sizes() == key_pages.sizes(), "value_pages must have the shape of key_pages ", key_pages.sizes(),
+  AG_CHECK(same_shape(value_pages, key_pages), "value_pages must have the shape of key_pages ", key_pages.sizes(),
            ", got ", value_pages.sizes());
   AG_CHECK(value_pages.scalar_type() == key_pages.scalar_type(), "value_pages must have the dtype of key_pages (",
            key_pages.scalar_type(), "), got ", value_pages.scalar_type());

@@ -58,15 +58,17 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
   }
 }
 
-// The pages' part of a decode step, with `append`, the device's paged_append_kv_ kernel (which checks the free stack
-// and the page-table room before writing anything):
+// The pages' part of a decode step, with `append(key_pages, value_pages, page_table, lengths, free_pages,
+// free_count, key, value, keep)`, the device's paged_append_kv_ kernel (which checks the free stack and the
+// page-table room before writing anything):
 // * without ring_keep: the new token key/value (B, H, D) where keep (B, H);
 // * with ring_keep: the row leaving ring slot `slot` (views of ring_key/ring_value/ring_keep; ring_keep is never set
 //   where ring_valid is not) where it is kept, before the new token overwrites the slot.
-inline void append_step_rows(PagedAppendFn append, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
-                             Tensor& lengths, Tensor& free_pages, Tensor& free_count, Tensor key, Tensor value,
-                             Tensor keep, Tensor ring_key, Tensor ring_value,
-                             const std::optional<Tensor>& ring_keep, int64_t slot) {  // handles: copies are cheap
+template <typename AppendFn>
+void append_step_rows(const AppendFn& append, Tensor& key_pages, Tensor& value_pages, Tensor& page_table,
+                      Tensor& lengths, Tensor& free_pages, Tensor& free_count, Tensor key, Tensor value, Tensor keep,
+                      Tensor ring_key, Tensor ring_value, const std::optional<Tensor>& ring_keep,
+                      int64_t slot) {  // handles: copies are cheap
   if (ring_keep.has_value()) {
     Tensor flags = *ring_keep;
     append(key_pages, value_pages, page_table, lengths, free_pages, free_count,

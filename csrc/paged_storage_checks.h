@@ -43,7 +43,7 @@ inline void check_paged_append_args(const Tensor& key_pages, const Tensor& value
   check_paged_storage_state(key_pages, value_pages, page_table, lengths, free_pages, free_count);
   check_new_rows(key, "key", key_pages, page_table, /*rows_dim=*/true);
   check_new_rows(value, "value", key_pages, page_table, /*rows_dim=*/true);
-  AG_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ", value.sizes());
+  AG_CHECK(same_shape(value, key), "value must have the shape of key ", key.sizes(), ", got ", value.sizes());
   AG_CHECK(key.size(2) <= std::numeric_limits<int32_t>::max(), "key must have T < 2^31, got ", key.size(2));
   if (keep.has_value()) {
     check_paged_head_tensor(*keep, "keep", "(B, H, T)", kBool, "bool", key_pages, page_table);

@@ -107,8 +107,11 @@ __device__ __forceinline__ int first_stage(const int* stage) {
 // out of pages, ids of the partly filled last pages and of the pages popped), writes the status word, and only
 // when it is 0: pops the new pages into the page table (head by head in (b, h) order, the topmost first), writes
 // lengths and free_count. Returns whether it wrote. Afterwards s.old_len holds the lengths before the append.
+// With `gated`, a status word already set by an earlier kernel of the same call stops the plan before anything.
 template <int kThreads, typename KeptFn>
-__device__ bool plan_take(const Tables& t, int64_t BH, const KeptFn& kept, const HeadScratch& s, int32_t* status) {
+__device__ bool plan_take(const Tables& t, int64_t BH, const KeptFn& kept, const HeadScratch& s, int32_t* status,
+                          bool gated) {
+  if (gated && *status != 0) return false;  // uniform: every thread reads the same word
   __shared__ int stage[kStages];
   __shared__ int64_t free_s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

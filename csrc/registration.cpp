@@ -8,6 +8,9 @@
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/c/shim.h>
 
+// Declared weak here (torch's header declares it only for targets >= 2.13): null when libtorch lacks it.
+extern "C" __attribute__((weak)) const char* torch_exception_get_what_without_backtrace();
+
 namespace attngate {
 namespace {
 
@@ -23,6 +26,9 @@ std::vector<Entry>& kernel_table() {
 }
 
 std::string last_torch_error() {
+  // The shim function that reads torch's last error message came with torch 2.13; the library targets 2.11, so it is
+  // looked up weakly: present from 2.13 on, null in 2.11 and 2.12 (their message is then lost, the failure is not).
+  if (torch_exception_get_what_without_backtrace == nullptr) return "(torch < 2.13 does not give the message)";
   const char* what = torch_exception_get_what_without_backtrace();
   return what != nullptr ? std::string(what) : std::string("unknown error");
 }

@@ -20,6 +20,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 #include <torch/headeronly/util/HeaderOnlyArrayRef.h>
+#include <torch/headeronly/util/shim_utils.h>
 
 namespace attngate {
 
@@ -70,6 +71,14 @@ std::string message(const Args&... args) {
     }                                                                     \
   } while (0)
 
+// Whether a and b have the same sizes (torch 2.11's IntHeaderOnlyArrayRef has no operator==).
+inline bool same_shape(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != b.size(d)) return false;
+  return true;
+}
+
 // An uninitialised tensor of `sizes` and `dtype` on the device of `like` (contiguous).
 inline Tensor empty_like_device(IntArrayRef sizes, ScalarType dtype, const Tensor& like) {
   return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
@@ -80,7 +89,7 @@ inline Tensor empty_like_device(IntArrayRef sizes, ScalarType dtype, const Tenso
 template <typename... Args>
 Tensor call_aten(const char* name, const char* overload, const Args&... args) {
   std::array<StableIValue, sizeof...(Args) < 1 ? 1 : sizeof...(Args)> stack{torch::stable::detail::from(args)...};
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
 

@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(kPlanThreads) append_fused_kernel(
     const scalar_t* __restrict__ value,  // (B, H, T, D)
     const bool* __restrict__ keep,       // (B, H, T) or null (every row kept)
     const pg::HeadScratch s,             // [B * H] each
-    int32_t* __restrict__ status,        // (1)
-    const int64_t BH, const AppendParams p) {
+    int32_t* __restrict__ status,        // (1); with `gated`, already set by the caller's earlier kernels
+    const int64_t BH, const AppendParams p, const bool gated) {
   constexpr int kVec = cuda::vec_elems<scalar_t, kVector>();
   __shared__ uint32_t kept_mask[kFusedMaxHeads];  // bit i: row i of the head is kept
   const int64_t T = p.T;
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kPlanThreads) append_fused_kernel(
     if (lane == 0) kept_mask[bh] = mask;
     return __popc(mask);
   };
-  if (!pg::plan_take<kPlanThreads>(t, BH, kept, s, status)) return;
+  if (!pg::plan_take<kPlanThreads>(t, BH, kept, s, status, gated)) return;
   __syncthreads();  // the pages just popped into the table and kept_mask are visible to the whole block
 
   const int units = p.units_per_row;
@@ -99,11 +99,12 @@ template <int kThreadsPlan>
 __global__ void __launch_bounds__(kThreadsPlan) append_plan_kernel(
     const pg::Tables t,
     int32_t* __restrict__ counts,  // (B * H, nchunks) kept rows per chunk in, exclusive prefixes out; null: all kept
-    const pg::HeadScratch s, int32_t* __restrict__ status, const int64_t BH, const int64_t nchunks, const int64_t T) {
+    const pg::HeadScratch s, int32_t* __restrict__ status, const int64_t BH, const int64_t nchunks, const int64_t T,
+    const bool gated) {
   auto kept = [&](int64_t bh, int lane) -> int64_t {
     return counts == nullptr ? T : pg::warp_exclusive_prefix(counts + bh * nchunks, nchunks, lane);
   };
-  pg::plan_take<kThreadsPlan>(t, BH, kept, s, status);
+  pg::plan_take<kThreadsPlan>(t, BH, kept, s, status, gated);
 }
 
 template <typename scalar_t, bool kVector>
@@ -149,14 +150,12 @@ __global__ void __launch_bounds__(kThreads) append_rows_kernel(
   }
 }
 
-}  // namespace
-
-void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
-                          Tensor& free_pages, Tensor& free_count, const Tensor& key, const Tensor& value,
-                          const std::optional<Tensor>& keep) {
-  check_paged_append_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
+// The launches of one append. `status` is the caller's status word; with `gated` it may already be set (then
+// nothing is written), without it the plan writes it whatever it held.
+void enqueue_append(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths, Tensor& free_pages,
+                    Tensor& free_count, const Tensor& key, const Tensor& value, const std::optional<Tensor>& keep,
+                    int32_t* status, bool gated) {
   const int64_t BH = page_table.size(0) * page_table.size(1), T = key.size(2), D = key_pages.size(2);
-  const cuda::DeviceGuard device_guard(key_pages);
   const cudaStream_t stream = cuda::current_stream();
   const pg::Tables t = pg::make_tables(key_pages, page_table, lengths, free_pages, free_count);
   const bool has_keep = keep.has_value();
@@ -165,13 +164,13 @@ void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_t
   AG_CHECK(BH * nchunks <= std::numeric_limits<int32_t>::max(), "paged_append_kv_: B * H * ceil(T / ", kChunk,
            ") must fit in a CUDA grid, got ", BH * nchunks);
 
-  // Scratch: [status][old_len, new_len, count, before: BH each][chunk offsets: BH * nchunks when keep is given].
-  // The plan writes every word that it or the copy kernel reads, so nothing needs zeroing.
+  // Scratch: [old_len, new_len, count, before: BH each][chunk offsets: BH * nchunks when keep is given]. The plan
+  // writes every word that it or the copy kernel reads, so nothing needs zeroing.
   const int64_t offset_words = has_keep ? BH * nchunks : 0;
-  const Tensor scratch = cuda::make_status_scratch(key_pages, 4 * BH + offset_words, 0);
-  int32_t* status = scratch.mutable_data_ptr<int32_t>();
-  const pg::HeadScratch heads = pg::carve_heads(status + 1, BH);
-  int32_t* offsets = has_keep && nchunks > 0 ? status + 1 + 4 * BH : nullptr;
+  const Tensor scratch = empty_like_device({std::max<int64_t>(4 * BH + offset_words, 1)}, kInt, key_pages);
+  int32_t* words = scratch.mutable_data_ptr<int32_t>();
+  const pg::HeadScratch heads = pg::carve_heads(words, BH);
+  int32_t* offsets = has_keep && nchunks > 0 ? words + 4 * BH : nullptr;
 
   AppendParams p;
   p.T = T;
@@ -194,16 +193,18 @@ void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_t
       auto kernel = vec ? append_fused_kernel<scalar_t, true> : append_fused_kernel<scalar_t, false>;
       kernel<<<1, kPlanThreads, 0, stream>>>(
           key_pages.mutable_data_ptr<scalar_t>(), value_pages.mutable_data_ptr<scalar_t>(), t,
-          key.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(), keep_ptr, heads, status, BH, p);
+          key.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(), keep_ptr, heads, status, BH, p,
+          gated);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    if (offsets != nullptr) {
+    if (offsets != nullptr && BH > 0) {  // B * H = 0 would be an empty grid, a launch error
       cuda::count_kept_kernel<kThreads><<<static_cast<unsigned>(BH * nchunks), kThreads, 0, stream>>>(
           keep_ptr, nullptr, offsets, t.H, p.keep_sb, p.keep_sh, p.keep_st, 0, 0, nchunks, kChunk, T);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    append_plan_kernel<kPlanThreads><<<1, kPlanThreads, 0, stream>>>(t, offsets, heads, status, BH, nchunks, T);
+    append_plan_kernel<kPlanThreads><<<1, kPlanThreads, 0, stream>>>(t, offsets, heads, status, BH, nchunks, T,
+                                                                     gated);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
     if (BH * nchunks > 0 && D > 0) {
       auto kernel = vec ? append_rows_kernel<scalar_t, true> : append_rows_kernel<scalar_t, false>;
@@ -214,8 +215,31 @@ void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_t
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+}
+
+}  // namespace
+
+void enqueue_paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                                  Tensor& free_pages, Tensor& free_count, const Tensor& key, const Tensor& value,
+                                  const std::optional<Tensor>& keep, int32_t* status) {
+  enqueue_append(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep, status,
+                 /*gated=*/true);
+}
+
+namespace {
+
+void paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                          Tensor& free_pages, Tensor& free_count, const Tensor& key, const Tensor& value,
+                          const std::optional<Tensor>& keep) {
+  check_paged_append_args(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep);
+  const cuda::DeviceGuard device_guard(key_pages);
+  const Tensor scratch = cuda::make_status_scratch(key_pages, 0, 0);  // the plan always writes the status word
+  enqueue_append(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep,
+                 scratch.mutable_data_ptr<int32_t>(), /*gated=*/false);
   cuda::check_status("paged_append_kv_", scratch);
 }
+
+}  // namespace
 
 ATTNGATE_IMPL(CUDA, paged_append_kv_, paged_append_kv_cuda);
 

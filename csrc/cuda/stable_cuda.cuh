@@ -1,5 +1,5 @@
 // What the CUDA entry points need from torch beyond the stable ABI's tensors, with plain CUDA runtime calls where
-// the stable ABI has no equivalent: the current stream (stable accelerator API), a device guard (stable), the
+// the stable ABI has no equivalent: the current stream (the C shim of torch >= 2.9), a device guard (stable), the
 // device facts the launch planning reads (cudaDeviceGetAttribute, cached per device instead of ATen's
 // getCurrentDeviceProperties), whether the current stream is being captured into a CUDA graph
 // (cudaStreamIsCapturing instead of c10's capture status) and a synchronous device-to-host copy.
@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/macros.h>
 
@@ -25,9 +26,12 @@ inline int current_device() {
   return device;
 }
 
-// torch's current stream on the current device (the stream every kernel of an op is launched on).
+// torch's current stream on the current device (the stream every kernel of an op is launched on). The C shim's
+// aoti_torch_get_current_cuda_stream exists since torch 2.9; the C++ wrapper's nativeHandle() came only with 2.13.
 inline cudaStream_t current_stream() {
-  return static_cast<cudaStream_t>(torch::stable::accelerator::getCurrentStream(current_device()).nativeHandle());
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(current_device(), &stream));
+  return static_cast<cudaStream_t>(stream);
 }
 
 // Makes the device of `t` current for the lifetime of the guard (at::cuda::OptionalCUDAGuard's job).
