@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "overlap.h"
 #include "paged_append.h"
@@ -45,8 +46,16 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
   check_no_row_overlap(ring_value, "ring_value");
   check_no_element_overlap(ring_valid, "ring_valid");
   check_no_shared_memory(ring_key, "ring_key", ring_value, "ring_value");
-  check_no_shared_memory(ring_key, "ring_key", key_pages, "key_pages");
-  check_no_shared_memory(ring_value, "ring_value", value_pages, "value_pages");
+  // The step writes the pools and the ring and reads the new token: no two of them may share memory.
+  for (const auto& [t, name] : {std::pair{&ring_key, "ring_key"}, std::pair{&ring_value, "ring_value"},
+                                std::pair{&key, "key"}, std::pair{&value, "value"}}) {
+    check_no_shared_memory(*t, name, key_pages, "key_pages");
+    check_no_shared_memory(*t, name, value_pages, "value_pages");
+  }
+  for (const auto& [ring, name] : {std::pair{&ring_key, "ring_key"}, std::pair{&ring_value, "ring_value"}}) {
+    check_no_shared_memory(key, "key", *ring, name);
+    check_no_shared_memory(value, "value", *ring, name);
+  }
   if (ring_keep.has_value()) {
     AG_CHECK(ring_keep->scalar_type() == kBool, "ring_keep must be bool, got ", ring_keep->scalar_type());
     AG_CHECK(ring_keep->dim() == 3 && ring_keep->size(0) == B && ring_keep->size(1) == H && ring_keep->size(2) == W,

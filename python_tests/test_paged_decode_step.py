@@ -84,12 +84,12 @@ def test_decode_step_out_of_pages_writes_nothing(device):
         assert torch.equal(a, b)
 
 
-def test_decode_step_bad_arguments_name_them():
+def test_decode_step_bad_arguments_name_them(device):
     gen = torch.Generator().manual_seed(2)
-    state = _state(2, 2, 8, 3, 4, torch.float32, "cpu", gen)
+    state = _state(2, 2, 8, 3, 4, torch.float32, device, gen)
     kp, vp, table, lengths, free, count, rk, rv, rvalid = state
-    q, key = torch.randn(2, 4, 8), torch.randn(2, 2, 8)
-    keep = torch.ones(2, 2, dtype=torch.bool)
+    q, key = torch.randn(2, 4, 8, device=device), torch.randn(2, 2, 8, device=device)
+    keep = torch.ones(2, 2, dtype=torch.bool, device=device)
     call = lambda **kw: attngate_ext.paged_decode_step_(  # noqa: E731
         kw.get("q", q), kp, vp, table, lengths, free, count, kw.get("key", key), key, kw.get("keep", keep),
         kw.get("valid"), rk, rv, kw.get("rvalid", rvalid), kw.get("slot", 0), 1.0)
@@ -100,9 +100,9 @@ def test_decode_step_bad_arguments_name_them():
     with pytest.raises(RuntimeError, match="keep must have shape"):
         call(keep=keep[:1])
     with pytest.raises(RuntimeError, match="valid must have shape"):
-        call(valid=torch.ones(3, dtype=torch.bool))
+        call(valid=torch.ones(3, dtype=torch.bool, device=device))
     with pytest.raises(RuntimeError, match="key must have shape"):
-        call(key=torch.randn(2, 2, 4))
+        call(key=torch.randn(2, 2, 4, device=device))
     with pytest.raises(RuntimeError, match="extra_valid"):
         call(rvalid=rvalid[:, :, :2])
 
@@ -196,18 +196,19 @@ def test_decode_step_with_ring_keep_out_of_pages_writes_nothing():
         assert torch.equal(a, b)
 
 
-def test_decode_step_ring_keep_bad_arguments_name_it():
+def test_decode_step_ring_keep_bad_arguments_name_it(device):
     gen = torch.Generator().manual_seed(13)
-    state = _state(2, 2, 8, 3, 4, torch.float32, "cpu", gen)
+    state = _state(2, 2, 8, 3, 4, torch.float32, device, gen)
     kp, vp, table, lengths, free, count, rk, rv, rvalid = state
-    key = torch.randn(2, 2, 8)
-    keep = torch.ones(2, 2, dtype=torch.bool)
+    key = torch.randn(2, 2, 8, device=device)
+    keep = torch.ones(2, 2, dtype=torch.bool, device=device)
     call = lambda rkeep: attngate_ext.paged_decode_step_(  # noqa: E731
-        torch.randn(2, 4, 8), kp, vp, table, lengths, free, count, key, key, keep, None, rk, rv, rvalid, 0, 1.0, rkeep)
+        torch.randn(2, 4, 8, device=device), kp, vp, table, lengths, free, count, key, key, keep, None, rk, rv, rvalid,
+        0, 1.0, rkeep)
     with pytest.raises(RuntimeError, match="ring_keep must be bool"):
-        call(torch.zeros(2, 2, 3, dtype=torch.int32))
+        call(torch.zeros(2, 2, 3, dtype=torch.int32, device=device))
     with pytest.raises(RuntimeError, match="ring_keep must have shape"):
-        call(torch.zeros(2, 2, 2, dtype=torch.bool))
+        call(torch.zeros(2, 2, 2, dtype=torch.bool, device=device))
     with pytest.raises(RuntimeError, match="ring_keep"):
         call(rvalid)  # the same memory as ring_valid
 

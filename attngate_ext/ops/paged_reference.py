@@ -285,9 +285,15 @@ def paged_decode_step_(
     """Without ``ring_keep``: paged_append_kv_ of the kept new token and its write into ring slot ``slot``
     (valid & ~keep). With it: paged_append_kv_ of the row leaving the slot where ``ring_keep[:, :, slot]``, then the
     new token's write (valid, and ring_keep = valid & keep). Then paged_decode_attention over the pages and the valid
-    ring rows."""
+    ring rows. The whole paged state (every length, every page id the attention will read) is checked before
+    anything is written."""
+    op = "paged_decode_step_"
     if not 0 <= slot < ring_key.shape[2]:
-        raise RuntimeError(f"paged_decode_step_: slot must lie in [0, W = {ring_key.shape[2]}), got {slot}")
+        raise RuntimeError(f"{op}: slot must lie in [0, W = {ring_key.shape[2]}), got {slot}")
+    P, S, _ = key_pages.shape
+    if bool(((lengths < 0) | (lengths.long() > page_table.shape[2] * S)).any()):
+        raise RuntimeError(f"{op}: lengths must lie in [0, M * page_size] for every (batch, head); nothing was written")
+    _check_ids(op, _used_ids(page_table, lengths, S), P)
     row_valid = valid.unsqueeze(1) if valid is not None else torch.ones_like(keep)
     if ring_keep is None:
         paged_append_kv_(key_pages, value_pages, page_table, lengths, free_pages, free_count, key.unsqueeze(2),
