@@ -118,10 +118,16 @@ class BuildExt(cpp_extension.BuildExtension):
         tag = f"{sys.implementation.cache_tag}-torch{torch.__version__}-{'cuda' if WITH_CUDA else 'cpu'}-{where}"
         self.build_temp = os.path.join(HERE, "build", f"temp.{tag}")
 
+    def run(self):
+        # setuptools clears self.inplace while it builds into build/lib, then copies the library into the source tree
+        # (`build_ext --inplace`); an editable install puts it there too. Either way _build_info.py goes along.
+        self._to_source = bool(self.inplace) or bool(getattr(self, "editable_mode", False))
+        super().run()
+
     def build_extension(self, ext):
         super().build_extension(ext)
         folders = {os.path.dirname(self.get_ext_fullpath(ext.name))}
-        if self.inplace or getattr(self, "editable_mode", False):  # the library ends up in the source tree
+        if getattr(self, "_to_source", False) or self.inplace:  # the library ends up in the source tree
             folders.add(self.get_finalized_command("build_py").get_package_dir("attngate_ext"))
         for folder in folders:
             path = os.path.join(folder, "_build_info.py")
