@@ -30,7 +30,7 @@
 #   CAP_SCALE             multiplies every step's cap (default 1; the 2-core CI rehearsal uses more)
 #   BENCH_ARGS            extra arguments of benchmarks/run.py (default --sections ops)
 #   build/gpu-tools/      put on PATH when the machine has no ninja (scripts/gpu_tools.sh makes it; carry it along)
-#   GPU_CHECK_CMAKE=1     also build the CPU-only CMake library and run its test (deselected by default: covered by
+#   GPU_CHECK_CMAKE=1     also build the CPU-only CMake library and run its tests (left out by default: covered by
 #                         CI, and its build would eat the test budget)
 set -uo pipefail
 
@@ -143,7 +143,7 @@ if [ "${GPU_CHECK_CMAKE:-0}" = 1 ] && command -v cmake >/dev/null; then
     timeout 150 cmake --build build/cmake-gpu-check -j "$MAX_JOBS" >>"$OUT/cmake.log" 2>&1
   export ATTNGATE_CMAKE_LIB="$ROOT/build/cmake-gpu-check/libattngate_ops.so"
 else
-  pytest_args+=(--deselect python_tests/test_cmake_library.py::test_cmake_library_loads_and_matches_reference)
+  pytest_args+=(--ignore python_tests/test_cmake_library.py)  # each of its tests needs the CMake library built
 fi
 # One allocation per tensor (no caching allocator), so memcheck sees every out-of-bounds access.
 sanitize() {  # sanitize TOOL TEST_ARGS...

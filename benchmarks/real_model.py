@@ -7,8 +7,9 @@ section says so and is skipped when they are missing). Everything runs in float3
   else random gates, said in the output) on a batch of 4 held-out prompts of different lengths, left-padded, then
   ``decode`` greedy steps. Reported: the K/V bytes held against ``(1 - measured eviction) + 3%`` of a dense cache of
   the same (valid) tokens, plus the gates' own K'/V'; pages held against pages needed.
-* **half precision**: fresh gates (keep everything) in bfloat16: teacher-forced decode logits of the plain bf16 model
-  and of the gated bf16 model against the float32 model, and greedy tokens against float32's.
+* **half precision** (``benchmarks/half_precision.py``): fresh gates (keep everything) in bfloat16 over
+  ``half_prompts`` held-out windows: the rate at which the greedy token of teacher-forced decoding disagrees with the
+  float32 model's, plain bf16 model against gated bf16 model, and the logits' differences.
 * **speed**: one long held-out prompt (``long_prompt`` tokens), prefill and ``decode`` greedy steps, dense
   (``DynamicCache``) then gated with the gates' biases calibrated to evict ``eviction`` of a training play: prefill
   time and decode tokens/s, measured in the same run.
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import attngate_ext
 from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
 from benchmarks.e2e import cache_kwarg
+from benchmarks.half_precision import bf16_agreement, describe
 from benchmarks.report import Row
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -47,7 +49,8 @@ class RealConfig:
     eviction: float = 0.5
     warmup: int = 64
     half_prompt: int = 256
-    half_steps: int = 32
+    half_steps: int = 64
+    half_prompts: int = 16
 
 
 def _assets():
@@ -103,52 +106,6 @@ def _timed_generate(model, ids: torch.Tensor, mask: Optional[torch.Tensor], cach
     return prefill, time.perf_counter() - t0
 
 
-def _decode_logits(model, ids: torch.Tensor, prompt: int, cache) -> torch.Tensor:
-    """Teacher-forced: the logits of every decode step after a ``prompt``-token prefill, float32 ``(B, steps, V)``."""
-    key = cache_kwarg(model)
-    out = model(input_ids=ids[:, :prompt], use_cache=True, **{key: cache})
-    logits = [out.logits[:, -1].float()]
-    for t in range(prompt, ids.shape[1] - 1):
-        logits.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **{key: cache}).logits[:, -1].float())
-    return torch.stack(logits, dim=1)
-
-
-def _greedy(model, ids: torch.Tensor, steps: int, cache) -> torch.Tensor:
-    key = cache_kwarg(model)
-    token = model(input_ids=ids, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
-    tokens = [token]
-    for _ in range(steps - 1):
-        token = model(input_ids=token, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
-        tokens.append(token)
-    return torch.cat(tokens, dim=1)
-
-
-def half_precision(model_dir: Path, ids: torch.Tensor, prompt: int, device: torch.device) -> Dict[str, float]:
-    """Fresh gates in bf16 against the plain bf16 model, both measured against the float32 model."""
-    models = {dtype: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-              for dtype in (torch.float32, torch.bfloat16)}
-    steps = ids.shape[1] - prompt
-    reference = _decode_logits(models[torch.float32], ids, prompt, DynamicCache())
-    greedy_ref = _greedy(models[torch.float32], ids[:, :prompt], steps, DynamicCache())
-    plain = _decode_logits(models[torch.bfloat16], ids, prompt, DynamicCache())
-    greedy_plain = _greedy(models[torch.bfloat16], ids[:, :prompt], steps, DynamicCache())
-    attngate_ext.add_attention_gates(models[torch.bfloat16])
-    gated = _decode_logits(models[torch.bfloat16], ids, prompt, attngate_ext.AttnGateCache())
-    greedy_gated = _greedy(models[torch.bfloat16], ids[:, :prompt], steps, attngate_ext.AttnGateCache())
-
-    def first_flip(tokens: torch.Tensor) -> int:
-        differs = (tokens != greedy_ref).any(dim=0).nonzero()
-        return int(differs[0]) if differs.numel() else steps
-
-    return {"steps": steps,
-            "plain_max_abs": float((plain - reference).abs().max()),
-            "gated_max_abs": float((gated - reference).abs().max()),
-            "plain_mean_abs": float((plain - reference).abs().mean()),
-            "gated_mean_abs": float((gated - reference).abs().mean()),
-            "plain_first_greedy_flip": first_flip(greedy_plain),
-            "gated_first_greedy_flip": first_flip(greedy_gated)}
-
-
 @torch.no_grad()
 def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object]]:
     """The section's measurements, or None when the assets are missing."""
@@ -164,8 +121,9 @@ def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object
     long_ids = _tokens(tokenizer, held_out, cfg.long_prompt).unsqueeze(0).to(device)
     calibration = _tokens(tokenizer, train[:1], 2048).unsqueeze(0).to(device)
     result: Dict[str, object] = {"config": dataclasses.asdict(cfg)}
-    result["half"] = half_precision(model_dir, long_ids[:, : cfg.half_prompt + cfg.half_steps], cfg.half_prompt,
-                                    device)
+    windows = cfg.half_prompt + cfg.half_steps - 1
+    half_ids = _tokens(tokenizer, held_out, cfg.half_prompts * windows).view(cfg.half_prompts, windows)
+    result["half"] = bf16_agreement(model_dir, half_ids, cfg.half_prompt, device)
 
     # Speed: dense, then gated at the asked eviction, same prompt, warm-up first.
     _timed_generate(model, long_ids[:, : cfg.warmup], None, DynamicCache(), 4)
@@ -217,19 +175,15 @@ def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object
 def real_model_section(run_cfg) -> List[Row]:
     """The run.py section (only with ``--real``): prints both parts, returns two Rows."""
     cfg = RealConfig(batch_lengths=(128, 96, 80, 64), long_prompt=512, decode=8, warmup=16, half_prompt=64,
-                     half_steps=8) if run_cfg.quick else RealConfig()
+                     half_steps=8, half_prompts=2) if run_cfg.quick else RealConfig()
     res = run_real(cfg, run_cfg.device)
     if res is None:
         print("\nreal model: SmolLM2 assets not prepared; run `python examples/real_assets.py` first (skipped)")
         return []
     speed, mem, half = res["speed"], res["memory"], res["half"]
     print(f"\nreal model: SmolLM2-135M-Instruct, float32, {res['gates']}")
-    print(f"  half precision, fresh gates (keep all), {half['steps']} teacher-forced decode steps after "
-          f"{cfg.half_prompt} tokens, logits against float32:")
-    print(f"    plain bf16: max |diff| {half['plain_max_abs']:.3f}, mean {half['plain_mean_abs']:.4f}, first greedy "
-          f"token differing from float32 at step {half['plain_first_greedy_flip']}")
-    print(f"    gated bf16: max |diff| {half['gated_max_abs']:.3f}, mean {half['gated_mean_abs']:.4f}, first greedy "
-          f"token differing from float32 at step {half['gated_first_greedy_flip']}")
+    print(f"  half precision, fresh gates (keep all), after {cfg.half_prompt}-token prompts:")
+    print(describe(half))
     print(f"  speed, {cfg.long_prompt}-token held-out prompt + {cfg.decode} greedy steps, gated at "
           f"{speed['eviction']:.1%} measured eviction:")
     print(f"    prefill: dense {speed['dense_prefill_s']:.2f} s, gated {speed['gated_prefill_s']:.2f} s -> "
@@ -250,7 +204,8 @@ def real_model_section(run_cfg) -> List[Row]:
                 op_us=speed["gated_prefill_s"] * 1e6, ref_us=speed["dense_prefill_s"] * 1e6,
                 speedup=speed["decode_speedup"], bytes=0, gbps=0.0, copy_gbps=0.0, pct_copy=0.0, check="ok",
                 extra=speed),
-            Row(section="real", op="smollm2_half", shape=f"SmolLM2 N{cfg.half_prompt}+{cfg.half_steps}",
+            Row(section="real", op="smollm2_half",
+                shape=f"SmolLM2 {cfg.half_prompts}x(N{cfg.half_prompt}+{cfg.half_steps})",
                 dtype="bfloat16", device=run_cfg.device.type, op_us=0.0, ref_us=0.0, speedup=0.0, bytes=0, gbps=0.0,
                 copy_gbps=0.0, pct_copy=0.0, check="ok", extra=half),
             Row(section="real", op="smollm2_memory", shape=f"SmolLM2 B{len(cfg.batch_lengths)}", dtype="float32",
