@@ -35,6 +35,7 @@ from ..training import cli_checks as checks
 from ..training.data import read_text_documents
 from ..training.user_files import read_jsonl
 from ..models.model import _state, add_attention_gates, gate_config, load_gates, update_gate_config
+from . import equal_bytes
 from .perplexity import token_windows
 from .policies import POLICIES, Policy, prune_cache, record_queries_and_keys, use_in_context_policy
 
@@ -66,8 +67,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="eviction policies to compare with the dense model")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="when the policies evict: while the window is prefilled, or after the context")
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75],
-                   help="target eviction ratios, each in [0, 1)")
+    p.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5, 0.75],
+                   help="target eviction ratios, each in [0, 1) (none: only --budgets)")
+    p.add_argument("--budgets", nargs="+", type=float, default=[],
+                   help="also compare every policy at these held-byte budgets, fractions of a dense cache's bytes "
+                        "(e.g. 0.5 0.25), in context: the gates' threshold and each baseline's ratio are set on "
+                        "--calibration-text so that the cache holds the budget (window ring, the gates' K'/V' and "
+                        "page rounding included)")
     p.add_argument("--context-len", type=int, default=256, help="context tokens per window")
     p.add_argument("--continuation-len", type=int, default=256,
                    help="continuation tokens per window (the perplexity is measured on them)")
@@ -90,6 +96,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("give --text (perplexity) and/or --mc (multiple choice)")
     if any(not 0.0 <= r < 1.0 for r in args.ratios):
         p.error("--ratios must lie in [0, 1)")
+    if any(not 0.0 < b <= 1.0 for b in args.budgets):
+        p.error("--budgets must lie in (0, 1]")
     if args.context_len < 2 or args.continuation_len < 1:
         p.error("--context-len must be >= 2 and --continuation-len >= 1")
     checks.require(p, args, [("windows", checks.at_least_one, ">= 1"), ("batch_size", checks.at_least_one, ">= 1"),
@@ -174,7 +182,8 @@ class Evaluator:
             else:
                 self._reset(POLICIES[policy](), ratio, T)
             cache = AttnGateCache(self.args.page_size)
-            logits = self.model(input_ids=ids, **self._cache_kwargs(cache)).logits[:, context - 1 : T - 1]
+            logits = self.model(input_ids=ids, logits_to_keep=T - context + 1,
+                                **self._cache_kwargs(cache)).logits[:, :-1]
             report = _report(cache)
         else:  # post_prefill
             self._keep_all()
@@ -191,6 +200,23 @@ class Evaluator:
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, context:].unsqueeze(-1)).squeeze(-1)
         return logprobs, report
 
+    def calibrate_bytes(self, share: float, ids: torch.Tensor) -> Dict[str, Any]:
+        """Shifts the trained gates' biases (one global threshold) so that a cache filled with the calibration
+        windows ``ids`` holds ``share`` of the dense bytes (:func:`budget.calibrate_gate_bytes`)."""
+        from .budget import calibrate_gate_bytes
+
+        self._reset(None)
+        result = calibrate_gate_bytes(self.model, ids.to(self.args.device), share, page_size=self.args.page_size)
+        self.trained_gates = {k: v.clone() for k, v in self.model.state_dict().items() if ".gate." in k}
+        return result
+
+    def held_share(self, policy: str, ratio: float, ids: torch.Tensor) -> float:
+        """The held-byte share of a cache filled with ``ids`` under a baseline ``policy`` evicting ``ratio``."""
+        from .budget import prefill_report
+
+        self._reset(POLICIES[policy](), ratio, ids.shape[1])
+        return prefill_report(self.model, ids.to(self.args.device), page_size=self.args.page_size)["held_share"]
+
     def calibrate(self, ratio: float, ids: torch.Tensor) -> float:
         """Shifts the trained gates' biases so that a cache evicts ``ratio`` of the calibration windows (as measured
         at their end); returns that measured ratio."""
@@ -203,7 +229,8 @@ class Evaluator:
 
 def _report(cache) -> Dict[str, Any]:
     r = cache.memory_report()
-    return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["held_bytes"], "dense_bytes": r["dense_bytes"]}
+    return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["held_bytes"], "dense_bytes": r["dense_bytes"],
+            "allocated_bytes": r["allocated_bytes"], "gate_bytes": r["gate_bytes"]}
 
 
 def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, float]]:
@@ -252,10 +279,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                     spread=True)
     mc = _mc_records(args.mc) if args.mc else []
     tasks = _tasks(args, ev.trained_gates is not None)
+    budgets = equal_bytes.budget_tasks(args.policies, args.budgets, ev.trained_gates is not None)
+    if budgets and windows is None:
+        raise ValueError("--budgets needs --text (perplexity windows)")
     native = ({k: v.clone() for k, v in ev.trained_gates.items()} if ev.trained_gates is not None else None)
     # The bar counts forwards (a calibration, a batch of windows, a multiple-choice record), so a slow row moves too.
     batches = 0 if windows is None else math.ceil(windows.shape[0] / args.batch_size)
-    units = sum(batches + len(mc) + (policy == "gate") for policy, _, _ in tasks)
+    units = sum(batches + len(mc) + (policy == "gate") for policy, _, _ in tasks) + len(budgets) * (batches + 1)
     progress = None if args.no_progress else _bar(units)
     tick = (lambda: None) if progress is None else (lambda: progress.update(1))
     results = []
@@ -277,19 +307,25 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             record.update(_accuracy(ev, mc, policy, mode, ratio, tick))
             record.setdefault("eviction_ratio", record["mc_eviction_ratio"])
         results.append(record)
-    if progress is not None:
-        progress.close()
     if native is not None:
         ev.trained_gates = native
+    if budgets:
+        results += equal_bytes.run_budgets(ev, budgets, windows, calibration, args.calibration_windows, _perplexity,
+                                           tick)
+    if progress is not None:
+        progress.close()
     output = {"results": results, "protocol": {"context_len": args.context_len,
                                                "continuation_len": args.continuation_len,
                                                "windows": 0 if windows is None else int(windows.shape[0]),
                                                "mc_records": len(mc), "calibration": args.calibration,
+                                               "page_size": args.page_size,
                                                "gates": ev.gates_source,
                                                "gate_config": ev.base_config.to_dict()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(output, indent=2))
-    print_table(results)
+    print_table([r for r in results if "target_share" not in r])
+    if budgets:
+        print("\nat equal held bytes (in context):\n" + equal_bytes.budget_table(results))
     if args.plots:  # after the results are safe on disk
         output["plots"] = _plots(ev, args, results, windows)
         Path(args.out).write_text(json.dumps(output, indent=2))
@@ -300,6 +336,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ratio: float,
                 tick: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     nll, count, ratio_sum, kv, dense = 0.0, 0, 0.0, 0, 0
+    shares = {"held_share": 0.0, "allocated_share": 0.0, "gate_share": 0.0}
     for start in range(0, windows.shape[0], ev.args.batch_size):
         batch = windows[start : start + ev.args.batch_size]
         logprobs, report = ev.continuation_logprobs(batch, ev.args.context_len, policy, mode, ratio)
@@ -308,12 +345,19 @@ def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ra
         ratio_sum += report["eviction_ratio"] * batch.shape[0]
         kv = max(kv, report["kv_bytes"] or 0)
         dense = max(dense, report["dense_bytes"] or 0)
+        for name, key in (("held_share", "kv_bytes"), ("allocated_share", "allocated_bytes"),
+                          ("gate_share", "gate_bytes")):
+            part = report[key] / report["dense_bytes"] if report["dense_bytes"] else float(key != "gate_bytes")
+            shares[name] += part * batch.shape[0]
         tick()
     # Eviction: measured by the cache at the end of each batch (in context: end of the window; post-prefill: right
     # after pruning the context). KV share: the largest batch's held bytes (pages held, the window ring and the gates'
     # K'/V') over its dense cache.
+    # held_share / allocated_share / gate_share: means over the windows of each batch's bytes over its dense cache
+    # (allocated: also the free pool pages and the page tables).
     return {"perplexity": math.exp(nll / count), "eviction_ratio": ratio_sum / windows.shape[0],
-            "kv_bytes": kv or None, "kv_share": kv / dense if dense else 1.0}
+            "kv_bytes": kv or None, "kv_share": kv / dense if dense else 1.0,
+            **{k: v / windows.shape[0] for k, v in shares.items()}}
 
 
 def _accuracy(ev: Evaluator, records: List[Dict[str, Any]], policy: str, mode: str, ratio: float,
@@ -340,7 +384,12 @@ def _plots(ev: Evaluator, args: argparse.Namespace, results: List[Dict[str, Any]
     out = Path(args.plots)
     paths = []
     metric = "perplexity" if windows is not None else "accuracy"
-    paths.append(plots.plot_quality_vs_eviction(results, str(out / f"{metric}_vs_eviction.png"), metric=metric))
+    by_ratio = [r for r in results if "target_share" not in r]
+    by_bytes = [r for r in results if "target_share" in r or r["policy"] == "dense"]
+    if len(by_ratio) > 1 or len(by_bytes) <= 1:
+        paths.append(plots.plot_quality_vs_eviction(by_ratio, str(out / f"{metric}_vs_eviction.png"), metric=metric))
+    if len(by_bytes) > 1 and windows is not None:
+        paths.append(plots.plot_quality_vs_bytes(by_bytes, str(out / "perplexity_vs_held_bytes.png")))
     if ev.trained_gates is not None and windows is not None:
         ev._reset(None)
         with torch.no_grad():

@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["plot_quality_vs_eviction", "plot_retention_heatmap", "plot_keep_map"]
+__all__ = ["plot_quality_vs_eviction", "plot_quality_vs_bytes", "plot_retention_heatmap", "plot_keep_map"]
 
 _DPI = 120
 
@@ -118,6 +118,67 @@ def plot_quality_vs_eviction(results: List[Dict[str, Any]], path: str, metric: s
     ax.set_xlabel("eviction ratio (target where not measured)" if used_target else "eviction ratio (measured)")
     ax.set_ylabel(metric)
     ax.set_title(title if title is not None else f"{metric} vs eviction")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_quality_vs_bytes(results: List[Dict[str, Any]], path: str, metric: str = "perplexity",
+                          title: Optional[str] = None) -> str:
+    """Plot ``metric`` against the bytes the cache held over a dense cache's, one line per policy; save a PNG.
+
+    Args:
+        results: records with ``"held_share"`` (held bytes / dense bytes, as measured) and ``metric``, e.g. those
+            of ``evaluate --budgets``; each point is annotated with the eviction the policy needed
+            (``eviction_ratio``). A ``"dense"`` record is drawn as a dashed horizontal line. Records without a
+            numeric ``held_share`` or ``metric`` are skipped.
+        path: where to write the PNG (parent directories are created).
+        metric: the record key on y (``"perplexity"`` on a log scale, or ``"accuracy"``).
+        title: figure title; defaults to ``"<metric> vs bytes held"``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``results`` is empty or no record has both values.
+    """
+    if not isinstance(results, (list, tuple)) or len(results) == 0:
+        raise ValueError("results must be a non-empty list of result records")
+    lines: Dict[str, List[Tuple[float, float, Optional[float]]]] = {}
+    dense: List[float] = []
+    for r in results:
+        y = _number(r.get(metric))
+        if y is None:
+            continue
+        if r.get("policy") == "dense" or r.get("mode") == "dense":
+            dense.append(y)
+            continue
+        x = _number(r.get("held_share"))
+        if x is not None:
+            lines.setdefault(str(r.get("policy", "?")), []).append((x, y, _number(r.get("eviction_ratio"))))
+    if not lines:
+        raise ValueError(f"results: no record has numeric 'held_share' and {metric!r} values")
+    fig = _figure((7.0, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    markers = "osD^v<>pXh*"
+    for i, (policy, points) in enumerate(sorted(lines.items())):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=policy)
+        for x, y, evicted in points:
+            if evicted is not None:
+                ax.annotate(f"{evicted:.2f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    for j, y in enumerate(dense):
+        ax.axhline(y, color="black", linestyle="--", linewidth=1.2, label="dense" if j == 0 else None)
+    if metric == "perplexity":
+        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("bytes held / dense bytes (measured; labels: eviction needed)")
+    ax.set_ylabel(metric)
+    ax.set_title(title if title is not None else f"{metric} vs bytes held")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
