@@ -35,7 +35,7 @@ from ..training import cli_checks as checks
 from ..training.data import read_text_documents
 from ..training.user_files import read_jsonl
 from ..models.model import _state, add_attention_gates, gate_config, load_gates, update_gate_config
-from . import equal_bytes
+from . import equal_bytes, retrieval
 from .perplexity import token_windows
 from .policies import POLICIES, Policy, prune_cache, record_queries_and_keys, use_in_context_policy
 
@@ -65,6 +65,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="evaluate the gates with this protect_recent w instead of the one they were trained with")
     p.add_argument("--policies", nargs="+", default=["gate", *POLICIES], choices=["gate", *POLICIES],
                    help="eviction policies to compare with the dense model")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense reference (e.g. already measured)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="when the policies evict: while the window is prefilled, or after the context")
     p.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5, 0.75],
@@ -91,9 +92,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="eval.json", help="results JSON (default eval.json)")
     p.add_argument("--plots", help="directory for the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    retrieval.add_arguments(p)
     args = p.parse_args(argv)
-    if not args.text and not args.mc:
-        p.error("give --text (perplexity) and/or --mc (multiple choice)")
+    if not args.text and not args.mc and not args.retrieval_text:
+        p.error("give --text (perplexity), --mc (multiple choice) and/or --retrieval-text (needle retrieval)")
     if any(not 0.0 <= r < 1.0 for r in args.ratios):
         p.error("--ratios must lie in [0, 1)")
     if any(not 0.0 < b <= 1.0 for b in args.budgets):
@@ -103,6 +105,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     checks.require(p, args, [("windows", checks.at_least_one, ">= 1"), ("batch_size", checks.at_least_one, ">= 1"),
                              ("page_size", checks.at_least_one, ">= 1"),
                              ("calibration_windows", checks.at_least_one, ">= 1"),
+                             ("retrieval_per_cell", checks.at_least_one, ">= 1"),
                              ("gate_window", checks.at_least_one, ">= 1")])
     return args
 
@@ -168,6 +171,15 @@ class Evaluator:
     def continuation_logprobs(self, ids: torch.Tensor, context: int, policy: str, mode: str,
                               ratio: float) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """Log-probabilities ``(B, T - context)`` of tokens ``context..T-1`` of ``ids`` and the cache report."""
+        logits, report = self.continuation_logits(ids, context, policy, mode, ratio)
+        targets = ids[:, context:].to(logits.device).unsqueeze(-1)
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets).squeeze(-1), report
+
+    @torch.no_grad()
+    def continuation_logits(self, ids: torch.Tensor, context: int, policy: str, mode: str,
+                            ratio: float) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """The logits ``(B, T - context, V)`` that predict tokens ``context..T-1`` of ``ids`` under ``policy``
+        (``"dense"``, ``"gate"`` or a baseline) in ``mode``, and the cache report."""
         from ..cache.cache import AttnGateCache
 
         ids = ids.to(self.args.device)
@@ -175,7 +187,7 @@ class Evaluator:
         report: Dict[str, Any] = {"eviction_ratio": 0.0, "kv_bytes": None, "dense_bytes": None}
         if policy == "dense":
             self._keep_all()
-            logits = self.model(input_ids=ids, use_cache=False).logits[:, context - 1 : T - 1]
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=T - context + 1).logits[:, :-1]
         elif mode == "in_context":
             if policy == "gate":
                 self._reset(None)
@@ -197,8 +209,7 @@ class Evaluator:
             if T - 1 > context:
                 rest = self.model(input_ids=ids[:, context : T - 1], **self._cache_kwargs(cache)).logits
                 logits = torch.cat([first, rest], dim=1)
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, context:].unsqueeze(-1)).squeeze(-1)
-        return logprobs, report
+        return logits, report
 
     def calibrate_bytes(self, share: float, ids: torch.Tensor) -> Dict[str, Any]:
         """Shifts the trained gates' biases (one global threshold) so that a cache filled with the calibration
@@ -234,7 +245,7 @@ def _report(cache) -> Dict[str, Any]:
 
 
 def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, float]]:
-    tasks = [("dense", "dense", 0.0)]
+    tasks = [] if getattr(args, "no_dense", False) else [("dense", "dense", 0.0)]
     for policy in args.policies:
         if policy == "gate" and not has_gates:
             continue
@@ -273,15 +284,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         windows = token_windows(stream, args.context_len + args.continuation_len, args.windows,
                                 spread=not args.first_windows)
     calibration = windows
+    calibration_stream = None
     if args.calibration_text:
-        stream = tok("\n\n".join(read_text_documents(args.calibration_text)))["input_ids"]
-        calibration = token_windows(stream, args.context_len + args.continuation_len, args.calibration_windows,
-                                    spread=True)
+        calibration_stream = tok("\n\n".join(read_text_documents(args.calibration_text)))["input_ids"]
+        calibration = token_windows(calibration_stream, args.context_len + args.continuation_len,
+                                    args.calibration_windows, spread=True)
     mc = _mc_records(args.mc) if args.mc else []
-    tasks = _tasks(args, ev.trained_gates is not None)
+    tasks = _tasks(args, ev.trained_gates is not None) if windows is not None or mc else []
     budgets = equal_bytes.budget_tasks(args.policies, args.budgets, ev.trained_gates is not None)
-    if budgets and windows is None:
-        raise ValueError("--budgets needs --text (perplexity windows)")
+    if windows is None:
+        budgets = []  # no perplexity windows: the budgets apply to the other tasks
     native = ({k: v.clone() for k, v in ev.trained_gates.items()} if ev.trained_gates is not None else None)
     # The bar counts forwards (a calibration, a batch of windows, a multiple-choice record), so a slow row moves too.
     batches = 0 if windows is None else math.ceil(windows.shape[0] / args.batch_size)
@@ -312,6 +324,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if budgets:
         results += equal_bytes.run_budgets(ev, budgets, windows, calibration, args.calibration_windows, _perplexity,
                                            tick)
+    retrieval_records = (retrieval.run(ev, args, calibration_stream, tick) if args.retrieval_text else [])
     if progress is not None:
         progress.close()
     output = {"results": results, "protocol": {"context_len": args.context_len,
@@ -321,13 +334,22 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                                "page_size": args.page_size,
                                                "gates": ev.gates_source,
                                                "gate_config": ev.base_config.to_dict()}}
+    if retrieval_records:
+        output["retrieval"] = retrieval_records
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(output, indent=2))
     print_table([r for r in results if "target_share" not in r])
     if budgets:
         print("\nat equal held bytes (in context):\n" + equal_bytes.budget_table(results))
+    if retrieval_records:
+        print("\nretrieval (exact match):\n" + retrieval.retrieval_table(retrieval_records))
     if args.plots:  # after the results are safe on disk
-        output["plots"] = _plots(ev, args, results, windows)
+        output["plots"] = _plots(ev, args, results, windows) if results else []
+        if retrieval_records and args.budgets:
+            from .plots import plot_quality_vs_bytes
+
+            output["plots"].append(plot_quality_vs_bytes(retrieval_records, str(Path(args.plots) / "retrieval_vs_held_bytes.png"),
+                                                         metric="accuracy", title="retrieval accuracy vs bytes held"))
         Path(args.out).write_text(json.dumps(output, indent=2))
     print(f"results: {args.out}" + (f"; plots: {', '.join(output['plots'])}" if args.plots else ""), flush=True)
     return output
@@ -386,7 +408,7 @@ def _plots(ev: Evaluator, args: argparse.Namespace, results: List[Dict[str, Any]
     metric = "perplexity" if windows is not None else "accuracy"
     by_ratio = [r for r in results if "target_share" not in r]
     by_bytes = [r for r in results if "target_share" in r or r["policy"] == "dense"]
-    if len(by_ratio) > 1 or len(by_bytes) <= 1:
+    if by_ratio and (len(by_ratio) > 1 or len(by_bytes) <= 1):
         paths.append(plots.plot_quality_vs_eviction(by_ratio, str(out / f"{metric}_vs_eviction.png"), metric=metric))
     if len(by_bytes) > 1 and windows is not None:
         paths.append(plots.plot_quality_vs_bytes(by_bytes, str(out / "perplexity_vs_held_bytes.png")))
