@@ -85,7 +85,8 @@ def _run(root, out, *extra):
     evaluate_main(["--model", str(root / "model"), "--gates", str(root / "gates"), "--retrieval-text",
                    str(root / "filler.txt"), "--calibration-text", str(root / "calibration.txt"),
                    "--retrieval-lengths", "160", "224", "--retrieval-depths", "0.2", "0.8", "--retrieval-per-cell",
-                   "1", "--budgets", "0.6", "--policies", "gate", "streaming_llm", "h2o", "--ratios",
+                   "1", "--retrieval-kinds", "passkey", "fact", "--budgets", "0.6", "--policies", "gate",
+                   "streaming_llm", "h2o", "--ratios",
                    "--calibration-windows", "1", "--page-size", "4", "--no-progress", "--out", str(out), *extra])
     return json.loads(out.read_text())
 

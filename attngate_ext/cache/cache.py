@@ -118,7 +118,9 @@ class AttnGateLayer(CacheLayerMixin):
         self.window = RecentWindow(B, H, window, D, key.dtype, key.device, holds_kept=window > 1)
         gcfg = gate.config
         self.gate_kv = PagedKV(B, gcfg.num_kv_heads, gcfg.head_dim, key.dtype, key.device, page_size=S)
-        self.gate_ring = RecentWindow(B, gcfg.num_kv_heads, 1, gcfg.head_dim, key.dtype, key.device)
+        # The gate's decode ring: one slot, or for a local gate (attention_window W > 0) the W slots of its K'/V'.
+        self.gate_ring = RecentWindow(B, gcfg.num_kv_heads, max(gcfg.attention_window, 1), gcfg.head_dim, key.dtype,
+                                      key.device)
         self.valid_count = torch.zeros(B, dtype=torch.int64, device=key.device)
         self.is_initialized = True
 
@@ -230,6 +232,8 @@ class AttnGateLayer(CacheLayerMixin):
         store = self.gate_kv
         B, Hg, T, d = gk.shape
         scale = d**-0.5
+        if gate.config.attention_window > 0:
+            return self._local_gate_attention(gq, gk, gv, valid, scale)
         if T == 1 and self.seen > 0:  # every valid gate token is kept (valid is None: no padding)
             ring = self.gate_ring
             ring.reserve(1)
@@ -248,6 +252,28 @@ class AttnGateLayer(CacheLayerMixin):
             out = paged_prefill_attention(gq, store.key_pages, store.value_pages, store.page_table, store.lengths, gk,
                                           gv, gate_keep, valid, 1, scale)
         store.append(gk, gv, gate_keep)
+        return out
+
+    def _local_gate_attention(self, gq, gk, gv, valid, scale) -> torch.Tensor:
+        """A local gate (``attention_window`` W > 0) attends to the last W slots only: its K'/V' live in the W-slot
+        ring alone (never in pages), written and read like the model's window with every flag off."""
+        store, ring = self.gate_kv, self.gate_ring
+        B, Hg, T, _ = gk.shape
+        none = torch.zeros(B, Hg, T, dtype=torch.bool, device=gk.device)
+        if T == 1 and self.seen > 0:
+            slot = self.seen % ring.size
+            ring.reserve(slot + 1)
+            out = paged_decode_step_(gq[:, :, 0], store.key_pages, store.value_pages, store.page_table, store.lengths,
+                                     store.free_pages, store.free_count, gk[:, :, 0], gv[:, :, 0], none[..., 0],
+                                     None if valid is None else valid[:, 0], ring.keys, ring.values, ring.visible,
+                                     slot, scale)
+            return out.unsqueeze(2)
+        extra = {}
+        if ring.size > 1 and self.seen > 0:
+            extra = dict(extra_key=ring.keys, extra_value=ring.values, extra_until=ring.until(self.seen, T))
+        out = paged_prefill_attention(gq, store.key_pages, store.value_pages, store.page_table, store.lengths, gk, gv,
+                                      none, valid, ring.size, scale, **extra)
+        ring.write(gk, gv, none, valid if valid is not None else self._all_valid(B, T, gk), self.seen)
         return out
 
     def _prefill_chunk(self, query, key, value, keep, valid, scale, window) -> torch.Tensor:

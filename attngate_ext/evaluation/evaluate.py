@@ -63,6 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "the one the cache measures at the end of a window, recent-window tokens included")
     p.add_argument("--gate-window", type=int, default=None,
                    help="evaluate the gates with this protect_recent w instead of the one they were trained with")
+    p.add_argument("--gate-attention-window", type=int, default=None,
+                   help="evaluate the gates with this attention_window of their own attention (0: every token)")
     p.add_argument("--policies", nargs="+", default=["gate", *POLICIES], choices=["gate", *POLICIES],
                    help="eviction policies to compare with the dense model")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference (e.g. already measured)")
@@ -106,7 +108,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              ("page_size", checks.at_least_one, ">= 1"),
                              ("calibration_windows", checks.at_least_one, ">= 1"),
                              ("retrieval_per_cell", checks.at_least_one, ">= 1"),
-                             ("gate_window", checks.at_least_one, ">= 1")])
+                             ("gate_window", checks.at_least_one, ">= 1"),
+                             ("gate_attention_window", lambda x: x >= 0, ">= 0")])
     return args
 
 
@@ -134,6 +137,8 @@ class Evaluator:
             load_gates(self.model, self.gates_source)
             if args.gate_window is not None:
                 update_gate_config(self.model, protect_recent=args.gate_window)
+            if args.gate_attention_window is not None:
+                update_gate_config(self.model, attention_window=args.gate_attention_window)
             self.trained_gates = {k: v.clone() for k, v in self.model.state_dict().items() if ".gate." in k}
         else:
             add_attention_gates(self.model, AttentionGateConfig(decode_gating=False))

@@ -45,6 +45,9 @@ class AttentionGateConfig:
         decode_gating: gate generated tokens too (otherwise every generated token is kept).
         prefill_chunk: prompt chunk size for chunked prefill; 0 = the whole prompt at once.
         init_bias: initial gate bias b_g; +3 gives p ~ 0.95, so a fresh gate keeps everything.
+        attention_window: the gate's own attention sees only the last ``attention_window`` sequence slots (itself
+            included); 0 = every earlier token. With a window the cache keeps the gate's K'/V' in a ring of
+            ``attention_window`` slots instead of for every token, so their cost stops growing with the length.
     """
 
     num_heads: int = 4
@@ -57,6 +60,7 @@ class AttentionGateConfig:
     decode_gating: bool = True
     prefill_chunk: int = 0
     init_bias: float = 3.0
+    attention_window: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +88,7 @@ class AttentionGateConfig:
         positive_int("sink_tokens", allow_zero=True)
         positive_int("protect_recent")
         positive_int("prefill_chunk", allow_zero=True)
+        positive_int("attention_window", allow_zero=True)
         for name in ("rope", "decode_gating"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AttentionGateConfig.{name} must be a bool, got {getattr(self, name)!r}")

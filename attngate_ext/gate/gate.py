@@ -104,20 +104,27 @@ class AttentionGate(nn.Module):
             key_valid = torch.cat([past[2], new_valid], dim=1)
         else:
             keys, values, key_valid = k, v, new_valid
-        P = keys.shape[2] - T
-        gqa = self.config.num_heads != self.config.num_kv_heads
-        if valid is None and past is None:  # plain causal attention: SDPA's fused causal path, no mask tensor
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-        else:
-            # Query t (absolute P + t) sees keys j <= P + t that are not padding, and always itself, so a padded
-            # query never has an empty row (its flag is forced off anyway).
-            j = torch.arange(P + T, device=x.device)
-            i = torch.arange(T, device=x.device) + P
-            causal = j.view(1, -1) <= i.view(-1, 1)
-            mask = (causal.unsqueeze(0) & key_valid.unsqueeze(1)) | (j.view(1, -1) == i.view(-1, 1)).unsqueeze(0)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
+        out = self.attention(q, keys, values, None if valid is None and past is None else key_valid)
         probs, keep = self.score_heads(out, valid=valid, position_offset=position_offset, positions=positions)
         return GateOutput(probs, keep, k, v)
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gate's causal attention: queries ``(B, h', T, d')`` are the last T of the ``P + T`` keys/values
+        ``(B, h'_kv, P + T, d')``; ``key_valid`` ``(B, P + T)`` masks padding (None: none). Query t (slot P + t)
+        sees keys j <= P + t that are valid and, with ``config.attention_window`` W > 0, j > P + t - W; always itself,
+        so a padded query never has an empty row (its flag is forced off anyway)."""
+        T, S = q.shape[2], keys.shape[2]
+        window = self.config.attention_window
+        gqa = self.config.num_heads != self.config.num_kv_heads
+        if key_valid is None and (window == 0 or window >= S):  # SDPA's fused causal path, no mask tensor
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=T == S, enable_gqa=gqa)
+        j = torch.arange(S, device=q.device).view(1, -1)
+        i = (torch.arange(T, device=q.device) + S - T).view(-1, 1)
+        seen = (j <= i) & (i - j < window) if window > 0 else j <= i
+        mask = seen.unsqueeze(0) if key_valid is None else seen.unsqueeze(0) & key_valid.unsqueeze(1)
+        mask = mask | (j == i).unsqueeze(0)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
 
     def project(
         self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None

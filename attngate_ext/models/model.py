@@ -180,14 +180,15 @@ def gate_config(model: nn.Module) -> AttentionGateConfig:
 
 
 # Fields that change the eviction rule but not the gates' weights: they may change after the gates are trained.
-_RULE_FIELDS = ("threshold", "sink_tokens", "protect_recent", "decode_gating", "prefill_chunk")
+_RULE_FIELDS = ("threshold", "sink_tokens", "protect_recent", "decode_gating", "prefill_chunk", "attention_window")
 
 
 def update_gate_config(model: nn.Module, **changes: Any) -> AttentionGateConfig:
     """Changes rule fields of a gated model's config in place (every layer) and returns the new config.
 
-    Only ``threshold``, ``sink_tokens``, ``protect_recent``, ``decode_gating`` and ``prefill_chunk`` may change: they
-    set how flags are applied, not the gates' shapes. E.g. ``update_gate_config(model, protect_recent=128)``.
+    Only ``threshold``, ``sink_tokens``, ``protect_recent``, ``decode_gating``, ``prefill_chunk`` and
+    ``attention_window`` may change: they set how flags are made and applied, not the gates' shapes. E.g.
+    ``update_gate_config(model, protect_recent=128)``.
     """
     bad = sorted(set(changes) - set(_RULE_FIELDS))
     if bad:

@@ -17,7 +17,6 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..gate.gate import AttentionGate
 
@@ -91,8 +90,7 @@ def gate_logits(gate: AttentionGate, hidden: torch.Tensor, cos: Optional[torch.T
     """The gate's logits ``(B, H, T)`` (before the sigmoid) for right-padded or unpadded ``hidden`` ``(B, T, d)``:
     with right padding a valid query sees only valid keys under the causal mask, so no padding mask is needed."""
     q, k, v = gate.project(hidden, cos, sin)
-    gqa = gate.config.num_heads != gate.config.num_kv_heads
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    out = gate.attention(q, k, v)
     B, _, T, d = out.shape
     return gate.score(out.transpose(1, 2).reshape(B, T, -1)).transpose(1, 2)
 

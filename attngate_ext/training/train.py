@@ -88,6 +88,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="protect_recent w, the window of recent tokens every query sees whatever the flags; train "
                         "at the w the gates will be used with (overrides --gate-config / --init-gates)")
     p.add_argument("--sinks", type=int, default=None, help="sink_tokens, always kept (overrides the gate config)")
+    p.add_argument("--gate-attention-window", type=int, default=None,
+                   help="attention_window of the gates' own attention (0: every earlier token; W > 0: the last W, "
+                        "so their K'/V' cache is a W-slot ring; overrides the gate config)")
     p.add_argument("--gate-head-dim", type=int, default=None,
                    help="the gate's head_dim d' (default: at most ~3%% of the dense cache, never below 8)")
     p.add_argument("--init-gates", help="start from gates saved by save_gates instead of fresh ones")
@@ -132,6 +135,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         ("target_ramp", lambda x: x >= 0, ">= 0"),
         ("min_future", lambda x: x >= 0, ">= 0"),
         ("sinks", lambda x: x >= 0, ">= 0"),
+        ("gate_attention_window", lambda x: x >= 0, ">= 0"),
         ("gate_head_dim", checks.at_least_one, ">= 1"),
         ("lora_rank", checks.at_least_one, ">= 1"),
         ("keep_checkpoints", checks.at_least_one, ">= 1"),
@@ -149,6 +153,8 @@ def _config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         changes["protect_recent"] = args.window
     if args.sinks is not None:
         changes["sink_tokens"] = args.sinks
+    if getattr(args, "gate_attention_window", None) is not None:
+        changes["attention_window"] = args.gate_attention_window
     return changes
 
 
