@@ -90,3 +90,9 @@ def test_budgets_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["--model", "x", "--text", "t", "--budgets", "0"])
     assert "--budgets" in capsys.readouterr().err
+
+
+def test_per_head_calibration_at_a_budget_evicts_the_same_in_every_head(setup, tmp_path):
+    out = _run(setup, tmp_path / "h.json", "--policies", "gate", "--calibration", "per_head")
+    gate = next(r for r in out["results"] if r["policy"] == "gate")
+    assert abs(gate["calibration_share"] - 0.6) < 0.05 and abs(gate["held_share"] - 0.6) < 0.1

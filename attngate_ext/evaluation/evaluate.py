@@ -219,10 +219,16 @@ class Evaluator:
     def calibrate_bytes(self, share: float, ids: torch.Tensor) -> Dict[str, Any]:
         """Shifts the trained gates' biases (one global threshold) so that a cache filled with the calibration
         windows ``ids`` holds ``share`` of the dense bytes (:func:`budget.calibrate_gate_bytes`)."""
-        from .budget import calibrate_gate_bytes
+        from .budget import calibrate_gate_bytes, prefill_report
 
         self._reset(None)
-        result = calibrate_gate_bytes(self.model, ids.to(self.args.device), share, page_size=self.args.page_size)
+        ids = ids.to(self.args.device)
+        result = calibrate_gate_bytes(self.model, ids, share, page_size=self.args.page_size)
+        if self.args.calibration == "per_head":  # the same eviction, but every (layer, KV head) evicts it alone
+            self._reset(None)
+            calibrate_gate_threshold(self.model, ids, result["eviction_ratio"], per_head=True)
+            report = prefill_report(self.model, ids, page_size=self.args.page_size)
+            result.update(held_share=report["held_share"], eviction_ratio=report["eviction_ratio"])
         self.trained_gates = {k: v.clone() for k, v in self.model.state_dict().items() if ".gate." in k}
         return result
 
@@ -246,7 +252,8 @@ class Evaluator:
 def _report(cache) -> Dict[str, Any]:
     r = cache.memory_report()
     return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["held_bytes"], "dense_bytes": r["dense_bytes"],
-            "allocated_bytes": r["allocated_bytes"], "gate_bytes": r["gate_bytes"]}
+            "allocated_bytes": r["allocated_bytes"], "gate_bytes": r["gate_bytes"],
+            "retention_per_head": r["retention_per_head"]}
 
 
 def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, float]]:
@@ -364,6 +371,7 @@ def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ra
                 tick: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     nll, count, ratio_sum, kv, dense = 0.0, 0, 0.0, 0, 0
     shares = {"held_share": 0.0, "allocated_share": 0.0, "gate_share": 0.0}
+    retention = None
     for start in range(0, windows.shape[0], ev.args.batch_size):
         batch = windows[start : start + ev.args.batch_size]
         logprobs, report = ev.continuation_logprobs(batch, ev.args.context_len, policy, mode, ratio)
@@ -376,6 +384,9 @@ def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ra
                           ("gate_share", "gate_bytes")):
             part = report[key] / report["dense_bytes"] if report["dense_bytes"] else float(key != "gate_bytes")
             shares[name] += part * batch.shape[0]
+        if policy == "gate":  # the kept fraction per (layer, KV head): the budgets the gates give each head
+            per_head = torch.tensor(report["retention_per_head"]) * batch.shape[0]
+            retention = per_head if retention is None else retention + per_head
         tick()
     # Eviction: measured by the cache at the end of each batch (in context: end of the window; post-prefill: right
     # after pruning the context). KV share: the largest batch's held bytes (pages held, the window ring and the gates'
@@ -384,7 +395,8 @@ def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ra
     # (allocated: also the free pool pages and the page tables).
     return {"perplexity": math.exp(nll / count), "eviction_ratio": ratio_sum / windows.shape[0],
             "kv_bytes": kv or None, "kv_share": kv / dense if dense else 1.0,
-            **{k: v / windows.shape[0] for k, v in shares.items()}}
+            **{k: v / windows.shape[0] for k, v in shares.items()},
+            **({} if retention is None else {"retention_per_head": (retention / windows.shape[0]).tolist()})}
 
 
 def _accuracy(ev: Evaluator, records: List[Dict[str, Any]], policy: str, mode: str, ratio: float,
