@@ -87,6 +87,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=None,
                    help="protect_recent w, the window of recent tokens every query sees whatever the flags; train "
                         "at the w the gates will be used with (overrides --gate-config / --init-gates)")
+    p.add_argument("--window-choices", nargs="+", type=int, default=None,
+                   help="train at a window w drawn per step from these (seeded by the step, so --resume repeats the "
+                        "draws): gates that serve several windows, e.g. a smaller w for a smaller byte budget; the "
+                        "saved gates get --window (or the first choice)")
     p.add_argument("--sinks", type=int, default=None, help="sink_tokens, always kept (overrides the gate config)")
     p.add_argument("--gate-attention-window", type=int, default=None,
                    help="attention_window of the gates' own attention (0: every earlier token; W > 0: the last W, "
@@ -122,6 +126,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--target-eviction must lie in [0, 1]")
     if args.window is not None and args.window < 1:
         p.error("--window must be >= 1")
+    if args.window_choices is not None and min(args.window_choices) < 1:
+        p.error("--window-choices must be >= 1")
     if args.objective != "lm" and args.lora:
         p.error("--lora trains the model itself: use it with --objective lm")
     checks.require(p, args, [
@@ -196,6 +202,11 @@ def add_lora(model, rank: int):
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS,
                                                   lora_dropout=0.0))
     return peft_model
+
+
+def window_for_step(choices: Sequence[int], seed: int, step: int) -> int:
+    """The window of training step ``step`` under ``--window-choices`` (a pure function of the seed and step)."""
+    return random.Random(seed * 1_000_003 + step).choice(list(choices))
 
 
 def lr_lambda(warmup: int, total: int):
@@ -292,6 +303,9 @@ def _train(args: argparse.Namespace, world: World, out: Path) -> Dict[str, Any]:
     while step < stop:
         optimizer.zero_grad(set_to_none=True)
         target = eviction_target(step, args.target_eviction, args.target_ramp)
+        window = window_for_step(args.window_choices, args.seed, step) if args.window_choices else None
+        if window is not None:
+            update_gate_config(model, protect_recent=window)
         logs = []
         for _ in range(args.grad_accum):
             batch = {k: v.to(args.device) for k, v in next(batches).items()}
@@ -304,6 +318,8 @@ def _train(args: argparse.Namespace, world: World, out: Path) -> Dict[str, Any]:
         step += 1
         record = {"step": step, **{k: mean_over_world(sum(l[k] for l in logs) / len(logs), world)
                                    for k in LOGGED if k in logs[0]}}
+        if window is not None:
+            record["window"] = window
         history.append(record)
         _show(progress, record, args, world)
         if step % args.save_every == 0 or step == stop:
@@ -312,6 +328,8 @@ def _train(args: argparse.Namespace, world: World, out: Path) -> Dict[str, Any]:
             barrier(world)
     if progress is not None:
         progress.close()
+    if args.window_choices:
+        update_gate_config(model, protect_recent=args.window or args.window_choices[0])
     last = logs[-1] if logs else {}
     report = {
         "steps": step,
