@@ -57,6 +57,8 @@ def main() -> int:
     p.add_argument("--policies", nargs="+", default=["gate", "streaming_llm", "h2o", "snapkv"])
     p.add_argument("--gates", help="gates to evaluate (default: the shipped ones)")
     p.add_argument("--gate-window", type=int, help="evaluate the gates with this protect_recent")
+    p.add_argument("--gate-attention-window", type=int, help="evaluate the gates with this attention_window")
+    p.add_argument("--calibration", choices=["global", "per_head"], default="global")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--calibration-windows", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=4)
@@ -78,6 +80,9 @@ def main() -> int:
             evaluate_main([
                 "--model", str(smollm2_dir()), *(["--gates", args.gates] if args.gates else []),
                 *(["--gate-window", str(args.gate_window)] if args.gate_window else []),
+                *([] if args.gate_attention_window is None else
+                  ["--gate-attention-window", str(args.gate_attention_window)]),
+                "--calibration", args.calibration,
                 "--text", *map(str, text), "--calibration-text", *map(str, calibration),
                 "--calibration-windows", str(args.calibration_windows), "--policies", *args.policies,
                 "--modes", "in_context", "--ratios", "--budgets", *args.budgets,
