@@ -80,3 +80,20 @@ def test_ratio_for_share_solves_a_paged_baseline():
     assert ratio_for_share(lambda r: 1 - r, 0.5)["ratio"] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         ratio_for_share(held_at, 0.0)
+
+
+def test_rounding_bytes_are_the_unused_rows_of_the_pages_held():
+    model = _gated()
+    _, report = _held_share(model, random_ids(2, 100, seed=6), 8)
+    cache_rows = 0
+    expected = 0
+    cache = ag.AttnGateCache(8)
+    with torch.no_grad():
+        model(random_ids(2, 100, seed=6), use_cache=True, **{cache_kwarg(model): cache})
+    for layer in cache.layers:
+        lengths = layer.kv.lengths.long()
+        cache_rows += int(lengths.sum())
+        row_bytes = 2 * layer.kv.key_pages.shape[-1] * layer.kv.key_pages.element_size()
+        expected += int(((lengths + 7) // 8 * 8 - lengths).sum()) * row_bytes
+    assert cache_rows > 0 and report["rounding_bytes"] == expected == cache.memory_report()["rounding_bytes"]
+    assert 0 < expected < report["kv_bytes"]

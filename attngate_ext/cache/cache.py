@@ -398,6 +398,7 @@ class AttnGateCache(Cache):
             ``allocated_bytes``: everything: ``held_bytes + free_page_bytes + metadata_bytes``;
             ``dense_bytes``: a ``DynamicCache`` of the same sequence slots (``2 * B * H * seen * D`` per layer);
             ``dense_valid_bytes``: the same without padding slots (what a dense cache needs for the real tokens);
+            ``rounding_bytes``: the unused rows of the model's K/V pages held (part of ``kv_bytes``);
             ``pages_held`` / ``pages_free`` / ``page_size``; ``pages_needed``: ``ceil(rows held / page_size)`` per
             layer, summed (pages held exceed it by less than one page per (layer, row, head));
             ``kept_rows`` / ``total_rows``: K/V rows the model attends to (paged rows and evicted tokens still in
@@ -407,7 +408,7 @@ class AttnGateCache(Cache):
         This reads lengths and free counts back from the device (a few synchronisations).
         """
         totals = dict.fromkeys(("kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes", "dense_bytes",
-                                "dense_valid_bytes", "pages_held", "pages_free", "pages_needed", "kept_rows",
+                                "dense_valid_bytes", "pages_held", "pages_free", "pages_needed", "rounding_bytes", "kept_rows",
                                 "total_rows"), 0)
         per_layer: List[float] = []
         per_head: List[List[float]] = []
@@ -421,6 +422,7 @@ class AttnGateCache(Cache):
                         "dense_valid_bytes", "pages_held", "pages_free"):
                 totals[key] += m[key]
             totals["pages_needed"] += -(-m["rows_held"] // page_size)
+            totals["rounding_bytes"] += (m["pages_held"] * page_size - m["rows_held"]) * (layer.kv.page_bytes // page_size)
             valid_tokens, H = m["valid_tokens"], m["heads"]
             totals["kept_rows"] += int(m["kept_heads"].sum())
             totals["total_rows"] += valid_tokens * H
@@ -437,6 +439,7 @@ class AttnGateCache(Cache):
             "pages_held": totals["pages_held"],
             "pages_free": totals["pages_free"],
             "pages_needed": totals["pages_needed"],
+            "rounding_bytes": totals["rounding_bytes"],
             "page_size": page_size,
             "kept_rows": kept,
             "total_rows": total,

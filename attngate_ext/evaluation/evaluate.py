@@ -252,7 +252,7 @@ class Evaluator:
 def _report(cache) -> Dict[str, Any]:
     r = cache.memory_report()
     return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["held_bytes"], "dense_bytes": r["dense_bytes"],
-            "allocated_bytes": r["allocated_bytes"], "gate_bytes": r["gate_bytes"],
+            "allocated_bytes": r["allocated_bytes"], "gate_bytes": r["gate_bytes"], "rounding_bytes": r["rounding_bytes"],
             "retention_per_head": r["retention_per_head"]}
 
 
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ratio: float,
                 tick: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     nll, count, ratio_sum, kv, dense = 0.0, 0, 0.0, 0, 0
-    shares = {"held_share": 0.0, "allocated_share": 0.0, "gate_share": 0.0}
+    shares = {"held_share": 0.0, "allocated_share": 0.0, "gate_share": 0.0, "rounding_share": 0.0}
     retention = None
     for start in range(0, windows.shape[0], ev.args.batch_size):
         batch = windows[start : start + ev.args.batch_size]
@@ -381,8 +381,9 @@ def _perplexity(ev: Evaluator, windows: torch.Tensor, policy: str, mode: str, ra
         kv = max(kv, report["kv_bytes"] or 0)
         dense = max(dense, report["dense_bytes"] or 0)
         for name, key in (("held_share", "kv_bytes"), ("allocated_share", "allocated_bytes"),
-                          ("gate_share", "gate_bytes")):
-            part = report[key] / report["dense_bytes"] if report["dense_bytes"] else float(key != "gate_bytes")
+                          ("gate_share", "gate_bytes"), ("rounding_share", "rounding_bytes")):
+            part = report[key] / report["dense_bytes"] if report["dense_bytes"] else float(name in ("held_share",
+                                                                                                   "allocated_share"))
             shares[name] += part * batch.shape[0]
         if policy == "gate":  # the kept fraction per (layer, KV head): the budgets the gates give each head
             per_head = torch.tensor(report["retention_per_head"]) * batch.shape[0]
