@@ -58,6 +58,7 @@ def main() -> int:
     p.add_argument("--gates", help="gates to evaluate (default: the shipped ones)")
     p.add_argument("--gate-window", type=int, help="evaluate the gates with this protect_recent")
     p.add_argument("--gate-attention-window", type=int, help="evaluate the gates with this attention_window")
+    p.add_argument("--gate-window-choices", nargs="+", help="the gates' window per budget (evaluate's option)")
     p.add_argument("--calibration", choices=["global", "per_head"], default="global")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--calibration-windows", type=int, default=2)
@@ -83,6 +84,7 @@ def main() -> int:
                 *([] if args.gate_attention_window is None else
                   ["--gate-attention-window", str(args.gate_attention_window)]),
                 "--calibration", args.calibration,
+                *(["--gate-window-choices", *args.gate_window_choices] if args.gate_window_choices else []),
                 "--text", *map(str, text), "--calibration-text", *map(str, calibration),
                 "--calibration-windows", str(args.calibration_windows), "--policies", *args.policies,
                 "--modes", "in_context", "--ratios", "--budgets", *args.budgets,

@@ -97,3 +97,14 @@ def test_rounding_bytes_are_the_unused_rows_of_the_pages_held():
         expected += int(((lengths + 7) // 8 * 8 - lengths).sum()) * row_bytes
     assert cache_rows > 0 and report["rounding_bytes"] == expected == cache.memory_report()["rounding_bytes"]
     assert 0 < expected < report["kv_bytes"]
+
+
+def test_window_for_budget_takes_the_largest_window_within_half_the_budget():
+    from attngate_ext.evaluation.budget import window_for_budget
+
+    assert window_for_budget(0.5, 1152, [64, 128, 256]) == 256  # 288 rows: half of 576
+    assert window_for_budget(0.25, 1152, [256, 64, 128]) == 128  # 144
+    assert window_for_budget(0.25, 4352, [64, 128, 256]) == 256
+    assert window_for_budget(0.05, 1152, [64, 128]) == 64  # none fits: the smallest
+    with pytest.raises(ValueError):
+        window_for_budget(0.5, 100, [])

@@ -96,3 +96,14 @@ def test_per_head_calibration_at_a_budget_evicts_the_same_in_every_head(setup, t
     out = _run(setup, tmp_path / "h.json", "--policies", "gate", "--calibration", "per_head")
     gate = next(r for r in out["results"] if r["policy"] == "gate")
     assert abs(gate["calibration_share"] - 0.6) < 0.05 and abs(gate["held_share"] - 0.6) < 0.1
+
+
+def test_gate_window_choices_pick_the_window_per_budget(setup, tmp_path):
+    out = _run(setup, tmp_path / "w.json", "--policies", "gate", "--budgets", "0.6", "0.3", "--gate-window-choices",
+               "2", "8", "16")
+    windows = {r["target_share"]: r["protect_recent"] for r in out["results"] if r["policy"] == "gate"}
+    assert windows == {0.6: 16, 0.3: 16}  # 128-token windows: 38 and 19 rows are half the budgets
+    out = _run(setup, tmp_path / "v.json", "--policies", "gate", "--budgets", "0.6", "0.2", "--gate-window-choices",
+               "2", "8", "32")
+    windows = {r["target_share"]: r["protect_recent"] for r in out["results"] if r["policy"] == "gate"}
+    assert windows == {0.6: 32, 0.2: 8}

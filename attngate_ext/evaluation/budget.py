@@ -122,6 +122,15 @@ def _best(tried: List[Tuple[float, float, float]], target: float, tolerance: flo
     return min(pool, key=lambda t: abs(t[0] - target))
 
 
+def window_for_budget(share: float, tokens: int, choices: List[int]) -> int:
+    """The gates' window for a byte budget: the largest of ``choices`` that is at most half the rows the budget
+    holds per head (``share * tokens / 2``, the recent half of H2O's budget), else the smallest choice."""
+    if not choices:
+        raise ValueError("window_for_budget needs at least one window")
+    fitting = [w for w in choices if w <= share * tokens / 2]
+    return max(fitting) if fitting else min(choices)
+
+
 def ratio_for_share(held_at: Callable[[float], float], target_share: float, iterations: int = 4,
                     tolerance: float = 0.002) -> Dict[str, Any]:
     """The eviction ratio at which a policy holds ``target_share`` of the dense bytes.

@@ -4,7 +4,8 @@ For each budget (a fraction of the bytes a dense cache holds for the same tokens
 
 * the trained gates: one global threshold is set on the calibration windows so that a cache holds the budget
   (:func:`attngate_ext.evaluation.budget.calibrate_gate_bytes`); the window ring, the gates' own K'/V' and page
-  rounding count against them;
+  rounding count against them. With ``--gate-window-choices`` their window is chosen per budget and length
+  (:func:`attngate_ext.evaluation.budget.window_for_budget`);
 * a baseline: the eviction ratio at which it holds the budget, measured on one calibration window (its bytes
   depend on the length only) (:func:`attngate_ext.evaluation.budget.ratio_for_share`);
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
+
+from .budget import ratio_for_share, window_for_budget
 
 BUDGET_MODE = "in_context"
 
@@ -31,10 +34,13 @@ def settle(ev: Any, policy: str, share: float, calibration: torch.Tensor, window
     needs: ``ratio`` (the eviction ratio to evaluate a baseline at; for the gates the ratio their threshold gave
     on the calibration text), ``calibration_share``, and for the gates ``shift`` and ``reachable``."""
     if policy == "gate":
+        choices = getattr(ev.args, "gate_window_choices", None)
+        if choices:
+            ev.set_gate_window(window_for_budget(share, calibration.shape[1], choices))
         result = ev.calibrate_bytes(share, calibration[:windows])
         return {"ratio": result["eviction_ratio"], "calibration_share": result["held_share"],
-                "shift": result["shift"], "reachable": result["reachable"]}
-    from .budget import ratio_for_share
+                "shift": result["shift"], "reachable": result["reachable"],
+                "protect_recent": ev.base_config.protect_recent}
 
     one = calibration[:1]
     result = ratio_for_share(lambda ratio: ev.held_share(policy, ratio, one), share)

@@ -63,6 +63,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "the one the cache measures at the end of a window, recent-window tokens included")
     p.add_argument("--gate-window", type=int, default=None,
                    help="evaluate the gates with this protect_recent w instead of the one they were trained with")
+    p.add_argument("--gate-window-choices", nargs="+", type=int, default=None,
+                   help="at each byte budget (--budgets) the gates use the largest of these windows that is at "
+                        "most half the rows the budget holds per head, else the smallest (overrides --gate-window "
+                        "there)")
     p.add_argument("--gate-attention-window", type=int, default=None,
                    help="evaluate the gates with this attention_window of their own attention (0: every token)")
     p.add_argument("--policies", nargs="+", default=["gate", *POLICIES], choices=["gate", *POLICIES],
@@ -102,6 +106,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--ratios must lie in [0, 1)")
     if any(not 0.0 < b <= 1.0 for b in args.budgets):
         p.error("--budgets must lie in (0, 1]")
+    if args.gate_window_choices is not None and min(args.gate_window_choices) < 1:
+        p.error("--gate-window-choices must be >= 1")
     if args.context_len < 2 or args.continuation_len < 1:
         p.error("--context-len must be >= 2 and --continuation-len >= 1")
     checks.require(p, args, [("windows", checks.at_least_one, ">= 1"), ("batch_size", checks.at_least_one, ">= 1"),
@@ -231,6 +237,11 @@ class Evaluator:
             result.update(held_share=report["held_share"], eviction_ratio=report["eviction_ratio"])
         self.trained_gates = {k: v.clone() for k, v in self.model.state_dict().items() if ".gate." in k}
         return result
+
+    def set_gate_window(self, window: int) -> None:
+        """Makes the trained gates use the window ``protect_recent = window`` from now on."""
+        update_gate_config(self.model, protect_recent=window)
+        self.base_config = gate_config(self.model)
 
     def held_share(self, policy: str, ratio: float, ids: torch.Tensor) -> float:
         """The held-byte share of a cache filled with ``ids`` under a baseline ``policy`` evicting ``ratio``."""
