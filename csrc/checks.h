@@ -21,7 +21,7 @@ void check_decode_attention_args(const Tensor& query, const Tensor& key_cache, c
 // overflow). The host turns a non-zero status into the same error text the CPU path raises.
 enum StatusBits : int32_t {
   kStatusLengthOutOfRange = 1,  // some lengths[b, h] < 0 or > C
-  kStatusCapacityOverflow = 2,  // lengths[b, h] + kept rows > C for some head (append_kv_)
+  kStatusCapacityOverflow = 2,  // lengths[b, h] + kept rows > C for some head (append_kv_: a rectangle's table full)
   kStatusKeepTooShort = 4,      // lengths[b, h] > L, the keep mask does not cover every live row (compact_kv_)
   // Paged ops (lengths out of range there means outside [0, M * page_size]).
   kStatusOutOfPages = 8,         // an append needs more pages than the free stack holds
@@ -32,6 +32,12 @@ enum StatusBits : int32_t {
 };
 // Raises the error for a non-zero status word; `op` names the op in the message.
 void raise_for_status(const char* op, int32_t status);
+
+// A rectangle cache is a head with one page of C rows (csrc/kv_tables.h): its "page table full" is a capacity
+// overflow, and says so.
+inline int32_t rect_status(int32_t status) {
+  return (status & kStatusPageTableFull) ? (status & ~kStatusPageTableFull) | kStatusCapacityOverflow : status;
+}
 
 // Whether CUDA entry points read their status word back to the host (one 4-byte sync) and raise. On by
 // default; skipped automatically while a CUDA graph is being captured.

@@ -97,30 +97,28 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
   check_extra(key_pages, page_table, extra_key, extra_value, extra_until, "extra_until", kInt, "int32");
 }
 
-int32_t validate_paged_state_cpu(const Tensor& key_pages, const Tensor& page_table, const Tensor& lengths,
-                                 std::vector<int64_t>& lens) {
-  const int64_t B = page_table.size(0), H = page_table.size(1), M = page_table.size(2);
-  const int64_t P = key_pages.size(0), S = key_pages.size(1);
-  const int32_t* len = lengths.const_data_ptr<int32_t>();
-  const int32_t* table = page_table.const_data_ptr<int32_t>();
-  lens.assign(static_cast<size_t>(B * H), 0);
+int32_t validate_state_cpu(const paged::Tables& t, std::vector<int64_t>& lens) {
+  const int64_t BH = t.B * t.H;
+  lens.assign(static_cast<size_t>(BH), 0);
   int32_t status = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t n = len[b * lengths.stride(0) + h * lengths.stride(1)];
-      if (n < 0 || n > M * S) {
-        status |= kStatusLengthOutOfRange;
-        continue;
-      }
-      lens[b * H + h] = n;
-      const int32_t* row = table + b * page_table.stride(0) + h * page_table.stride(1);
-      for (int64_t i = 0; i < (n + S - 1) / S; ++i) {
-        const int64_t id = row[i * page_table.stride(2)];
-        if (id < 0 || id >= P) status |= kStatusBadPageId;
-      }
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int64_t n = *t.length(bh);
+    if (n < 0 || n > t.capacity()) {
+      status |= kStatusLengthOutOfRange;
+      continue;
+    }
+    lens[bh] = n;
+    if (t.owns_pages()) continue;
+    for (int64_t i = 0; i < paged::pages_for(n, t.S); ++i) {
+      if (!t.id_ok(*t.entry(bh, i))) status |= kStatusBadPageId;
     }
   }
   return status;
+}
+
+int32_t validate_paged_state_cpu(const Tensor& key_pages, const Tensor& page_table, const Tensor& lengths,
+                                 std::vector<int64_t>& lens) {
+  return validate_state_cpu(paged::make_read_tables(key_pages, page_table, lengths), lens);
 }
 
 }  // namespace attngate

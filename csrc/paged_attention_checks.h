@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "kv_tables.h"
 #include "stable_api.h"
 
 namespace attngate {
@@ -26,9 +27,11 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
                                         const std::optional<Tensor>& extra_value,
                                         const std::optional<Tensor>& extra_until);
 
-// CPU value check of the paged state: every lengths[b, h] in [0, M * page_size] and the page ids of its first
-// ceil(lengths / page_size) table entries in [0, P). Returns the StatusBits found (0: valid) and fills `lens`
-// with lengths as [b * H + h].
+// CPU value check of a cache's state (csrc/kv_tables.h): every length in [0, capacity] and, for a paged cache, the
+// page ids of its first ceil(length / page_size) table entries in [0, P). Returns the StatusBits found (0: valid)
+// and fills `lens` with the lengths as [b * H + h].
+int32_t validate_state_cpu(const paged::Tables& t, std::vector<int64_t>& lens);
+// The same for the paged tensors.
 int32_t validate_paged_state_cpu(const Tensor& key_pages, const Tensor& page_table, const Tensor& lengths,
                                  std::vector<int64_t>& lens);
 

@@ -1,22 +1,23 @@
-// Host helpers shared by the CPU kernels of the paged storage ops: the value checks every op starts with, the
-// release of emptied pages and row moves (layout: attngate_ext/ops/paged.py; semantics:
-// attngate_ext/ops/paged_reference.py).
+// Host helpers shared by the CPU storage kernels (append, compaction, row removal) of both cache layouts
+// (csrc/kv_tables.h): the value checks every op starts with, the release of emptied pages and row moves (semantics:
+// attngate_ext/ops/paged_reference.py). A rectangle cache owns its pages: it has no free stack to check or push to.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "checks.h"
-#include "paged_storage_tables.h"
+#include "kv_tables.h"
 #include "stable_api.h"
 
 namespace attngate::cpu {
 
 using paged::pages_for;
+using paged::Pool;
 using paged::Tables;
 
 // First checks of every op, in the reference's order: lengths in [0, M * S] (read into `old`, as int64 by
-// b * H + h), then free_count in [0, P] (read into `free`). Returns the status bits.
+// b * H + h), then free_count in [0, P] (read into `free`; 0 without a free stack). Returns the status bits.
 inline int32_t check_state(const Tables& t, std::vector<int64_t>& old, int64_t& free) {
   const int64_t BH = t.B * t.H;
   old.resize(static_cast<size_t>(BH));
@@ -25,13 +26,14 @@ inline int32_t check_state(const Tables& t, std::vector<int64_t>& old, int64_t& 
     old[bh] = *t.length(bh);
     if (old[bh] < 0 || old[bh] > t.M * t.S) status |= kStatusLengthOutOfRange;
   }
-  free = *t.free_count;
+  free = t.free_count != nullptr ? *t.free_count : 0;
   if (free < 0 || free > t.P) status |= kStatusFreeCountOutOfRange;
   return status;
 }
 
 // Whether every page a head uses ([0, ceil(old / S)) of its table row) has an id in [0, P).
 inline bool used_ids_ok(const Tables& t, const std::vector<int64_t>& old) {
+  if (t.owns_pages()) return true;
   for (int64_t bh = 0; bh < static_cast<int64_t>(old.size()); ++bh) {
     for (int64_t i = 0, n = pages_for(old[bh], t.S); i < n; ++i) {
       if (!t.id_ok(*t.entry(bh, i))) return false;
@@ -43,15 +45,20 @@ inline bool used_ids_ok(const Tables& t, const std::vector<int64_t>& old) {
 // Pages that shrinking every head from old to next rows empties; pushing them must not overflow free_pages.
 inline int32_t check_give_back(const Tables& t, const std::vector<int64_t>& old, const std::vector<int64_t>& next,
                                int64_t free) {
+  if (t.owns_pages()) return 0;
   int64_t freed = 0;
   for (size_t i = 0; i < old.size(); ++i) freed += pages_for(old[i], t.S) - pages_for(next[i], t.S);
   return free + freed > t.P ? kStatusFreeCountOutOfRange : 0;
 }
 
 // Pushes pages [ceil(next / S), ceil(old / S)) of every head, head by head in page order, onto the free stack,
-// sets their table entries to -1 and writes the new lengths and free_count.
+// sets their table entries to -1 and writes the new lengths and free_count (a rectangle: the lengths only).
 inline void give_back(const Tables& t, const std::vector<int64_t>& old, const std::vector<int64_t>& next,
                       int64_t free) {
+  if (t.owns_pages()) {
+    for (int64_t bh = 0; bh < static_cast<int64_t>(next.size()); ++bh) *t.length(bh) = static_cast<int32_t>(next[bh]);
+    return;
+  }
   int64_t top = free;
   for (int64_t bh = 0; bh < static_cast<int64_t>(old.size()); ++bh) {
     for (int64_t i = pages_for(next[bh], t.S), end = pages_for(old[bh], t.S); i < end; ++i) {
@@ -65,35 +72,34 @@ inline void give_back(const Tables& t, const std::vector<int64_t>& old, const st
 
 // Walks the logical rows of one head, from `row` on, without a division per row: (page id, slot) of the row.
 struct RowCursor {
-  const int32_t* entries;  // the head's page-table row, stride `stride`
-  int64_t stride, S, index, slot;
+  const Tables* t;
+  int64_t bh, index, slot;
 
-  RowCursor(const Tables& t, int64_t bh, int64_t row)
-      : entries(t.entry(bh, 0)), stride(t.t_sm), S(t.S), index(row / t.S), slot(row % t.S) {}
-  int64_t page() const { return entries[index * stride]; }
+  RowCursor(const Tables& tables, int64_t head, int64_t row)
+      : t(&tables), bh(head), index(row / tables.S), slot(row % tables.S) {}
+  int64_t page() const { return t->page(bh, index); }
   void next() {
-    if (++slot == S) slot = 0, ++index;
+    if (++slot == t->S) slot = 0, ++index;
   }
 };
 
-// Rows of the key and value pools (P, S, D) addressed by (page, slot).
+// Rows of the key and value pools addressed by (page, slot): a paged pool (P, S, D) or a rectangle (B, H, C, D).
 template <typename scalar_t>
 struct PagedRows {
   scalar_t* k;
   scalar_t* v;
-  int64_t k_sp, k_ss, v_sp, v_ss, D;
+  Pool kp, vp;
+  int64_t D;
 
-  PagedRows(Tensor& key_pages, Tensor& value_pages)
+  PagedRows(Tensor& key_pages, Tensor& value_pages, const Pool& key_pool, const Pool& value_pool)
       : k(key_pages.mutable_data_ptr<scalar_t>()),
         v(value_pages.mutable_data_ptr<scalar_t>()),
-        k_sp(key_pages.stride(0)),
-        k_ss(key_pages.stride(1)),
-        v_sp(value_pages.stride(0)),
-        v_ss(value_pages.stride(1)),
-        D(key_pages.size(2)) {}
+        kp(key_pool),
+        vp(value_pool),
+        D(key_pages.size(-1)) {}
 
-  scalar_t* key_row(int64_t page, int64_t slot) const { return k + page * k_sp + slot * k_ss; }
-  scalar_t* value_row(int64_t page, int64_t slot) const { return v + page * v_sp + slot * v_ss; }
+  scalar_t* key_row(int64_t page, int64_t slot) const { return k + kp.at(page, slot); }
+  scalar_t* value_row(int64_t page, int64_t slot) const { return v + vp.at(page, slot); }
 
   // Copies the key and value row at (sp, ss) onto (dp, ds) (distinct rows: they never overlap).
   void copy(int64_t sp, int64_t ss, int64_t dp, int64_t ds) const {
@@ -103,7 +109,7 @@ struct PagedRows {
 
   // Copies logical row `src` of head bh onto its logical row `dst`.
   void move(const Tables& t, int64_t bh, int64_t src, int64_t dst) const {
-    copy(*t.entry(bh, src / t.S), src % t.S, *t.entry(bh, dst / t.S), dst % t.S);
+    copy(t.page(bh, src / t.S), src % t.S, t.page(bh, dst / t.S), dst % t.S);
   }
 };
 
