@@ -24,7 +24,16 @@
 namespace attngate {
 namespace paged {
 
-ATTNGATE_HD int64_t pages_for(int64_t rows, int64_t page_size) { return (rows + page_size - 1) / page_size; }
+// Pages that `rows` rows fill. On the device rows < 2^32 and page_size < 2^31 (lengths and kept counts are int32):
+// 32-bit division, a few instructions where a 64-bit one is a call.
+ATTNGATE_HD int64_t pages_for(int64_t rows, int64_t page_size) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t r = static_cast<uint32_t>(rows), s = static_cast<uint32_t>(page_size), q = r / s;
+  return static_cast<int64_t>(q) + (r - q * s != 0);
+#else
+  return (rows + page_size - 1) / page_size;
+#endif
+}
 
 // page_table (B, H, M), lengths (B, H), free_pages (P) and free_count (1), any strides. A rectangle cache has no
 // page table (table == nullptr: head bh owns page bh, M = 1) and no free stack (free_pages == nullptr).
@@ -50,6 +59,19 @@ struct Tables {
   ATTNGATE_HD int32_t* free_at(int64_t i) const { return free_pages + i * f_s; }
   ATTNGATE_HD bool id_ok(int64_t id) const { return id >= 0 && id < P; }
   ATTNGATE_HD int64_t capacity() const { return M * S; }
+  // Page index and slot of logical row `row` (< capacity < 2^31, checked by the ops: 32-bit division, which on a GPU
+  // is a few instructions where a 64-bit one is a call).
+  ATTNGATE_HD void locate(int64_t row, int64_t& index, int64_t& slot) const {
+    const uint32_t r = static_cast<uint32_t>(row), s = static_cast<uint32_t>(S), i = r / s;
+    index = i;
+    slot = r - i * s;
+  }
+  // Batch row and head of bh (B * H < 2^31).
+  ATTNGATE_HD void split(int64_t bh, int64_t& b, int64_t& h) const {
+    const uint32_t x = static_cast<uint32_t>(bh), heads = static_cast<uint32_t>(H), q = x / heads;
+    b = q;
+    h = x - q * heads;
+  }
 };
 
 // Element offsets of the rows of one pool (keys or values): (page, slot) -> page * page_stride + slot * row_stride
@@ -60,7 +82,10 @@ struct Pool {
   int64_t batch_stride, head_stride;
 
   ATTNGATE_HD int64_t page_offset(int64_t page) const {
-    return heads == 0 ? page * page_stride : (page / heads) * batch_stride + (page % heads) * head_stride;
+    if (heads == 0) return page * page_stride;
+    // A rectangle's page is a head bh < B * H < 2^31: 32-bit division.
+    const uint32_t x = static_cast<uint32_t>(page), n = static_cast<uint32_t>(heads), b = x / n;
+    return b * batch_stride + (x - b * n) * head_stride;
   }
   ATTNGATE_HD int64_t at(int64_t page, int64_t slot) const { return page_offset(page) + slot * row_stride; }
 };

@@ -17,7 +17,7 @@
 #include "cuda/stable_cuda.cuh"
 #include "dispatch.h"
 #include "paged_step.h"
-#include "paged_storage_tables.h"
+#include "kv_tables.h"
 #include "registration.h"
 #include "stable_api.h"
 
