@@ -6,9 +6,6 @@
 #include "overlap.h"
 
 namespace attngate {
-namespace {
-
-std::atomic<bool> g_sync_checks{true};
 
 bool is_supported_float(ScalarType t) { return t == kFloat || t == kHalf || t == kBFloat16; }
 
@@ -25,6 +22,10 @@ void check_last_dim_contiguous(const Tensor& t, const char* name) {
   AG_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
            t.stride(-1));
 }
+
+namespace {
+
+std::atomic<bool> g_sync_checks{true};
 
 // The cache triple shared by append_kv_, compact_kv_ and decode_attention.
 void check_cache(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths, bool writes) {

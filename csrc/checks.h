@@ -6,7 +6,16 @@
 
 namespace attngate {
 
-// Shape/dtype/device checks (metadata only: no device reads).
+// The vocabulary every argument check is written in (each defined once, in checks.cpp); messages name the argument.
+bool is_supported_float(ScalarType t);
+// "<name> must be float32, float16 or bfloat16, got <dtype>"
+void check_float(const Tensor& t, const char* name);
+// "<name> must be on the same device as <ref_name> (<device>), got <device>"
+void check_same_device(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name);
+// "<name> must have a contiguous last dimension (stride 1), got stride <s>"
+void check_last_dim_contiguous(const Tensor& t, const char* name);
+
+// Shape/dtype/device checks of the rectangle ops and gate_flags (metadata only: no device reads).
 void check_gate_flags_args(const Tensor& gate_out, const Tensor& weight, const std::optional<Tensor>& bias,
                            double threshold, int64_t sink_tokens, int64_t position_offset,
                            const std::optional<Tensor>& valid);

@@ -9,11 +9,6 @@
 namespace attngate {
 namespace {
 
-void check_same_device(const Tensor& t, const Tensor& ref, const char* name) {
-  AG_CHECK(t.device() == ref.device(), name, " must be on the same device as key_pages (", ref.device(), "), got ",
-           t.device());
-}
-
 // query (B, Hq, ..., D): batch and head dim match the cache, Hq a positive multiple of H, same dtype and device.
 void check_query(const Tensor& query, const Tensor& key_pages, const Tensor& page_table, int64_t dims) {
   const int64_t B = page_table.size(0), H = page_table.size(1), D = key_pages.size(2);
@@ -23,9 +18,8 @@ void check_query(const Tensor& query, const Tensor& key_pages, const Tensor& pag
            "query heads Hq must be a positive multiple of the KV heads H = ", H, ", got Hq = ", query.size(1));
   AG_CHECK(query.scalar_type() == key_pages.scalar_type(), "query must have the dtype of key_pages (",
            key_pages.scalar_type(), "), got ", query.scalar_type());
-  check_same_device(query, key_pages, "query");
-  AG_CHECK(query.size(-1) <= 1 || query.stride(-1) == 1,
-           "query must have a contiguous last dimension (stride 1), got stride ", query.stride(-1));
+  check_same_device(query, key_pages, "query", "key_pages");
+  check_last_dim_contiguous(query, "query");
 }
 
 // A (B, H, n) per-row tensor of `dtype` on the cache's device.
@@ -34,7 +28,7 @@ void check_rows_tensor(const Tensor& t, const char* name, ScalarType dtype, cons
   AG_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", t.scalar_type());
   AG_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == H && t.size(2) == n, name, " must have shape (B, H, ", n_name,
            ") = (", B, ", ", H, ", ", n, "), got ", t.sizes());
-  check_same_device(t, key_pages, name);
+  check_same_device(t, key_pages, name, "key_pages");
 }
 
 // extra_key/extra_value (B, H, E, D) and their per-row mask (extra_valid or extra_until), all or none.
@@ -90,7 +84,7 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
     AG_CHECK(valid->scalar_type() == kBool, "valid must be bool, got ", valid->scalar_type());
     AG_CHECK(valid->dim() == 2 && valid->size(0) == B && valid->size(1) == T, "valid must have shape (B, T) = (", B,
              ", ", T, "), got ", valid->sizes());
-    check_same_device(*valid, key_pages, "valid");
+    check_same_device(*valid, key_pages, "valid", "key_pages");
   }
   AG_CHECK(window >= 1, "window must be >= 1, got ", window);
   AG_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);

@@ -10,9 +10,9 @@
 
 #include "checks.h"
 #include "cpu/cpu_utils.h"
-#include "dispatch.h"
 #include "cpu/paged_storage.h"
 #include "cpu/storage_kernels.h"
+#include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "registration.h"
 #include "stable_api.h"

@@ -10,6 +10,7 @@
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/paged_attention_kernels.h"
+#include "cpu/storage_kernels.h"
 #include "dispatch.h"
 #include "paged_step.h"
 #include "registration.h"

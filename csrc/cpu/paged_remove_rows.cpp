@@ -9,9 +9,9 @@
 
 #include "checks.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/paged_storage.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
-#include "cpu/paged_storage.h"
 #include "registration.h"
 #include "stable_api.h"
 

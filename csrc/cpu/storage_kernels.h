@@ -21,3 +21,12 @@ void compact_rows(const char* op, const paged::Tables& t, Tensor& key_pages, Ten
                   const paged::Pool& key_pool, const paged::Pool& value_pool, const Tensor& keep);
 
 }  // namespace attngate::cpu
+
+namespace attngate {
+
+// The paged_append_kv_ op itself (argument checks included), for paged_decode_step_'s append.
+void paged_append_kv_cpu(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                         Tensor& free_pages, Tensor& free_count, const Tensor& key, const Tensor& value,
+                         const std::optional<Tensor>& keep);
+
+}  // namespace attngate

@@ -21,7 +21,6 @@
 #include "cuda/stable_cuda.cuh"
 #include "cuda/storage_kernels.cuh"
 #include "dispatch.h"
-#include "paged_append.h"
 #include "paged_storage_checks.h"
 #include "registration.h"
 #include "stable_api.h"

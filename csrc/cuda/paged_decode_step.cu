@@ -15,9 +15,10 @@
 #include "cuda/cuda_utils.cuh"
 #include "cuda/paged_attention_kernels.cuh"
 #include "cuda/stable_cuda.cuh"
+#include "cuda/storage_kernels.cuh"
 #include "dispatch.h"
-#include "paged_step.h"
 #include "kv_tables.h"
+#include "paged_step.h"
 #include "registration.h"
 #include "stable_api.h"
 

@@ -16,9 +16,9 @@
 #include <limits>
 
 #include "checks.h"
-#include "cuda/stable_cuda.cuh"
 #include "cuda/cuda_utils.cuh"
 #include "cuda/paged_storage.cuh"
+#include "cuda/stable_cuda.cuh"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
 #include "registration.h"

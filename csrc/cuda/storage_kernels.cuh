@@ -18,6 +18,11 @@ void enqueue_append_kv_cuda(const cuda::paged::Tables& t, Tensor& key_pages, Ten
                             const cuda::paged::Pool& key_pool, const cuda::paged::Pool& value_pool, const Tensor& key,
                             const Tensor& value, const std::optional<Tensor>& keep, int32_t* status, bool gated);
 
+// enqueue_append_kv_cuda on the paged tensors, gated (paged_decode_step_'s append).
+void enqueue_paged_append_kv_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page_table, Tensor& lengths,
+                                  Tensor& free_pages, Tensor& free_count, const Tensor& key, const Tensor& value,
+                                  const std::optional<Tensor>& keep, int32_t* status);
+
 // Stable in-place compaction with keep (B, H, L) (cuda/paged_compact_kv.cu); `status` is zeroed by the caller's
 // make_status_scratch(..., 1).
 void enqueue_compact_kv_cuda(const cuda::paged::Tables& t, Tensor& key_pages, Tensor& value_pages,
