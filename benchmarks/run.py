@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 import attngate_ext  # noqa: E402
 from attngate_ext import reference  # noqa: E402
+from benchmarks.decode_bandwidth import decode_bandwidth_section  # noqa: E402
 from benchmarks.e2e import e2e_section  # noqa: E402
 from benchmarks.paged_attention import paged_attention_section  # noqa: E402
 from benchmarks.paged_storage import paged_storage_section  # noqa: E402
@@ -315,6 +316,7 @@ def ops_section(cfg: Config) -> List[Row]:
 
 SECTIONS: List[Tuple[str, Callable[[Config], List[Row]]]] = [
     ("ops", ops_section),
+    ("bandwidth", decode_bandwidth_section),  # CUDA: decode / append / compaction against copy bandwidth
     ("e2e", e2e_section),  # end-to-end model: dense vs gated prefill + decode (benchmarks/e2e.py)
     ("memory", peak_memory_section),  # peak memory of a long chunked prefill (benchmarks/peak_memory.py)
     ("real", real_model_section),  # SmolLM2: memory and speed, only with --real (benchmarks/real_model.py)
