@@ -34,12 +34,11 @@ void copy_new_rows(const cpu::PagedRows<scalar_t>& pool,  // the pools (P, S, D)
   torch::stable::parallel_for(0, static_cast<int64_t>(old.size()), cpu::grain_for(2 * T * D), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      cpu::RowCursor dst(t, bh, old[bh]);
+      cpu::RowWalker<scalar_t> dst(pool, t, bh, old[bh]);
       for (int64_t i = 0; i < T; ++i) {
         if (keep_p != nullptr && !keep_p[keeps.at(b, h, i)]) continue;
-        const int64_t page = dst.page();
-        std::copy_n(k + ks.at(b, h, i), D, pool.key_row(page, dst.slot));
-        std::copy_n(v + vs.at(b, h, i), D, pool.value_row(page, dst.slot));
+        std::copy_n(k + ks.at(b, h, i), D, dst.key());
+        std::copy_n(v + vs.at(b, h, i), D, dst.value());
         dst.next();
       }
     }

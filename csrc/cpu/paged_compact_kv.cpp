@@ -37,11 +37,13 @@ void move_kept_rows(const cpu::PagedRows<scalar_t>& pool,     // the pools or th
       const bool* flags = kp + (bh / H) * ks_b + (bh % H) * ks_h;
       // Rows before the first dropped one stay where they are. After it dst < src at every step, so copying
       // forward never overwrites a row not yet read.
-      cpu::RowCursor src(t, bh, stay[bh]), dst(t, bh, stay[bh]);
+      cpu::RowWalker<scalar_t> src(pool, t, bh, stay[bh]), dst(pool, t, bh, stay[bh]);
+      const int64_t D = pool.D;
       for (int64_t r = stay[bh] + 1; r < old[bh]; ++r) {
         src.next();
         if (!flags[r * ks_r]) continue;
-        pool.copy(src.page(), src.slot, dst.page(), dst.slot);
+        std::copy_n(src.key(), D, dst.key());  // distinct rows (dst < src): they never overlap
+        std::copy_n(src.value(), D, dst.value());
         dst.next();
       }
     }

@@ -70,18 +70,6 @@ inline void give_back(const Tables& t, const std::vector<int64_t>& old, const st
   *t.free_count = static_cast<int32_t>(top);
 }
 
-// Walks the logical rows of one head, from `row` on, without a division per row: (page id, slot) of the row.
-struct RowCursor {
-  const Tables* t;
-  int64_t bh, index, slot;
-
-  RowCursor(const Tables& tables, int64_t head, int64_t row)
-      : t(&tables), bh(head), index(row / tables.S), slot(row % tables.S) {}
-  int64_t page() const { return t->page(bh, index); }
-  void next() {
-    if (++slot == t->S) slot = 0, ++index;
-  }
-};
 
 // Rows of the key and value pools addressed by (page, slot): a paged pool (P, S, D) or a rectangle (B, H, C, D).
 template <typename scalar_t>
@@ -111,6 +99,43 @@ struct PagedRows {
   void move(const Tables& t, int64_t bh, int64_t src, int64_t dst) const {
     copy(t.page(bh, src / t.S), src % t.S, t.page(bh, dst / t.S), dst % t.S);
   }
+};
+
+// Walks the logical rows of one head in order, from `row` on: the key and value row of each, with one page-table
+// read and one address computation per page, none per row. The page is looked up only when a row of it is asked
+// for, so walking one past the last row reads nothing.
+template <typename scalar_t>
+class RowWalker {
+ public:
+  RowWalker(const PagedRows<scalar_t>& pool, const Tables& t, int64_t bh, int64_t row)
+      : pool_(&pool), t_(&t), bh_(bh), index_(row / t.S), slot_(row % t.S) {}
+
+  scalar_t* key() {
+    refresh();
+    return key_page_ + slot_ * pool_->kp.row_stride;
+  }
+  scalar_t* value() {
+    refresh();
+    return value_page_ + slot_ * pool_->vp.row_stride;
+  }
+  void next() {
+    if (++slot_ == t_->S) slot_ = 0, ++index_;
+  }
+
+ private:
+  void refresh() {
+    if (index_ == loaded_) return;
+    const int64_t page = t_->page(bh_, index_);
+    key_page_ = pool_->k + pool_->kp.page_offset(page);
+    value_page_ = pool_->v + pool_->vp.page_offset(page);
+    loaded_ = index_;
+  }
+
+  const PagedRows<scalar_t>* pool_;
+  const Tables* t_;
+  int64_t bh_, index_, slot_, loaded_ = -1;
+  scalar_t* key_page_ = nullptr;
+  scalar_t* value_page_ = nullptr;
 };
 
 }  // namespace attngate::cpu
