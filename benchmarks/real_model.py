@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -26,9 +25,11 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import attngate_ext
-from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
-from benchmarks.e2e import cache_kwarg
-from benchmarks.report import Row
+from attngate_ext import cache_kwarg, calibrate_gate_bias, randomize_gates
+from benchmarks.config import Config
+from benchmarks.half_precision import fresh_gates_against_float32
+from benchmarks.printer import Row
+from benchmarks.timing import Stopwatch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 KV_SLACK = 0.03  # held K/V <= (1 - eviction) + 3% of dense, plus the gates' K'/V'
@@ -89,64 +90,16 @@ def _gates(model) -> str:
 
 def _timed_generate(model, ids: torch.Tensor, mask: Optional[torch.Tensor], cache, steps: int):
     """Prefill then ``steps`` greedy steps; (prefill s, decode s)."""
-    key = cache_kwarg(model)
-    kwargs = {key: cache, "use_cache": True, "logits_to_keep": 1}
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, attention_mask=mask, **kwargs)
-    prefill = time.perf_counter() - t0
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    with Stopwatch(ids.device) as prefill:
+        out = model(input_ids=ids, attention_mask=mask, **kwargs)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        token = model(input_ids=token, attention_mask=mask, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
-    return prefill, time.perf_counter() - t0
-
-
-def _decode_logits(model, ids: torch.Tensor, prompt: int, cache) -> torch.Tensor:
-    """Teacher-forced: the logits of every decode step after a ``prompt``-token prefill, float32 ``(B, steps, V)``."""
-    key = cache_kwarg(model)
-    out = model(input_ids=ids[:, :prompt], use_cache=True, **{key: cache})
-    logits = [out.logits[:, -1].float()]
-    for t in range(prompt, ids.shape[1] - 1):
-        logits.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **{key: cache}).logits[:, -1].float())
-    return torch.stack(logits, dim=1)
-
-
-def _greedy(model, ids: torch.Tensor, steps: int, cache) -> torch.Tensor:
-    key = cache_kwarg(model)
-    token = model(input_ids=ids, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
-    tokens = [token]
-    for _ in range(steps - 1):
-        token = model(input_ids=token, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
-        tokens.append(token)
-    return torch.cat(tokens, dim=1)
-
-
-def half_precision(model_dir: Path, ids: torch.Tensor, prompt: int, device: torch.device) -> Dict[str, float]:
-    """Fresh gates in bf16 against the plain bf16 model, both measured against the float32 model."""
-    models = {dtype: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-              for dtype in (torch.float32, torch.bfloat16)}
-    steps = ids.shape[1] - prompt
-    reference = _decode_logits(models[torch.float32], ids, prompt, DynamicCache())
-    greedy_ref = _greedy(models[torch.float32], ids[:, :prompt], steps, DynamicCache())
-    plain = _decode_logits(models[torch.bfloat16], ids, prompt, DynamicCache())
-    greedy_plain = _greedy(models[torch.bfloat16], ids[:, :prompt], steps, DynamicCache())
-    attngate_ext.add_attention_gates(models[torch.bfloat16])
-    gated = _decode_logits(models[torch.bfloat16], ids, prompt, attngate_ext.AttnGateCache())
-    greedy_gated = _greedy(models[torch.bfloat16], ids[:, :prompt], steps, attngate_ext.AttnGateCache())
-
-    def first_flip(tokens: torch.Tensor) -> int:
-        differs = (tokens != greedy_ref).any(dim=0).nonzero()
-        return int(differs[0]) if differs.numel() else steps
-
-    return {"steps": steps,
-            "plain_max_abs": float((plain - reference).abs().max()),
-            "gated_max_abs": float((gated - reference).abs().max()),
-            "plain_mean_abs": float((plain - reference).abs().mean()),
-            "gated_mean_abs": float((gated - reference).abs().mean()),
-            "plain_first_greedy_flip": first_flip(greedy_plain),
-            "gated_first_greedy_flip": first_flip(greedy_gated)}
+    with Stopwatch(ids.device) as decode:
+        for _ in range(steps):
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            token = model(input_ids=token, attention_mask=mask, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+    return prefill.seconds, decode.seconds
 
 
 @torch.no_grad()
@@ -160,12 +113,11 @@ def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    key = cache_kwarg(model)
     long_ids = _tokens(tokenizer, held_out, cfg.long_prompt).unsqueeze(0).to(device)
     calibration = _tokens(tokenizer, train[:1], 2048).unsqueeze(0).to(device)
     result: Dict[str, object] = {"config": dataclasses.asdict(cfg)}
-    result["half"] = half_precision(model_dir, long_ids[:, : cfg.half_prompt + cfg.half_steps], cfg.half_prompt,
-                                    device)
+    result["half"] = fresh_gates_against_float32(model_dir, long_ids[:, : cfg.half_prompt + cfg.half_steps],
+                                                 cfg.half_prompt, device)
 
     # Speed: dense, then gated at the asked eviction, same prompt, warm-up first.
     _timed_generate(model, long_ids[:, : cfg.warmup], None, DynamicCache(), 4)
@@ -180,7 +132,7 @@ def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object
         "dense_prefill_s": dense_prefill, "gated_prefill_s": gated_prefill,
         "prefill_ratio": gated_prefill / dense_prefill,
         "dense_decode_tok_s": cfg.decode / dense_decode, "gated_decode_tok_s": cfg.decode / gated_decode,
-        "decode_speedup": dense_decode / gated_decode, "eviction": report["eviction_ratio"],
+        "decode_speedup": dense_decode / gated_decode, "eviction": report.eviction_ratio,
     }
     del cache
 
@@ -199,22 +151,22 @@ def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object
     cache = attngate_ext.AttnGateCache()
     _timed_generate(model, ids.to(device), mask.to(device), cache, cfg.decode)
     report = cache.memory_report()
-    dense_valid = report["dense_valid_bytes"]
-    allowed = (1 - report["eviction_ratio"] + KV_SLACK) * dense_valid
+    dense_valid = report.dense_valid_bytes
+    allowed = (1 - report.eviction_ratio + KV_SLACK) * dense_valid
     result["memory"] = {
-        "eviction": report["eviction_ratio"], "kv_bytes": report["kv_bytes"], "gate_bytes": report["gate_bytes"],
-        "free_page_bytes": report["free_page_bytes"], "dense_valid_bytes": dense_valid,
-        "dense_bytes": report["dense_bytes"], "kv_share": report["kv_bytes"] / dense_valid,
-        "gate_share": report["gate_bytes"] / dense_valid, "target_share": allowed / dense_valid,
-        "target_met": report["kv_bytes"] <= allowed, "pages_held": report["pages_held"],
-        "pages_needed": report["pages_needed"],
+        "eviction": report.eviction_ratio, "kv_bytes": report.kv_bytes, "gate_bytes": report.gate_bytes,
+        "free_page_bytes": report.free_page_bytes, "dense_valid_bytes": dense_valid,
+        "dense_bytes": report.dense_bytes, "kv_share": report.kv_bytes / dense_valid,
+        "gate_share": report.gate_bytes / dense_valid, "target_share": allowed / dense_valid,
+        "target_met": report.kv_bytes <= allowed, "pages_held": report.pages_held,
+        "pages_needed": report.pages_needed,
         "row_heads": model.config.num_hidden_layers * len(cfg.batch_lengths) * model.config.num_key_value_heads,
-        "retention_per_layer": report["retention_per_layer"],
+        "retention_per_layer": report.retention_per_layer,
     }
     return result
 
 
-def real_model_section(run_cfg) -> List[Row]:
+def real_model_section(run_cfg: Config) -> List[Row]:
     """The run.py section (only with ``--real``): prints both parts, returns two Rows."""
     cfg = RealConfig(batch_lengths=(128, 96, 80, 64), long_prompt=512, decode=8, warmup=16, half_prompt=64,
                      half_steps=8) if run_cfg.quick else RealConfig()

@@ -112,7 +112,7 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from attngate_ext.models.model import update_gate_config
+    from attngate_ext import update_gate_config
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     ag.load_gates(model, str(out / "window" / "gates"))

@@ -13,7 +13,7 @@ from attngate_ext.train import main as train_main
 from attngate_ext.training.attention_targets import future_attention_scores, trainable_tokens
 from attngate_ext.training.losses import distillation_loss, eviction_target
 
-from tiny_models import make_model, make_tokenizer
+from helpers.models import make_model, make_tokenizer
 
 TEXT = "".join(f"ACT {i}. Enter the king, speaking of {i * 7 % 11} crowns and a horse.\n" for i in range(60))
 
