@@ -19,26 +19,15 @@ import torch
 import attngate_ext
 from attngate_ext.ops import paged_reference
 from benchmarks.config import Config
-from benchmarks.printer import Column, Row, Table
+from benchmarks.printer import Column, Row, Table, bandwidth_columns, timed_columns
 from benchmarks.timing import CopyBandwidth, gbps, median_us
 
 OPS = torch.ops.attngate
 PAGE_SIZE = 16
 REF_REPS = 3
-COLUMNS: List[Column] = [
-    ("op", 19, lambda r: r.op),
-    ("shape", 27, lambda r: r.shape),
-    ("dtype", 9, lambda r: r.dtype),
-    ("op µs", 10, lambda r: f"{r.op_us:.1f}"),
-    ("ref µs", 11, lambda r: f"{r.ref_us:.1f}"),
-    ("speedup", 8, lambda r: f"{r.speedup:.1f}x"),
-    ("rect µs", 10, lambda r: f"{r.extra['rect_us']:.1f}"),
-    ("paged/rect", 10, lambda r: f"{r.extra['paged_over_rect']:.2f}"),
-    ("GB/s", 8, lambda r: f"{r.gbps:.1f}"),
-    ("copy GB/s", 10, lambda r: f"{r.copy_gbps:.1f}"),
-    ("% copy", 7, lambda r: f"{r.pct_copy:.0f}%"),
-    ("check", 0, lambda r: r.check),
-]
+COLUMNS: List[Column] = (timed_columns(19, 27) + [("rect µs", 10, lambda r: f"{r.extra['rect_us']:.1f}"),
+                                                   ("paged/rect", 10, lambda r: f"{r.extra['paged_over_rect']:.2f}")]
+                         + bandwidth_columns())
 
 
 @dataclass

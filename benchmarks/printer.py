@@ -45,6 +45,19 @@ class Row:
     extra: Dict[str, object] = field(default_factory=dict)
 
 
+def timed_columns(op_width: int, shape_width: int) -> List[Column]:
+    """The first columns of an op table: op, shape, dtype, op µs, reference µs and speedup (reference / op)."""
+    return [("op", op_width, lambda r: r.op), ("shape", shape_width, lambda r: r.shape),
+            ("dtype", 9, lambda r: r.dtype), ("op µs", 10, lambda r: f"{r.op_us:.1f}"), ("ref µs", 11, lambda r: f"{r.ref_us:.1f}"),
+            ("speedup", 8, lambda r: f"{r.speedup:.1f}x")]
+
+
+def bandwidth_columns() -> List[Column]:
+    """The last columns of an op table: achieved GB/s, a copy's GB/s for as many bytes, and their ratio; the check."""
+    return [("GB/s", 8, lambda r: f"{r.gbps:.1f}"), ("copy GB/s", 10, lambda r: f"{r.copy_gbps:.1f}"),
+            ("% copy", 7, lambda r: f"{r.pct_copy:.0f}%"), ("check", 0, lambda r: r.check)]
+
+
 class Table:
     """A table of :class:`Row` objects: ``print_head()`` once, then ``print_row(row)`` as rows come."""
 

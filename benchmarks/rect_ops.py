@@ -17,25 +17,14 @@ import torch
 
 from attngate_ext import reference
 from benchmarks.config import Config
-from benchmarks.printer import Column, Row, Table
+from benchmarks.printer import Column, Row, Table, bandwidth_columns, timed_columns
 from benchmarks.timing import CopyBandwidth, gbps, median_us
 
 OPS = torch.ops.attngate
 # Tolerance of the one-off correctness check of decode_attention (float32 accumulation on both sides).
 DECODE_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
-COLUMNS: List[Column] = [
-    ("op", 17, lambda r: r.op),
-    ("shape", 26, lambda r: r.shape),
-    ("dtype", 9, lambda r: r.dtype),
-    ("op µs", 10, lambda r: f"{r.op_us:.1f}"),
-    ("ref µs", 11, lambda r: f"{r.ref_us:.1f}"),
-    ("speedup", 8, lambda r: f"{r.speedup:.1f}x"),
-    ("GB/s", 8, lambda r: f"{r.gbps:.1f}"),
-    ("copy GB/s", 10, lambda r: f"{r.copy_gbps:.1f}"),
-    ("% copy", 7, lambda r: f"{r.pct_copy:.0f}%"),
-    ("check", 0, lambda r: r.check),
-]
+COLUMNS: List[Column] = timed_columns(17, 26) + bandwidth_columns()
 
 
 @dataclass
@@ -52,6 +41,12 @@ class Case:
 
 
 # ---- cases: inputs, bytes model and check of each op. Flags are random at cfg.keep_ratio; lengths ~= T per head ----
+
+
+def _reading_case(op: str, shape: str, args: tuple, nbytes: int, check: Callable[[], str]) -> Case:
+    """The case of an op that writes nothing (``op`` and its reference called with the same ``args``)."""
+    return Case(op=op, shape=shape, run_op=lambda: getattr(OPS, op).default(*args),
+                run_ref=lambda: getattr(reference, op)(*args), nbytes=nbytes, check=check)
 
 
 def _esize(cfg: Config) -> int:
@@ -100,14 +95,7 @@ def case_gate_flags(cfg: Config, T: int, gen: torch.Generator) -> Case:
         flips = (keep != rkeep).float().mean().item()
         return "ok" if err <= 1e-4 and flips <= 1e-3 else f"MISMATCH probs err {err:.2e}, keep flips {flips:.1e}"
 
-    return Case(
-        op="gate_flags",
-        shape=f"B{B} T{T} G{G} H{H}",
-        run_op=lambda: OPS.gate_flags.default(*args),
-        run_ref=lambda: reference.gate_flags(*args),
-        nbytes=nbytes,
-        check=check,
-    )
+    return _reading_case("gate_flags", f"B{B} T{T} G{G} H{H}", args, nbytes, check)
 
 
 def case_append_kv(cfg: Config, T: int, gen: torch.Generator) -> Case:
@@ -209,14 +197,7 @@ def case_decode_attention(cfg: Config, T: int, gen: torch.Generator) -> Case:
         err = (out - ref).abs().max().item()
         return "ok" if torch.allclose(out, ref, atol=tol, rtol=tol) else f"MISMATCH max err {err:.2e}"
 
-    return Case(
-        op="decode_attention",
-        shape=f"B{B} Hq{Hq} H{H} C{C} D{D}",
-        run_op=lambda: OPS.decode_attention.default(*args),
-        run_ref=lambda: reference.decode_attention(*args),
-        nbytes=nbytes,
-        check=check,
-    )
+    return _reading_case("decode_attention", f"B{B} Hq{Hq} H{H} C{C} D{D}", args, nbytes, check)
 
 
 CASES: Dict[str, Callable[[Config, int, torch.Generator], Case]] = {

@@ -13,17 +13,9 @@ import torch
 import attngate_ext
 from attngate_ext.ops import paged_reference
 
-from helpers.paged_state import (
-    PAGE_SIZES,
-    assert_invariant,
-    assert_same_state,
-    logical_rows,
-    make_paged_state,
-    pages_for,
-    ragged_lengths,
-    run_both,
-)
-from helpers.tensors import DTYPES, randn_strided, random_mask
+from helpers.paged_state import (PAGE_SIZES, assert_invariant, assert_same_state, logical_rows, make_paged_state,
+                                 pages_for, ragged_lengths, run_both)
+from helpers.tensors import DTYPES, randn_strided, random_mask, random_tokens
 
 @pytest.mark.parametrize("S", PAGE_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,7 +42,7 @@ def test_append_T(device, T, with_keep):
     B, H, S, D = 3, 2, 16, 128
     lengths = ragged_lengths(B, H, 40, g)
     state = make_paged_state(B, H, pages_for(40 + T, S), S, D, lengths, torch.bfloat16, device,
-                       spare_pages=B * H * (pages_for(T, S) + 1), gen=g)
+                             spare_pages=B * H * (pages_for(T, S) + 1), gen=g)
     key = randn_strided((B, H, T, D), torch.bfloat16, device, generator=g)
     value = randn_strided((B, H, T, D), torch.bfloat16, device, generator=g)
     keep = random_mask((B, H, T), 0.5, device, generator=g) if with_keep else None
@@ -109,12 +101,10 @@ def test_decode_steps_equal_one_append(device):
     """T = 1 appends step by step hold the same logical rows as one append of all T (page ids may differ)."""
     g = torch.Generator().manual_seed(9)
     B, H, S, D, T = 2, 2, 4, 32, 13
-    key = randn_strided((B, H, T, D), torch.bfloat16, device, generator=g)
-    value = randn_strided((B, H, T, D), torch.bfloat16, device, generator=g)
-    keep = random_mask((B, H, T), 0.6, device, generator=g)
+    key, value, keep = random_tokens((B, H, T, D), torch.bfloat16, device, 0.6, generator=g)
     lengths = [2, 0, 5, 9]
     steps = make_paged_state(B, H, 8, S, D, lengths, torch.bfloat16, device, spare_pages=20,
-                       gen=torch.Generator().manual_seed(1))
+                             gen=torch.Generator().manual_seed(1))
     whole = steps.to(device)
     for t in range(T):
         run_both("paged_append_kv_", steps, key[:, :, t : t + 1], value[:, :, t : t + 1], keep[:, :, t : t + 1])

@@ -68,7 +68,7 @@ def test_decode_extra_rows_only_and_nothing_visible(device):
     assert not bool(out[0, 2:].any()) and bool(out[0, :2].abs().sum() > 0)
     out = check_paged_decode(query, key_pages, value_pages, table, lengths, 0.2)
     assert not bool(out.any())
-    out = check_paged_decode(query, key_pages, value_pages, table, lengths, 0.2, ek, ev)  # extra_valid None: all visible
+    out = check_paged_decode(query, key_pages, value_pages, table, lengths, 0.2, ek, ev)  # extra_valid None: all seen
     assert bool(out.abs().sum(-1).gt(0).all())
 
 

@@ -6,16 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.paged_state import (
-    PAGE_SIZES,
-    assert_invariant,
-    make_paged_state,
-    pages_for,
-    ragged_lengths,
-    random_rows,
-    run_both,
-)
+from helpers.paged_state import (PAGE_SIZES, assert_invariant, make_paged_state, pages_for, ragged_lengths, random_rows,
+                                 run_both)
 from helpers.tensors import DTYPES
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_remove_opcheck(device, dtype):
+    state = make_paged_state(2, 2, 4, 4, 16, [12, 13, 0, 16], dtype, device)
+    # opcheck calls the op several times on the same tensors: each call deletes one row of heads 0, 1 and 3.
+    rows = torch.tensor([[[0, -1], [-3, 1]], [[-1, -1], [0, -1]]], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.attngate.paged_remove_rows_.default, (*state.tensors(), rows))
+
 
 @pytest.mark.parametrize("S", PAGE_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -79,16 +80,3 @@ def test_remove_non_contiguous(device):
     assert not rows.is_contiguous()
     run_both("paged_remove_rows_", state, rows)
     assert_invariant(state)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_remove_opcheck(device, dtype):
-    state = make_paged_state(2, 2, 4, 4, 16, [12, 13, 0, 16], dtype, device)
-    # opcheck calls the op several times on the same tensors: each call deletes one row of heads 0, 1 and 3.
-    rows = torch.tensor([[[0, -1], [-3, 1]], [[-1, -1], [0, -1]]], dtype=torch.int32, device=device)
-    torch.library.opcheck(torch.ops.attngate.paged_remove_rows_.default, (*state.tensors(), rows))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# All ops: no heads
-# ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import attngate_ext
 from helpers.paged_state import assert_invariant, make_paged_state, pages_for, ragged_lengths, random_rows, run_both
 from helpers.tensors import randn_strided, random_mask
 
+
 def _op_args(op: str, B: int, H: int, D: int, device):
     if op == "paged_append_kv_":
         key = torch.randn(B, H, 4, D, device=device)
@@ -33,11 +34,6 @@ def test_no_heads(device, op, B, H):
     state.assert_unchanged(snap)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Chains of ops on one state
-# ---------------------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("S", [1, 4, 16])
 def test_chain_of_ops(device, S):
     """append, compact, remove, append, ... on one state: every step equals the reference's, and every page is
@@ -46,7 +42,7 @@ def test_chain_of_ops(device, S):
     B, H, D = 2, 2, 32
     M = pages_for(120, S)
     state = make_paged_state(B, H, M, S, D, ragged_lengths(B, H, 30, g), torch.bfloat16, device, spare_pages=B * H * M,
-                       gen=g)
+                             gen=g)
     for step in range(10):
         lengths = state.lengths.flatten().tolist()
         kind = ("append", "compact", "remove", "append")[step % 4]

@@ -18,7 +18,7 @@ LENGTHS = [5, 0, 8, 13]  # head 0 and 3 end inside a page, head 2 on a page boun
 
 def _state(device, spare=6) -> PagedState:
     return make_paged_state(B, H, M, S, D, LENGTHS, torch.float32, device, spare_pages=spare,
-                      gen=torch.Generator().manual_seed(0))
+                            gen=torch.Generator().manual_seed(0))
 
 
 def _new_rows(device, T=T):

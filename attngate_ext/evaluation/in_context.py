@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from ..cache.paged_kv import PagedKV
 from ..cache.policy import KeepEveryToken, TokenPolicy
 from ..models.model import gate_config, gated_layers
-from .policies import FORCED, H2O, LocalWindow, Policy, RandomPolicy, SnapKV, StreamingLLM, budget_flags, token_positions
+from .policies import (FORCED, H2O, LocalWindow, Policy, RandomPolicy, SnapKV, StreamingLLM, budget_flags,
+                       token_positions)
 
 
 class KeepSinks(TokenPolicy):

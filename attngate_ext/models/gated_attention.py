@@ -204,7 +204,7 @@ class GatedAttention(nn.Module):
         return attn.o_proj(out), None
 
     def project(self, hidden_states: torch.Tensor,
-                position_embeddings: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                position_embeddings: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """The model's query ``(B, Hq, T, D)``, key and value ``(B, H, T, D)`` of ``hidden_states`` ``(B, T, d)``,
         RoPE applied to query and key, exactly as the wrapped attention computes them."""
         attn = self.attention

@@ -46,15 +46,19 @@ def _check_cache_fake(key_cache, value_cache, lengths) -> None:
     )
 
 
-@torch.library.register_fake("attngate::append_kv_")
-def _append_kv_fake(key_cache, value_cache, lengths, key, value, keep):
-    _check_cache_fake(key_cache, value_cache, lengths)
+def _check_new_rows_fake(key, value, keep, cache, cache_name: str) -> None:
+    """New tokens to append: key/value ``(B, H, T, D)`` and their flags, on the cache's device."""
     torch._check(key.dim() == 4, lambda: f"key must be 4-D (B, H, T, D), got {tuple(key.shape)}")
     torch._check(value.shape == key.shape, lambda: "value must have the shape of key")
     for tensor, name in ((key, "key"), (value, "value"), (keep, "keep")):
         if tensor is not None:
-            _check_same_device(tensor, name, key_cache, "key_cache")
-    return None
+            _check_same_device(tensor, name, cache, cache_name)
+
+
+@torch.library.register_fake("attngate::append_kv_")
+def _append_kv_fake(key_cache, value_cache, lengths, key, value, keep):
+    _check_cache_fake(key_cache, value_cache, lengths)
+    _check_new_rows_fake(key, value, keep, key_cache, "key_cache")
 
 
 @torch.library.register_fake("attngate::compact_kv_")
@@ -102,30 +106,27 @@ def _check_free_fake(key_pages, free_pages, free_count) -> None:
 def _paged_append_kv_fake(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep):
     _check_paged_fake(key_pages, value_pages, page_table, lengths)
     _check_free_fake(key_pages, free_pages, free_count)
-    torch._check(key.dim() == 4, lambda: f"key must be 4-D (B, H, T, D), got {tuple(key.shape)}")
-    torch._check(value.shape == key.shape, lambda: "value must have the shape of key")
-    for tensor, name in ((key, "key"), (value, "value"), (keep, "keep")):
-        if tensor is not None:
-            _check_same_device(tensor, name, key_pages, "key_pages")
-    return None
+    _check_new_rows_fake(key, value, keep, key_pages, "key_pages")
+
+
+def _check_storage_fake(state, tensor, name: str, layout: str) -> None:
+    """The paged state of a storage op (pools, table, lengths, free stack) and its 3-D per-head argument."""
+    _check_paged_fake(*state[:4])
+    _check_free_fake(state[0], *state[4:])
+    torch._check(tensor.dim() == 3, lambda: f"{name} must be 3-D {layout}, got {tuple(tensor.shape)}")
+    _check_same_device(tensor, name, state[0], "key_pages")
 
 
 @torch.library.register_fake("attngate::paged_compact_kv_")
 def _paged_compact_kv_fake(key_pages, value_pages, page_table, lengths, free_pages, free_count, keep):
-    _check_paged_fake(key_pages, value_pages, page_table, lengths)
-    _check_free_fake(key_pages, free_pages, free_count)
-    torch._check(keep.dim() == 3, lambda: f"keep must be 3-D (B, H, L), got {tuple(keep.shape)}")
-    _check_same_device(keep, "keep", key_pages, "key_pages")
-    return None
+    _check_storage_fake((key_pages, value_pages, page_table, lengths, free_pages, free_count), keep, "keep",
+                        "(B, H, L)")
 
 
 @torch.library.register_fake("attngate::paged_remove_rows_")
 def _paged_remove_rows_fake(key_pages, value_pages, page_table, lengths, free_pages, free_count, rows):
-    _check_paged_fake(key_pages, value_pages, page_table, lengths)
-    _check_free_fake(key_pages, free_pages, free_count)
-    torch._check(rows.dim() == 3, lambda: f"rows must be 3-D (B, H, K), got {tuple(rows.shape)}")
-    _check_same_device(rows, "rows", key_pages, "key_pages")
-    return None
+    _check_storage_fake((key_pages, value_pages, page_table, lengths, free_pages, free_count), rows, "rows",
+                        "(B, H, K)")
 
 
 @torch.library.register_fake("attngate::paged_decode_attention")

@@ -19,15 +19,9 @@ import torch
 _ops = torch.ops.attngate
 
 
-def gate_flags(
-    gate_out: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    threshold: float = 0.5,
-    sink_tokens: int = 0,
-    position_offset: int = 0,
-    valid: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def gate_flags(gate_out: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               threshold: float = 0.5, sink_tokens: int = 0, position_offset: int = 0,
+               valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scores the gate and makes the keep flags, fused in one kernel.
 
     Args:
@@ -46,14 +40,8 @@ def gate_flags(
     return _ops.gate_flags(gate_out, weight, bias, threshold, sink_tokens, position_offset, valid)
 
 
-def append_kv_(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    lengths: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    keep: Optional[torch.Tensor] = None,
-) -> None:
+def append_kv_(key_cache: torch.Tensor, value_cache: torch.Tensor, lengths: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
     """Appends new tokens to the gated cache, in place.
 
     For every ``(b, h)`` the rows of ``key``/``value`` ``(B, H, T, D)`` whose ``keep`` ``(B, H, T)`` is true
@@ -74,13 +62,8 @@ def compact_kv_(key_cache: torch.Tensor, value_cache: torch.Tensor, lengths: tor
     _ops.compact_kv_(key_cache, value_cache, lengths, keep)
 
 
-def decode_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    lengths: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, lengths: torch.Tensor,
+                     scale: float) -> torch.Tensor:
     """Attention of one query token per head over each KV head's live rows.
 
     ``query`` is ``(B, Hq, D)`` with Hq a multiple of H (query head q reads KV head ``q // (Hq // H)``).

@@ -20,7 +20,9 @@ def _cuda_skip_reason() -> Optional[str]:
 
 
 CUDA_SKIP_REASON = _cuda_skip_reason()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON)))]
+# "cpu" and the CUDA twin, which skips (with the reason) where CUDA_SKIP_REASON is set.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None,
+                                                               reason=str(CUDA_SKIP_REASON)))]
 
 
 def sync_if_cuda(device: str) -> None:

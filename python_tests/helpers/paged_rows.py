@@ -107,5 +107,6 @@ def check_paged_decode(*args, **kwargs):
 
 
 def extra_rows(B, H, E, D, dtype, device, gen, layout="contiguous", valid_ratio=0.6):
-    return (randn_strided((B, H, E, D), dtype, device, layout, gen), randn_strided((B, H, E, D), dtype, device, layout, gen),
+    return (randn_strided((B, H, E, D), dtype, device, layout, gen),
+            randn_strided((B, H, E, D), dtype, device, layout, gen),
             random_mask((B, H, E), valid_ratio, device, gen))

@@ -72,8 +72,9 @@ class PagedState:
             assert torch.equal(now, old), f"{name} was written although the op raised"
 
 
-def make_paged_state(B: int, H: int, M: int, S: int, D: int, lengths: Sequence[int], dtype=torch.float32, device="cpu",
-               spare_pages: int = 8, gen: Optional[torch.Generator] = None, layout: str = "contiguous") -> PagedState:
+def make_paged_state(B: int, H: int, M: int, S: int, D: int, lengths: Sequence[int], dtype=torch.float32,
+                     device="cpu", spare_pages: int = 8, gen: Optional[torch.Generator] = None,
+                     layout: str = "contiguous") -> PagedState:
     """A consistent random state: each head (b, h) holds lengths[b * H + h] random rows in randomly chosen pages;
     every other page is on the free stack, in random order. `layout` "strided" makes every tensor a strided view."""
     gen = gen if gen is not None else torch.Generator().manual_seed(0)

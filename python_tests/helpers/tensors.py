@@ -45,6 +45,13 @@ def random_lengths(B: int, H: int, low: int, high: int, device, generator=None) 
     return torch.randint(low, high + 1, (B, H), generator=generator, dtype=torch.int32).to(device)
 
 
+def random_tokens(shape, dtype, device, keep_ratio: float, generator=None):
+    """New tokens ``key``, ``value`` of ``shape`` ``(B, H, T, D)`` and their ``keep`` flags ``(B, H, T)``."""
+    key = randn_strided(shape, dtype, device, generator=generator)
+    value = randn_strided(shape, dtype, device, generator=generator)
+    return key, value, random_mask(shape[:-1], keep_ratio, device, generator=generator)
+
+
 def misaligned_randn(shape, dtype, device, generator=None) -> torch.Tensor:
     """A dense tensor that starts one element into its storage (``torch.empty(n + 1)[1:].view(shape)``), so no row
     is 16-byte aligned: the CUDA kernels take their scalar paths."""
