@@ -184,7 +184,7 @@ class GatedAttention(nn.Module):
             window = self.gate.config.protect_recent
             self.last_gate, self.last_valid = GateOutput(gate.probs, keep, None, None), valid
             if gate.probs.requires_grad:
-                # Training (docs/design.md, section 3): hard flags forward, the sigmoid's gradient backward, applied as
+                # Training (docs/training.md): hard flags forward, the sigmoid's gradient backward, applied as
                 # multiplicative weights so that evicted keys still get a gradient. Forced keeps (sinks,
                 # decode_gating=False tokens) carry no gradient.
                 probs = gate.probs.to(query.dtype)

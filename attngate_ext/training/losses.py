@@ -1,4 +1,4 @@
-"""The eviction loss (docs/design.md, section 3) and the retention statistics logged during training."""
+"""The eviction loss (docs/training.md) and the retention statistics logged during training."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def eviction_loss(
     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     processes: int = 1,
 ) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """``alpha * (mean retention - rho)^2`` with ``rho = 1 - target_eviction`` (docs/design.md, section 3).
+    """``alpha * (mean retention - rho)^2`` with ``rho = 1 - target_eviction`` (docs/training.md).
 
     Args:
         retain: per layer, the retention weights ``F`` ``(B, H, T)`` (straight-through flags: the forward value is the

@@ -1,11 +1,11 @@
-"""Train the Attention-Gates of a pre-trained Llama-style model (docs/design.md, section 3).
+"""Train the Attention-Gates of a pre-trained Llama-style model (docs/training.md).
 
     python -m attngate_ext.train --model DIR --text a.txt b.txt --out runs/gates --steps 300
     python -m attngate_ext.train --model DIR --sft data.jsonl --out runs/sft --lora --steps 300
     torchrun --nproc_per_node=4 -m attngate_ext.train --model DIR --text corpus/ --out runs/gates   # data-parallel
 
-Continual pre-training reads plain text (one document per file, see :mod:`attngate_ext.data` for the packing
-rule); SFT reads JSONL ``{"prompt", "answer"}`` records and learns the answers only. The base model is frozen;
+Continual pre-training reads plain text (one document per file, see :mod:`attngate_ext.training.data` for the
+packing rule); SFT reads JSONL ``{"prompt", "answer"}`` records and learns the answers only. The base model is frozen;
 the gates are trained (``--lora`` adds LoRA adapters through peft). ``--objective`` picks the loss: ``lm``
 (cross-entropy of the labels + the eviction loss), ``distill`` (KL to the same model with every token kept + the
 eviction loss) or ``attention`` (each gate regresses the future attention its tokens receive; the eviction ratio
