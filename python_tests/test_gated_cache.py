@@ -142,3 +142,7 @@ def test_an_ungated_model_refuses_the_gated_cache():
 def test_empty_cache_report():
     report = ag.AttnGateCache().memory_report()
     assert report.allocated_bytes == 0 and report.eviction_ratio == 0.0
+    assert list(report.as_dict()) == [  # the keys of the report's dict, in their order
+        "held_bytes", "kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes", "allocated_bytes", "dense_bytes",
+        "dense_valid_bytes", "pages_held", "pages_free", "pages_needed", "page_size", "kept_rows", "total_rows",
+        "eviction_ratio", "retention_per_layer", "retention_per_head"]
