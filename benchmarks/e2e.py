@@ -11,7 +11,7 @@ Modes, all on the same model weights and the same prompt:
 Each mode: one short untimed warm-up (fresh cache), then one forward over the prompt with a fresh cache (prefill)
 and ``decode`` single-token forwards feeding back the argmax token (a plain loop; ``generate()``'s own overhead would
 dominate a tiny model), ``repeats`` times with a fresh cache; the times reported are the medians. Timed with
-``time.perf_counter``, synchronising the GPU around each timed region.
+:class:`benchmarks.timing.Stopwatch` (wall time, the GPU synchronised around each timed region).
 
 KV bytes: dense = the key/value tensors of the DynamicCache; gated = ``memory_report().kv_bytes`` (the pages held by
 some (row, head) and the window ring), with the gates' own K'/V' (``gate_bytes``) and the pool's free pages in their
