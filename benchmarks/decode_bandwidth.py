@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 import attngate_ext
-from benchmarks.report import Row
+from benchmarks.printer import Row
 from benchmarks.timing import CopyBandwidth, gbps, median_us
 
-if TYPE_CHECKING:  # run.py imports this module
-    from benchmarks.run import Config
+if TYPE_CHECKING:
+    from benchmarks.config import Config
 
 PAGE, H, D = 16, 8, 128
 MAX_CACHE_BYTES = 24 * 2**30

@@ -22,9 +22,9 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import attngate_ext
-from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
-from benchmarks.e2e import cache_kwarg
-from benchmarks.report import Row
+from attngate_ext import cache_kwarg, calibrate_gate_bias, randomize_gates
+from benchmarks.config import Config
+from benchmarks.printer import Row, without_profiler_noise
 
 TARGET = 0.6  # gated peak / dense chunked peak at 50% eviction
 
@@ -56,7 +56,7 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> Tuple[int, obj
         result = fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before, result
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_profiler_noise(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
@@ -108,7 +108,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def peak_memory_section(run_cfg) -> List[Row]:
+def peak_memory_section(run_cfg: Config) -> List[Row]:
     """The run.py section: prints the comparison, returns one Row (op ``peak_prefill``)."""
     cfg = PeakConfig(tokens=1024, chunk=256) if run_cfg.quick else PeakConfig()
     res = run_peak_memory(cfg, run_cfg.device)
@@ -119,14 +119,14 @@ def peak_memory_section(run_cfg) -> List[Row]:
           f"float32, allocator accounting above the weights):")
     print(f"  dense DynamicCache, one forward:   {_mib(res['dense_once'])}")
     print(f"  dense DynamicCache, chunked:       {_mib(res['dense'])}  (its K/V: {_mib(res['dense_kv'])})")
-    print(f"  gated AttnGateCache, chunked:      {_mib(res['gated'])}  (held {_mib(report['held_bytes'])}, of "
-          f"which gate K'V' {_mib(report['gate_bytes'])}; free pages {_mib(report['free_page_bytes'])}; measured "
-          f"eviction {report['eviction_ratio']:.3f})")
+    print(f"  gated AttnGateCache, chunked:      {_mib(res['gated'])}  (held {_mib(report.held_bytes)}, of "
+          f"which gate K'V' {_mib(report.gate_bytes)}; free pages {_mib(report.free_page_bytes)}; measured "
+          f"eviction {report.eviction_ratio:.3f})")
     met = "met" if ratio <= TARGET else "MISSED"
     print(f"  gated / dense chunked peak: {ratio:.3f} (target <= {TARGET} at {cfg.eviction:.0%} eviction: {met})")
     extra = {k: v for k, v in res.items() if k != "report"}
-    extra.update(eviction=report["eviction_ratio"], held_bytes=report["held_bytes"], gate_bytes=report["gate_bytes"],
-                 free_page_bytes=report["free_page_bytes"], ratio=ratio, target=TARGET, config=dataclasses.asdict(cfg))
+    extra.update(eviction=report.eviction_ratio, held_bytes=report.held_bytes, gate_bytes=report.gate_bytes,
+                 free_page_bytes=report.free_page_bytes, ratio=ratio, target=TARGET, config=dataclasses.asdict(cfg))
     return [Row(section="memory", op="peak_prefill", shape=shape, dtype="float32", device=run_cfg.device.type,
                 op_us=0.0, ref_us=0.0, speedup=res["dense"] / res["gated"], bytes=res["gated"], gbps=0.0,
                 copy_gbps=0.0, pct_copy=0.0, check="ok", extra=extra)]

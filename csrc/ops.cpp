@@ -56,7 +56,7 @@ const char* const kSchemas[] = {
     "Tensor? valid, Tensor(g!) ring_key, Tensor(h!) ring_value, Tensor(i!) ring_valid, int slot, float scale, "
     "Tensor(j!)? ring_keep=None) -> Tensor",
     // Turns the host read-back of device-side value checks (lengths range, capacity) on CUDA on or off; returns
-    // the previous setting. CPU checks are always on. See README "Errors and host synchronisation".
+    // the previous setting. CPU checks are always on. See docs/ops.md, "Errors and host synchronisation".
     "set_sync_checks(bool enabled) -> bool",
 };
 const int kNumSchemas = static_cast<int>(sizeof(kSchemas) / sizeof(kSchemas[0]));

@@ -9,8 +9,9 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, Qwen3Config,
 import attngate_ext as ag
 from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
 from attngate_ext.cache.paged_kv import PagedKV
+from attngate_ext import cache_kwarg
 
-from tiny_models import cache_kwarg, make_model, random_ids
+from helpers.models import make_model, random_ids
 
 
 @torch.no_grad()
@@ -24,26 +25,26 @@ def test_memory_after_long_prefill_follows_eviction():
     cache = ag.AttnGateCache()
     model(ids, use_cache=True, **{cache_kwarg(model): cache})
     report = cache.memory_report()
-    assert abs(report["eviction_ratio"] - 0.5) < 0.05
-    dense = report["dense_bytes"]
+    assert abs(report.eviction_ratio - 0.5) < 0.05
+    dense = report.dense_bytes
     assert dense == 2 * 2 * 8 * 1024 * 32 * 4  # layers * (K, V) * heads * tokens * dim * fp32
     # Held: the kept rows in pages (at most one partly filled page per (layer, head)) and the one-slot window.
-    assert report["kv_bytes"] <= (1 - report["eviction_ratio"]) * dense + 2 * 8 * (15 + 1) * 2 * 32 * 4 + 2 * 8 * 2 * 2
-    assert report["pages_held"] <= report["pages_needed"] + 2 * 8
-    assert report["allocated_bytes"] / dense <= (1 - report["eviction_ratio"]) + 0.07
-    assert len(report["retention_per_head"]) == 2 and len(report["retention_per_head"][0]) == 8
+    assert report.kv_bytes <= (1 - report.eviction_ratio) * dense + 2 * 8 * (15 + 1) * 2 * 32 * 4 + 2 * 8 * 2 * 2
+    assert report.pages_held <= report.pages_needed + 2 * 8
+    assert report.allocated_bytes / dense <= (1 - report.eviction_ratio) + 0.07
+    assert len(report.retention_per_head) == 2 and len(report.retention_per_head[0]) == 8
     kept = sum(int(layer.kv.lengths.sum()) for layer in cache.layers)
-    assert report["kept_rows"] == kept and report["total_rows"] == 2 * 8 * 1024
+    assert report.kept_rows == kept and report.total_rows == 2 * 8 * 1024
     # The gates' K'/V': every token (1024 rows of d' = 8 in 16-row pages); their one-slot decode ring is made by
     # the first decode step.
-    assert report["gate_bytes"] == 2 * 2 * 1024 * 8 * 4
+    assert report.gate_bytes == 2 * 2 * 1024 * 8 * 4
 
 
 def test_paged_pool_grows_geometrically_and_syncs_rarely(monkeypatch):
     store = PagedKV(2, 3, 4, torch.float32, torch.device("cpu"), page_size=16)
     syncs, pools = [], set()
-    real_sync = store._sync
-    monkeypatch.setattr(store, "_sync", lambda: syncs.append(1) or real_sync())
+    real_sync = store.free_page_count  # the one read-back of the device's free count
+    monkeypatch.setattr(store, "free_page_count", lambda: syncs.append(1) or real_sync())
     row = torch.randn(2, 3, 1, 4)
     for _ in range(3000):
         store.append(row, row, None)
@@ -140,4 +141,8 @@ def test_an_ungated_model_refuses_the_gated_cache():
 
 def test_empty_cache_report():
     report = ag.AttnGateCache().memory_report()
-    assert report["allocated_bytes"] == 0 and report["eviction_ratio"] == 0.0
+    assert report.allocated_bytes == 0 and report.eviction_ratio == 0.0
+    assert list(report.as_dict()) == [  # the keys of the report's dict, in their order
+        "held_bytes", "kv_bytes", "gate_bytes", "free_page_bytes", "metadata_bytes", "allocated_bytes", "dense_bytes",
+        "dense_valid_bytes", "pages_held", "pages_free", "pages_needed", "page_size", "kept_rows", "total_rows",
+        "eviction_ratio", "retention_per_layer", "retention_per_head"]

@@ -7,8 +7,9 @@ import torch
 
 import attngate_ext as ag
 from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
+from attngate_ext import cache_kwarg
 
-from tiny_models import KINDS, cache_kwarg, left_pad, make_model, random_ids
+from helpers.models import KINDS, left_pad, make_model, random_ids
 
 STEPS = 20
 
@@ -34,7 +35,7 @@ def test_fresh_gates_change_nothing(kind):
     # The cache really holds every token: nothing was evicted.
     cache = ag.AttnGateCache()
     model.generate(ids, max_new_tokens=3, do_sample=False, **{cache_kwarg(model): cache})
-    assert cache.memory_report()["eviction_ratio"] == 0.0
+    assert cache.memory_report().eviction_ratio == 0.0
 
 
 def _gated(kind="mistral", eviction=0.5, seed=0, **config):
@@ -77,7 +78,7 @@ def test_incremental_matches_full_forward_under_eviction(chunk, window, decode_g
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
     report = cache.memory_report()
     low = 0.3 if decode_gating else 0.15  # without decode gating the 20 generated tokens are all kept
-    assert low < report["eviction_ratio"] < 0.7, report["eviction_ratio"]  # the gates really evict
+    assert low < report.eviction_ratio < 0.7, report.eviction_ratio  # the gates really evict
     # Eviction changes the output: the check above is not comparing two dense runs.
     dense = make_model("mistral").to(device)(ids, use_cache=False).logits
     assert (dense - full).abs().max() > 1e-2
@@ -100,7 +101,7 @@ def test_incremental_matches_full_forward_left_padded(kind, device):
     torch.testing.assert_close(step[valid], full[valid], rtol=1e-4, atol=1e-4)
     report = cache.memory_report()
     layers, heads = len(model.model.layers), model.config.num_key_value_heads
-    assert report["total_rows"] == int(mask.sum()) * layers * heads  # padding is never counted
+    assert report.total_rows == int(mask.sum()) * layers * heads  # padding is never counted
 
 
 @torch.no_grad()
@@ -112,8 +113,8 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12,
                            **{cache_kwarg(model): cache})
     report = cache.memory_report()
-    assert 0.2 < report["eviction_ratio"] < 0.8
-    assert report["total_rows"] == (int(mask.sum()) + 11 * 3) * 2 * 2  # last token is never fed back
+    assert 0.2 < report.eviction_ratio < 0.8
+    assert report.total_rows == (int(mask.sum()) + 11 * 3) * 2 * 2  # last token is never fed back
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], max_new_tokens=12, do_sample=False, min_new_tokens=12)
         assert torch.equal(batch[row, -12:], alone[0, -12:]), f"prompt {row}"

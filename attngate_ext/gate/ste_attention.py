@@ -1,4 +1,4 @@
-"""Training attention (docs/design.md, section 3): gate flags as multiplicative weights, computed in query blocks.
+"""Training attention (docs/training.md): gate flags as multiplicative weights, computed in query blocks.
 
 ``A_ij = m_ij exp(s_ij) / sum_j' m_ij' exp(s_ij')`` with ``m_ij = 0`` for ``j > i`` or padding, ``1`` inside the
 protected window (``i - j < w``), and ``F_j`` (per KV head) otherwise. ``F = f + p - p.detach()`` carries the
@@ -116,7 +116,7 @@ def ste_gated_attention(
     scale: Optional[float] = None,
     block_size: int = 128,
 ) -> torch.Tensor:
-    """Causal grouped-query attention with per-key multiplicative retention weights (docs/design.md, section 3).
+    """Causal grouped-query attention with per-key multiplicative retention weights (docs/training.md).
 
     Args:
         query: ``(B, Hq, T, D)``; key, value: ``(B, H, T, D)`` with H dividing Hq (query head q reads KV head

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..cache.cache import AttnGateCache
+from ..cache.policy import TokenPolicy
 from ..gate.gate import AttentionGate, GateOutput, apply_rope
 from ..gate.masks import block_visibility, grouped_attention
 from ..gate.ste_attention import ste_gated_attention
@@ -60,15 +61,10 @@ class GatedAttention(nn.Module):
         self.gate_shares_rope = gate_dim == self.head_dim
         inv_freq = 1.0 / (rope_theta ** (torch.arange(0, gate_dim, 2, dtype=torch.float32) / gate_dim))
         self.register_buffer("gate_inv_freq", inv_freq, persistent=False)
+        # Decides the flags instead of the gate (a baseline, or a teacher that keeps every token); None: the gate.
+        self.policy: Optional[TokenPolicy] = None
         # Of the last call, for losses and statistics: probs/keep, the retention weights F (differentiable in
         # training) and the padding mask.
-        # A baseline policy's flags instead of the gate's: f(valid, positions, heads) -> keep (B, H, T).
-        self.flag_source: Optional[Callable[..., torch.Tensor]] = None
-        # Called after each stored chunk with (layer_cache, query, key, valid); may prune the cache (H2O, SnapKV).
-        self.after_chunk: Optional[Callable[..., None]] = None
-        # When set, the next forward stores its post-RoPE (query, key, valid) here, for post-prefill scoring.
-        self.record_qk = False
-        self.recorded: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
         self.last_gate: Optional[GateOutput] = None
         self._retain_dtype: Optional[torch.dtype] = None
         self.last_retain: Optional[torch.Tensor] = None
@@ -99,7 +95,7 @@ class GatedAttention(nn.Module):
                         valid=padding_mask[:, -T:].to(torch.bool))
         return memo["valid"]
 
-    def _gate_rope(self, hidden: torch.Tensor, position_embeddings, position_ids) -> Tuple[torch.Tensor, ...]:
+    def gate_rope(self, hidden: torch.Tensor, position_embeddings, position_ids) -> Tuple[torch.Tensor, ...]:
         """The gate's RoPE tables ``(B, 1, T, d')``; computed once per forward and shared by the layers that share
         ``rope_memo`` (they depend only on the positions, which every layer of a forward gets as one tensor)."""
         B, T, _ = hidden.shape
@@ -142,20 +138,13 @@ class GatedAttention(nn.Module):
         position_ids = kwargs.get("position_ids")
         B, T, _ = hidden_states.shape
         valid = self._valid(padding_mask, T)
-        gate_cos, gate_sin = self._gate_rope(hidden_states, position_embeddings, position_ids)
+        gate_cos, gate_sin = self.gate_rope(hidden_states, position_embeddings, position_ids)
         if position_ids is not None:
             position_ids = position_ids.expand(B, T)
 
-        shape = (B, T, -1, self.head_dim)
-        query = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        query, key, value = self.project(hidden_states, position_embeddings)
         dropout = attn.attention_dropout if self.training else 0.0
 
-        if self.record_qk:
-            self.recorded = (query, key, valid)
         if cache is not None and not isinstance(cache, AttnGateCache):
             raise TypeError(f"a gated model needs an AttnGateCache, got {type(cache).__name__}")
         if cache is not None and self._training_gates():
@@ -170,18 +159,18 @@ class GatedAttention(nn.Module):
             self._check_window(layer.get_seq_length() + T)
             # Inference: the cached path applies no attention dropout.
             out, probs, keep = layer.attend(query, key, value, hidden_states, self.gate, gate_cos, gate_sin, valid,
-                                            position_ids, self.scaling, self.flag_source, self.after_chunk)
+                                            position_ids, self.scaling, self.policy)
             self.last_gate = GateOutput(probs, keep, None, None)
             self.last_retain, self.last_valid = None, valid  # the property converts last_gate.keep when asked
             self._retain_dtype = query.dtype
         else:
-            if self.after_chunk is not None:
+            if self.policy is not None and self.policy.prunes_cache:
                 raise ValueError("a policy that prunes the cache between chunks (H2O, SnapKV in context) needs a "
                                  "cache: call the model with use_cache=True")
             self._check_window(T)
-            if self.flag_source is not None:
-                keep = self.flag_source(valid if valid is not None else torch.ones(B, T, dtype=torch.bool,
-                                        device=query.device), position_ids, key.shape[1])
+            if self.policy is not None:
+                keep = self.policy.keep_flags(valid if valid is not None else torch.ones(B, T, dtype=torch.bool,
+                                              device=query.device), position_ids, key.shape[1])
                 if valid is not None:
                     keep = keep & valid.unsqueeze(1)
                 gate = GateOutput(keep.float(), keep, None, None)
@@ -195,7 +184,7 @@ class GatedAttention(nn.Module):
             window = self.gate.config.protect_recent
             self.last_gate, self.last_valid = GateOutput(gate.probs, keep, None, None), valid
             if gate.probs.requires_grad:
-                # Training (docs/design.md, section 3): hard flags forward, the sigmoid's gradient backward, applied as
+                # Training (docs/training.md): hard flags forward, the sigmoid's gradient backward, applied as
                 # multiplicative weights so that evicted keys still get a gradient. Forced keeps (sinks,
                 # decode_gating=False tokens) carry no gradient.
                 probs = gate.probs.to(query.dtype)
@@ -214,9 +203,22 @@ class GatedAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, -1).contiguous()
         return attn.o_proj(out), None
 
+    def project(self, hidden_states: torch.Tensor,
+                position_embeddings: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """The model's query ``(B, Hq, T, D)``, key and value ``(B, H, T, D)`` of ``hidden_states`` ``(B, T, d)``,
+        RoPE applied to query and key, exactly as the wrapped attention computes them."""
+        attn = self.attention
+        B, T, _ = hidden_states.shape
+        shape = (B, T, -1, self.head_dim)
+        query = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        return apply_rope(query, cos, sin), apply_rope(key, cos, sin), value
+
     def _training_gates(self) -> bool:
         """Training mode, autograd on and a gate parameter that needs a gradient: the straight-through path."""
-        return (self.training and torch.is_grad_enabled() and self.flag_source is None
+        return (self.training and torch.is_grad_enabled() and self.policy is None
                 and any(p.requires_grad for p in self.gate.parameters()))
 
     def _check_window(self, total: int) -> None:

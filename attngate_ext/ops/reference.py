@@ -115,7 +115,7 @@ def ste_gated_attention(
     window: int = 1,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """The training formula (docs/design.md, section 3) as written, ``A = m e^s / sum m e^s``, with a full T x T
+    """The training formula (docs/training.md) as written, ``A = m e^s / sum m e^s``, with a full T x T
     autograd graph."""
     B, Hq, T, D = query.shape
     group = Hq // key.shape[1]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import (
     LlamaConfig,
@@ -38,11 +36,6 @@ def make_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(std=0.5)
     return model
-
-
-def cache_kwarg(model) -> str:
-    """``cache`` on transformers >= 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
 
 
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:

@@ -11,8 +11,8 @@ import attngate_ext
 from attngate_ext import gather_pages, paged_reference
 from attngate_ext.gate.masks import block_visibility, grouped_attention
 
-from conftest import DTYPES, random_mask, randn_strided
-from test_paged_attention import appended_state, make_state, max_err
+from helpers.paged_rows import appended_paged_rows, make_paged_rows, max_err
+from helpers.tensors import DTYPES, randn_strided, random_mask
 
 NAMES = ["query", "key_pages", "value_pages", "page_table", "lengths", "key", "value", "keep", "valid", "window",
          "scale", "extra_key", "extra_value", "extra_until"]
@@ -56,7 +56,7 @@ def inputs(device, gen, *, B=2, H=2, group=2, T=17, D=32, dtype=torch.float32, l
     """Arguments of paged_prefill_attention (a dict); valid is "none", "random" or "left" (left padding)."""
     if state is None:
         lengths = lengths if lengths is not None else torch.randint(0, 90, (B, H), generator=gen)
-        state = make_state(lengths, page_size, D, dtype, device, gen, layout="padded" if layout != "contiguous" else layout)
+        state = make_paged_rows(lengths, page_size, D, dtype, device, gen, layout="padded" if layout != "contiguous" else layout)
     a = dict(zip(NAMES[1:5], state))
     a["query"] = randn_strided((B, H * group, T, D), dtype, device, layout, gen)
     a["key"] = randn_strided((B, H, T, D), dtype, device, layout, gen)
@@ -113,7 +113,7 @@ def test_prefill_short_chunk_long_cache(device, T):
 def test_prefill_appended_state(device, dtype):
     """A cache built by paged_append_kv_ (reference) of earlier chunks under random keep flags."""
     g = torch.Generator().manual_seed(11)
-    state = appended_state(2, 3, 64, [40, 200, 3], 16, dtype, device, g)
+    state = appended_paged_rows(2, 3, 64, [40, 200, 3], 16, dtype, device, g)
     check_prefill(inputs(device, g, B=2, H=3, group=3, T=130, D=64, dtype=dtype, state=state, E=8, window=16))
 
 

@@ -9,12 +9,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` run without the repository root on sys.path
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import run  # noqa: E402
+from benchmarks import config  # noqa: E402
 from benchmarks.paged_storage import paged_storage_section  # noqa: E402
 
 
 def test_section_rows_match_their_references(capsys):
-    cfg = run.make_config(run.parse_args(["--device", "cpu", "--quick", "--reps", "1", "--warmup", "0"]))
+    cfg = config.make_config(config.parse_args(["--device", "cpu", "--quick", "--reps", "1", "--warmup", "0"]))
     rows = paged_storage_section(cfg)
     table = capsys.readouterr().out
     assert [r.op for r in rows] == ["paged_append_kv_", "paged_append_kv_ decode", "paged_compact_kv_",

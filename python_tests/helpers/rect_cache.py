@@ -1,21 +1,8 @@
-"""Helpers of the CUDA-path tests: unaligned tensors, and comparison of the live rows of two caches."""
+"""The rectangle cache: its live rows, and the comparison of the live rows of two caches."""
 
 from __future__ import annotations
 
-import math
-
 import torch
-
-
-def misaligned_randn(shape, dtype, device, generator=None) -> torch.Tensor:
-    """A dense tensor that starts one element into its storage (``torch.empty(n + 1)[1:].view(shape)``), so no row
-    is 16-byte aligned: the CUDA kernels take their scalar paths."""
-    n = math.prod(shape)
-    buf = torch.empty(n + 1, dtype=dtype, device=device)[1:]
-    buf.copy_(torch.randn(n, generator=generator).to(dtype))
-    out = buf.view(shape)
-    assert out.data_ptr() % 16 != 0
-    return out
 
 
 def live_mask(lengths: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -1,5 +1,4 @@
-"""Checks shared by the train and evaluate command lines: help texts that state defaults, hyperparameters that must
-be finite and in range, the local model directory, and the output folder of a training run.
+"""The output folder of a training run (``python -m attngate_ext.train --out``).
 
 What ``train`` does with its ``--out`` folder:
 
@@ -14,57 +13,12 @@ What ``train`` does with its ``--out`` folder:
 
 from __future__ import annotations
 
-import argparse
-import math
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Optional
 
 # What a training run writes into --out (and --overwrite deletes).
 RUN_OUTPUTS = ("checkpoints", "gates", "lora", "report.json")
-
-
-class HelpWithDefaults(argparse.HelpFormatter):
-    """Adds "(default: X)" to the help of every option that has a default and does not state it already."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
-            return text
-        shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
-        return f"{text} (default: {shown})".strip()
-
-
-def require(parser: argparse.ArgumentParser, args: argparse.Namespace, checks: Iterable[Tuple[str, Callable, str]]):
-    """For each (dest, predicate, rule): ``parser.error("--dest must be rule, got value")`` unless the value is None
-    or passes the predicate."""
-    for dest, ok, rule in checks:
-        value = getattr(args, dest)
-        if value is not None and not ok(value):
-            parser.error(f"--{dest.replace('_', '-')} must be {rule}, got {value}")
-
-
-def positive(x: float) -> bool:
-    return math.isfinite(x) and x > 0
-
-
-def non_negative(x: float) -> bool:
-    return math.isfinite(x) and x >= 0
-
-
-def fraction(x: float) -> bool:
-    return math.isfinite(x) and 0.0 <= x <= 1.0
-
-
-def at_least_one(x: int) -> bool:
-    return x >= 1
-
-
-def require_model_dir(path: str) -> None:
-    """The model is read from local files only: a missing directory is refused before transformers sees it (whose
-    message would be about hub repository ids)."""
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"--model must be a local model directory, got {path!r} (no such directory)")
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool, latest_checkpoint: Callable,
