@@ -14,6 +14,8 @@ void check_float(const Tensor& t, const char* name);
 void check_same_device(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name);
 // "<name> must have a contiguous last dimension (stride 1), got stride <s>"
 void check_last_dim_contiguous(const Tensor& t, const char* name);
+// "scale must be finite" and "softcap must be finite and >= 0 (0: off)", the scalars of every attention op.
+void check_attention_scalars(double scale, double softcap);
 
 // Shape/dtype/device checks of the rectangle ops and gate_flags (metadata only: no device reads).
 void check_gate_flags_args(const Tensor& gate_out, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -24,7 +26,7 @@ void check_append_kv_args(const Tensor& key_cache, const Tensor& value_cache, co
 void check_compact_kv_args(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths,
                            const Tensor& keep);
 void check_decode_attention_args(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
-                                 const Tensor& lengths, double scale);
+                                 const Tensor& lengths, double scale, double softcap);
 
 // Codes that device kernels OR into a status word when a value check fails (lengths out of range, capacity
 // overflow). The host turns a non-zero status into the same error text the CPU path raises.

@@ -58,10 +58,10 @@ void check_extra(const Tensor& key_pages, const Tensor& page_table, const std::o
 void check_paged_decode_attention_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                        const Tensor& page_table, const Tensor& lengths, double scale,
                                        const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
-                                       const std::optional<Tensor>& extra_valid) {
+                                       const std::optional<Tensor>& extra_valid, double softcap) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/false);
   check_query(query, key_pages, page_table, 3);
-  AG_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  check_attention_scalars(scale, softcap);
   check_extra(key_pages, page_table, extra_key, extra_value, extra_valid, "extra_valid", kBool, "bool");
 }
 
@@ -70,7 +70,7 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
                                         const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
                                         int64_t window, double scale, const std::optional<Tensor>& extra_key,
                                         const std::optional<Tensor>& extra_value,
-                                        const std::optional<Tensor>& extra_until) {
+                                        const std::optional<Tensor>& extra_until, double softcap) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/false);
   check_query(query, key_pages, page_table, 4);
   const int64_t B = page_table.size(0), H = page_table.size(1), T = query.size(2);
@@ -87,7 +87,7 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
     check_same_device(*valid, key_pages, "valid", "key_pages");
   }
   AG_CHECK(window >= 1, "window must be >= 1, got ", window);
-  AG_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  check_attention_scalars(scale, softcap);
   check_extra(key_pages, page_table, extra_key, extra_value, extra_until, "extra_until", kInt, "int32");
 }
 

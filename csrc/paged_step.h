@@ -20,7 +20,7 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
                                          const Tensor& free_count, const Tensor& key, const Tensor& value,
                                          const Tensor& keep, const std::optional<Tensor>& valid, const Tensor& ring_key,
                                          const Tensor& ring_value, const Tensor& ring_valid, int64_t slot,
-                                         double scale, const std::optional<Tensor>& ring_keep) {
+                                         double scale, const std::optional<Tensor>& ring_keep, double softcap) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/true);
   check_free_stack(key_pages, free_pages, free_count);
   const int64_t B = page_table.size(0), H = page_table.size(1);
@@ -37,7 +37,7 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
   }
   // The ring is the attention's extra rows (B, H, W, D) with ring_valid (B, H, W): the decode checks cover it.
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
-                                    ring_valid);
+                                    ring_valid, softcap);
   const int64_t W = ring_key.size(2);
   AG_CHECK(0 <= slot && slot < W, "slot must lie in [0, W) with W = ring_key.size(2) = ", W, ", got ", slot);
   check_no_row_overlap(ring_key, "ring_key");

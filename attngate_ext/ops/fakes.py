@@ -70,7 +70,7 @@ def _compact_kv_fake(key_cache, value_cache, lengths, keep):
 
 
 @torch.library.register_fake("attngate::decode_attention")
-def _decode_attention_fake(query, key_cache, value_cache, lengths, scale):
+def _decode_attention_fake(query, key_cache, value_cache, lengths, scale, softcap=0.0):
     _check_cache_fake(key_cache, value_cache, lengths)
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (B, Hq, D), got {tuple(query.shape)}")
     torch._check(query.dtype == key_cache.dtype, lambda: "query must have the dtype of key_cache")
@@ -131,7 +131,7 @@ def _paged_remove_rows_fake(key_pages, value_pages, page_table, lengths, free_pa
 
 @torch.library.register_fake("attngate::paged_decode_attention")
 def _paged_decode_attention_fake(query, key_pages, value_pages, page_table, lengths, scale, extra_key=None,
-                                 extra_value=None, extra_valid=None):
+                                 extra_value=None, extra_valid=None, softcap=0.0):
     _check_paged_fake(key_pages, value_pages, page_table, lengths)
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (B, Hq, D), got {tuple(query.shape)}")
     torch._check(query.dtype == key_pages.dtype, lambda: "query must have the dtype of key_pages")
@@ -144,7 +144,7 @@ def _paged_decode_attention_fake(query, key_pages, value_pages, page_table, leng
 
 @torch.library.register_fake("attngate::paged_prefill_attention")
 def _paged_prefill_attention_fake(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid, window,
-                                  scale, extra_key=None, extra_value=None, extra_until=None):
+                                  scale, extra_key=None, extra_value=None, extra_until=None, softcap=0.0):
     _check_paged_fake(key_pages, value_pages, page_table, lengths)
     torch._check(query.dim() == 4, lambda: f"query must be 4-D (B, Hq, T, D), got {tuple(query.shape)}")
     torch._check(query.dtype == key_pages.dtype, lambda: "query must have the dtype of key_pages")
@@ -157,7 +157,7 @@ def _paged_prefill_attention_fake(query, key_pages, value_pages, page_table, len
 
 @torch.library.register_fake("attngate::paged_decode_step_")
 def _paged_decode_step_fake(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
-                            keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep=None):
+                            keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep=None, softcap=0.0):
     _check_paged_fake(key_pages, value_pages, page_table, lengths)
     _check_free_fake(key_pages, free_pages, free_count)
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (B, Hq, D), got {tuple(query.shape)}")

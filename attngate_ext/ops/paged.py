@@ -97,6 +97,7 @@ def paged_decode_attention(
     extra_key: Optional[torch.Tensor] = None,
     extra_value: Optional[torch.Tensor] = None,
     extra_valid: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attention of one query token per head over each KV head's paged rows, plus optional dense extra rows.
 
@@ -104,10 +105,11 @@ def paged_decode_attention(
     head's ``lengths[b, h]`` paged rows and the rows e of ``extra_key``/``extra_value`` ``(B, H, E, D)`` where
     ``extra_valid`` ``(B, H, E)`` is true (all when None). Softmax of ``scale * q.k`` in float32; returns
     ``(B, Hq, D)`` in the query's dtype, zeros for a head with no visible row. ``query`` and the extra rows need a
-    contiguous last dimension (other strides free), like the pages.
+    contiguous last dimension (other strides free), like the pages. With ``softcap > 0`` every score is
+    soft-capped first, ``softcap * tanh(score / softcap)`` (Gemma 2); the other attention ops take it too.
     """
     return _ops.paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, extra_key,
-                                       extra_value, extra_valid)
+                                       extra_value, extra_valid, softcap)
 
 
 def paged_prefill_attention(
@@ -125,6 +127,7 @@ def paged_prefill_attention(
     extra_key: Optional[torch.Tensor] = None,
     extra_value: Optional[torch.Tensor] = None,
     extra_until: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attention of a chunk of T new tokens over the paged cache and themselves, under the eviction rule.
 
@@ -142,7 +145,7 @@ def paged_prefill_attention(
     last dimension (other strides free), like the pages.
     """
     return _ops.paged_prefill_attention(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid,
-                                        window, scale, extra_key, extra_value, extra_until)
+                                        window, scale, extra_key, extra_value, extra_until, softcap)
 
 
 def paged_decode_step_(
@@ -163,6 +166,7 @@ def paged_decode_step_(
     slot: int,
     scale: float,
     ring_keep: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """One fused decode step of a gated layer: store the new token, attend.
 
@@ -179,7 +183,8 @@ def paged_decode_step_(
       ``ring_valid[:, :, slot] = valid`` and ``ring_keep[:, :, slot] = valid & keep``.
     """
     return _ops.paged_decode_step_(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
-                                   value, keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep)
+                                   value, keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep,
+                                   softcap)
 
 
 def gather_pages(

@@ -63,11 +63,12 @@ def compact_kv_(key_cache: torch.Tensor, value_cache: torch.Tensor, lengths: tor
 
 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, lengths: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, softcap: float = 0.0) -> torch.Tensor:
     """Attention of one query token per head over each KV head's live rows.
 
     ``query`` is ``(B, Hq, D)`` with Hq a multiple of H (query head q reads KV head ``q // (Hq // H)``).
-    Softmax of ``scale * q.k`` over rows ``[0, lengths[b, h])``, accumulated in float32. Returns ``(B, Hq, D)``
-    in the query's dtype; a head with no live row gives zeros.
+    Softmax of ``scale * q.k`` over rows ``[0, lengths[b, h])``, accumulated in float32 (with ``softcap > 0`` the
+    scores are ``softcap * tanh(scale * q.k / softcap)``, Gemma 2's soft-capping). Returns ``(B, Hq, D)`` in the
+    query's dtype; a head with no live row gives zeros.
     """
-    return _ops.decode_attention(query, key_cache, value_cache, lengths, scale)
+    return _ops.decode_attention(query, key_cache, value_cache, lengths, scale, softcap)

@@ -10,12 +10,12 @@ namespace attngate {
 namespace {
 
 Tensor decode_attention_cpu(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
-                            const Tensor& lengths, double scale) {
-  check_decode_attention_args(query, key_cache, value_cache, lengths, scale);
+                            const Tensor& lengths, double scale, double softcap) {
+  check_decode_attention_args(query, key_cache, value_cache, lengths, scale, softcap);
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   cpu::decode_attention_out(paged::make_rect_tables(key_cache, lengths), key_cache, value_cache,
                             paged::make_rect_pool(key_cache), paged::make_rect_pool(value_cache), query, scale,
-                            std::nullopt, std::nullopt, std::nullopt, out, "decode_attention");
+                            softcap, std::nullopt, std::nullopt, std::nullopt, out, "decode_attention");
   return out;
 }
 

@@ -33,6 +33,7 @@ struct DecodeProblem {
   bool serial;  // small enough for the calling thread alone
   paged::RowType type;
   float scale;  // scale * log2(e)
+  float cap;    // softcap * log2(e), 0: off
   const std::vector<int64_t>* lens;
   paged::PagedRows pages;
   paged::DenseRows extra;
@@ -88,7 +89,7 @@ void run_item(const DecodeProblem& p, const scalar_t* query, int64_t q_b, int64_
   std::fill(m, m + p.G, -std::numeric_limits<float>::infinity());
   std::fill(l, l + p.G, 0.f);
   DecodeState st{static_cast<int>(p.D), static_cast<int>(p.G), static_cast<int>(p.dp), sc.q.data(), acc, m, l,
-                 sc.s.data(), sc.zeros.data()};
+                 sc.s.data(), sc.zeros.data(), p.cap};
   const paged::Kernels& kernels = paged::kernels();
   const int64_t row_bytes = p.D * (p.type == paged::RowType::kF32 ? 4 : 2);
   int cur = 0;
@@ -150,7 +151,7 @@ void decode(const DecodeProblem& p, const Tensor& query, Tensor& out) {
 
 void decode_attention_out(const ::attngate::paged::Tables& t, const Tensor& key_pages, const Tensor& value_pages,
                           const ::attngate::paged::Pool& key_pool, const ::attngate::paged::Pool& value_pool,
-                          const Tensor& query, double scale, const std::optional<Tensor>& extra_key,
+                          const Tensor& query, double scale, double softcap, const std::optional<Tensor>& extra_key,
                           const std::optional<Tensor>& extra_value, const std::optional<Tensor>& extra_valid,
                           Tensor& out, const char* op) {
   std::vector<int64_t> lens;
@@ -159,7 +160,8 @@ void decode_attention_out(const ::attngate::paged::Tables& t, const Tensor& key_
   const int64_t B = t.B, H = t.H, D = key_pages.size(-1);
   const int64_t E = extra_key.has_value() ? extra_key->size(2) : 0;
   DecodeProblem p{B, H, query.size(1) / H, D, (D + paged::kMaxWidth - 1) / paged::kMaxWidth * paged::kMaxWidth, E,
-                  1, false, paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
+                  1, false, paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e,
+                  static_cast<float>(softcap) * paged::kLog2e, &lens,
                   paged::PagedRows(key_pages, value_pages, t, key_pool, value_pool), paged::DenseRows(), nullptr, 0, 0,
                   0};
   if (E > 0) {
@@ -182,22 +184,22 @@ void decode_attention_out(const ::attngate::paged::Tables& t, const Tensor& key_
 }
 
 void paged_decode_attention_out(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
-                                const Tensor& page_table, const Tensor& lengths, double scale,
+                                const Tensor& page_table, const Tensor& lengths, double scale, double softcap,
                                 const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
                                 const std::optional<Tensor>& extra_valid, Tensor& out, const char* op) {
   decode_attention_out(::attngate::paged::make_read_tables(key_pages, page_table, lengths), key_pages, value_pages,
                        ::attngate::paged::make_pool(key_pages), ::attngate::paged::make_pool(value_pages), query, scale,
-                       extra_key, extra_value, extra_valid, out, op);
+                       softcap, extra_key, extra_value, extra_valid, out, op);
 }
 
 Tensor paged_decode_attention_cpu(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                   const Tensor& page_table, const Tensor& lengths, double scale,
                                   const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
-                                  const std::optional<Tensor>& extra_valid) {
+                                  const std::optional<Tensor>& extra_valid, double softcap) {
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
-                                    extra_valid);
+                                    extra_valid, softcap);
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
-  paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
+  paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, softcap, extra_key, extra_value,
                              extra_valid, out);
   return out;
 }

@@ -12,14 +12,14 @@ namespace attngate {
 namespace {
 
 Tensor decode_attention_cuda(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
-                             const Tensor& lengths, double scale) {
-  check_decode_attention_args(query, key_cache, value_cache, lengths, scale);
+                             const Tensor& lengths, double scale, double softcap) {
+  check_decode_attention_args(query, key_cache, value_cache, lengths, scale, softcap);
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   if (out.numel() == 0) return out;
   const cuda::DeviceGuard device_guard(query);
   const Tensor scratch = cuda::make_status_scratch(key_cache, 0, 1);
   launch_decode_attention(query, paged::make_rect_tables(key_cache, lengths), key_cache, value_cache,
-                          paged::make_rect_pool(key_cache), paged::make_rect_pool(value_cache), scale, std::nullopt,
+                          paged::make_rect_pool(key_cache), paged::make_rect_pool(value_cache), scale, softcap, std::nullopt,
                           std::nullopt, std::nullopt, out, scratch.mutable_data_ptr<int32_t>());
   cuda::check_status("decode_attention", scratch);
   return out;

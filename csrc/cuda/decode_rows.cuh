@@ -27,7 +27,11 @@ struct DecodeParams {
   int ncol;                          // column chunks per query head (wide kernel)
   int64_t tile_rows;                 // rows per tile of the kernel (chunks are whole tiles)
   float scale;                       // scale * log2(e)
+  float cap;                         // softcap * log2(e), 0: off
 };
+
+// Soft-capping (Gemma 2): a score becomes cap * tanh(score / cap), all in the log2 domain; cap 0 leaves it.
+__device__ __forceinline__ float soft_cap(float s, float cap) { return cap > 0.f ? cap * tanhf(s / cap) : s; }
 
 // Row j of head bh's stream: cache rows [0, len), then extra row j - len. Sets k/v to null when the row does not
 // exist, is an invalid extra row or sits on a bad page (reported when `report`).

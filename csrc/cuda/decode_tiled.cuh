@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tiled_kernel(
           const int idx = kN >= kLanesPerRow ? sl * kHeld + i : sl / kLanesPerValue;
           const int rr = idx / kGT, g = idx % kGT;
           const int r = sub + rr * kRowGroups;
-          w_s[g * kTileRows + r] = r < nr && krows[r] != nullptr ? dot[i] : -INFINITY;
+          w_s[g * kTileRows + r] = r < nr && krows[r] != nullptr ? soft_cap(dot[i], p.cap) : -INFINITY;
         }
       }
       __syncthreads();  // scores complete; k_s is free

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kWideThreads, 2) decode_wide_kernel(
           }
         }
         dot = cuda::warp_sum(dot);
-        if (lane == 0) w_s[r] = krow != nullptr ? dot * p.scale : -INFINITY;
+        if (lane == 0) w_s[r] = krow != nullptr ? soft_cap(dot * p.scale, p.cap) : -INFINITY;
       }
       __syncthreads();
       if (warp == 0) {  // online softmax over the tile, one row per lane

@@ -17,13 +17,13 @@ namespace attngate {
 // kStatusLengthOutOfRange / kStatusBadPageId, and the reads stay in bounds (such rows are skipped).
 void launch_decode_attention(const Tensor& query, const paged::Tables& t, const Tensor& key_pages,
                              const Tensor& value_pages, const paged::Pool& key_pool, const paged::Pool& value_pool,
-                             double scale, const std::optional<Tensor>& extra_key,
+                             double scale, double softcap, const std::optional<Tensor>& extra_key,
                              const std::optional<Tensor>& extra_value, const std::optional<Tensor>& extra_valid,
                              Tensor& out, int32_t* status);
 
 // The same over the paged cache tensors.
 void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
-                                   const Tensor& page_table, const Tensor& lengths, double scale,
+                                   const Tensor& page_table, const Tensor& lengths, double scale, double softcap,
                                    const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
                                    const std::optional<Tensor>& extra_valid, Tensor& out, int32_t* status);
 

@@ -101,7 +101,7 @@ const T* data_or_null(const std::optional<Tensor>& t) {
 
 void launch_decode_attention(const Tensor& query, const paged::Tables& t, const Tensor& key_pages,
                              const Tensor& value_pages, const paged::Pool& key_pool, const paged::Pool& value_pool,
-                             double scale, const std::optional<Tensor>& extra_key,
+                             double scale, double softcap, const std::optional<Tensor>& extra_key,
                              const std::optional<Tensor>& extra_value, const std::optional<Tensor>& extra_valid,
                              Tensor& out, int32_t* status) {
   if (out.numel() == 0) return;
@@ -130,6 +130,7 @@ void launch_decode_attention(const Tensor& query, const paged::Tables& t, const 
   AG_CHECK(D <= std::numeric_limits<int32_t>::max(), "decode attention: head dim D = ", D, " is too large");
   p.D = static_cast<int>(D);
   p.scale = static_cast<float>(scale) * decode::kLog2e;
+  p.cap = static_cast<float>(softcap) * decode::kLog2e;
   const Layout layout = pick_layout(p, group, D, elem, vec_kv, static_cast<int64_t>(props->sharedMemPerBlockOptin));
   const bool vec = layout.wide ? vec_kv && rows_aligned_for(16, {&query}) : vec_kv;
   if (layout.wide) {
@@ -174,12 +175,12 @@ void launch_decode_attention(const Tensor& query, const paged::Tables& t, const 
 }
 
 void launch_paged_decode_attention(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
-                                   const Tensor& page_table, const Tensor& lengths, double scale,
+                                   const Tensor& page_table, const Tensor& lengths, double scale, double softcap,
                                    const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
                                    const std::optional<Tensor>& extra_valid, Tensor& out, int32_t* status) {
   launch_decode_attention(query, paged::make_read_tables(key_pages, page_table, lengths), key_pages, value_pages,
-                          paged::make_pool(key_pages), paged::make_pool(value_pages), scale, extra_key, extra_value,
-                          extra_valid, out, status);
+                          paged::make_pool(key_pages), paged::make_pool(value_pages), scale, softcap, extra_key,
+                          extra_value, extra_valid, out, status);
 }
 
 namespace {
@@ -187,14 +188,14 @@ namespace {
 Tensor paged_decode_attention_cuda(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                    const Tensor& page_table, const Tensor& lengths, double scale,
                                    const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
-                                   const std::optional<Tensor>& extra_valid) {
+                                   const std::optional<Tensor>& extra_valid, double softcap) {
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
-                                    extra_valid);
+                                    extra_valid, softcap);
   const cuda::DeviceGuard device_guard(query);
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   const Tensor scratch = cuda::make_status_scratch(key_pages, 0, 1);
-  launch_paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
-                                extra_valid, out, scratch.mutable_data_ptr<int32_t>());
+  launch_paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, softcap, extra_key,
+                                extra_value, extra_valid, out, scratch.mutable_data_ptr<int32_t>());
   cuda::check_status("paged_decode_attention", scratch);
   return out;
 }
