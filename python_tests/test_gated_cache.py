@@ -31,7 +31,8 @@ def test_memory_after_long_prefill_follows_eviction():
     # Held: the kept rows in pages (at most one partly filled page per (layer, head)) and the one-slot window.
     assert report.kv_bytes <= (1 - report.eviction_ratio) * dense + 2 * 8 * (15 + 1) * 2 * 32 * 4 + 2 * 8 * 2 * 2
     assert report.pages_held <= report.pages_needed + 2 * 8
-    assert report.allocated_bytes / dense <= (1 - report.eviction_ratio) + 0.07
+    # Allocated: the slack rule's eighth more free pages (plus a page per (layer, head)), the gates' K'/V', metadata.
+    assert report.allocated_bytes / dense <= 1.125 * (1 - report.eviction_ratio) + 0.07
     assert len(report.retention_per_head) == 2 and len(report.retention_per_head[0]) == 8
     kept = sum(int(layer.kv.lengths.sum()) for layer in cache.layers)
     assert report.kept_rows == kept and report.total_rows == 2 * 8 * 1024
@@ -50,14 +51,15 @@ def test_paged_pool_grows_geometrically_and_syncs_rarely(monkeypatch):
         store.append(row, row, None)
         pools.add(store.num_pages)
     assert store.pages_used() == 2 * 3 * 188  # ceil(3000 / 16) pages per (row, head)
-    assert store.num_pages <= 1.25 * store.pages_used()  # growth by 1/8 plus headroom
+    held = store.pages_used()
+    assert store.num_pages <= held + held // 8 + 2 * 3  # the slack rule: an eighth more, plus a page per head
     assert len(pools) <= 40  # geometric: a page at a time would take 188 reallocations
-    assert len(syncs) <= 60  # free-count read-backs: headroom grows with the length
+    assert len(syncs) <= 60  # free-count read-backs: the headroom grows with the pages held
     keys, _, live = store.gather()
     assert live.all() and torch.equal(keys[0, 1, 2999], row[0, 1, 0])
     store.compact(torch.arange(3000).expand(2, 3, 3000) < 100)  # keep 100 rows: 7 pages a head
     store.shrink()
-    assert store.pages_used() == 2 * 3 * 7 and store.num_pages <= 2 * 3 * (7 + 2)
+    assert store.pages_used() == 2 * 3 * 7 and store.num_pages <= 2 * 3 * 7 + (2 * 3 * 7) // 8 + 2 * 3
 
 
 @torch.no_grad()

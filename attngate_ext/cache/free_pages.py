@@ -3,8 +3,13 @@
 The paged ops pop pages from a free stack that lives on the device. To grow the pool before an op could run out,
 the host keeps a lower bound of the free pages: the count read back at the last synchronisation, minus what the
 appends since could have taken (a head gains at most ``ceil(r / S)`` pages from ``r`` more rows). It reads
-``free_count`` back only when that bound could run out, and a growth leaves every head room for about an eighth of
-its length more, so a decode loop synchronises once every that many steps at most.
+``free_count`` back only when that bound could run out.
+
+The pool slack rule: a growth, a shrink or a repack leaves :meth:`FreePageBound.headroom_pages` free pages, an eighth
+of the pages held plus one page per (batch row, head), so that a pool never holds more than ``held + held / 8 + one
+page per (row, head)`` pages after any of them, and appends only use free pages up. The one page per (row, head) is a
+decode step's worst case (every head starting a page), so a decode loop synchronises at most once every
+``S * (1 + held / (8 * row_heads))`` steps: every ``S`` steps when the heads keep little, less often as they grow.
 """
 
 from __future__ import annotations
@@ -22,13 +27,12 @@ class FreePageBound:
     Attributes:
         known: free pages at the last read-back (exact right after :meth:`synced`).
         rows_since: rows per head appended since then (an upper bound for every head).
-        length: an upper bound of the longest head.
+        length: an upper bound of the longest head (sizes the page table).
     """
 
-    def __init__(self, page_size: int, row_heads: int, max_headroom: int) -> None:
+    def __init__(self, page_size: int, row_heads: int) -> None:
         self.page_size = page_size
         self.row_heads = row_heads
-        self.max_headroom = max_headroom
         self.known = 0
         self.rows_since = 0
         self.length = 0
@@ -46,10 +50,9 @@ class FreePageBound:
         self.known, self.rows_since = free, 0
         return free
 
-    def headroom_pages(self) -> int:
-        """Free pages a growth or a shrink leaves: room for ``clamp(length / 8, S, max_headroom)`` rows per head."""
-        S = self.page_size
-        return self.pages_for_rows(min(max(self.length // 8, S), max(self.max_headroom, S)))
+    def headroom_pages(self, held: int) -> int:
+        """Free pages a growth, shrink or repack leaves when ``held`` pages are held: ``held // 8 + row_heads``."""
+        return held // 8 + self.row_heads
 
     def appended(self, rows: int, taken: Optional[int]) -> None:
         """Records that ``rows`` rows per head were appended; ``taken``: the pages counted exactly, if they were."""

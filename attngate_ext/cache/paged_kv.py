@@ -38,26 +38,23 @@ def _pages(rows: torch.Tensor, page_size: int) -> torch.Tensor:
 class PagedKV:
     """Paged keys and values of ``batch`` rows x ``heads`` heads of ``head_dim``, in pages of ``page_size`` rows.
 
-    Args:
-        growth: when the pool must grow, it grows by at least this fraction of itself (amortised copies).
-        max_headroom: a growth leaves every head room for ``clamp(length / 8, page_size, max_headroom)`` more rows
-            (rounded up to pages), so the decode steps between two host syncs grow with the sequence while short
-            sequences keep little slack.
+    The pool keeps the slack rule of :class:`~.free_pages.FreePageBound`: after a growth, a shrink or a repack it
+    holds at most ``held // 8 + batch * heads`` free pages (``held``: pages held by some (row, head)), and a growth adds
+    at least that many, so the copies of a growing pool stay amortised.
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 page_size: int = 16, growth: float = 0.125, max_headroom: int = 256) -> None:
+                 page_size: int = 16) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size
-        self.growth = growth
         self.key_pages = torch.zeros(0, page_size, head_dim, dtype=dtype, device=device)
         self.value_pages = torch.zeros_like(self.key_pages)
         self.page_table = torch.full((batch, heads, 0), -1, dtype=torch.int32, device=device)
         self.lengths = torch.zeros(batch, heads, dtype=torch.int32, device=device)
         self.free_pages = torch.zeros(0, dtype=torch.int32, device=device)
         self.free_count = torch.zeros(1, dtype=torch.int32, device=device)
-        self.bound = FreePageBound(page_size, batch * heads, max_headroom)
+        self.bound = FreePageBound(page_size, batch * heads)
         # With a token budget: every row's eviction key, following the rows through every op (see track_rows).
         self.row_keys: Optional[RowKeys] = None
         self.row_limit: Optional[int] = None
@@ -177,19 +174,20 @@ class PagedKV:
         if not self.bound.may_run_out(rows):
             return None
         free = self.bound.synced(self.free_page_count())
+        held = self.num_pages - free
         worst = self.bound.pages_for_rows(rows)
         if worst <= free:
             return None
-        if rows <= self.page_size:
-            self._grow_pool(worst - free + self.bound.headroom_pages())
+        if rows <= self.page_size:  # a decode step (or a few tokens): at most one page per head
+            self._grow_pool(max(worst, self.bound.headroom_pages(held)) - free)
             return None
         # A long append (a prompt chunk): count the pages it really takes (one more sync), so the pool follows the
-        # kept rows, not the chunk.
+        # kept rows, not the chunk, and keeps the slack rule after it.
         lengths = self.lengths.long()
         after = lengths + (keep.sum(dim=2) if keep is not None else rows)
         need = int((_pages(after, self.page_size) - _pages(lengths, self.page_size)).sum())
         if need > free:
-            self._grow_pool(need - free + self.bound.headroom_pages())
+            self._grow_pool(need + self.bound.headroom_pages(held + need) - free)
         return need
 
     def _appended(self, rows: int, taken: Optional[int]) -> None:
@@ -199,7 +197,6 @@ class PagedKV:
         """Adds ``extra`` free pages (copies the pool; right after a sync, when the bound is exact)."""
         P, S, D = self.key_pages.shape
         free = self.bound.known
-        extra = max(extra, int(P * self.growth))
         keys = self.key_pages.new_zeros(P + extra, S, D)
         values = self.value_pages.new_zeros(P + extra, S, D)
         keys[:P] = self.key_pages
@@ -223,13 +220,13 @@ class PagedKV:
         table[:, :, :M] = self.page_table
         self.page_table = table
 
-    def shrink(self, slack: float = 0.25) -> None:
-        """Gives free pages back to the allocator when more than ``slack`` of the pool (and more than the decode
-        headroom) is free: the used pages are moved to the front of a smaller pool (one host synchronisation)."""
+    def shrink(self) -> None:
+        """Gives free pages back to the allocator when more than the slack rule's ``held // 8 + batch * heads`` are
+        free: the held pages are moved to the front of a smaller pool (one host synchronisation)."""
         lengths = self.lengths.long()
         self.bound.length = int(lengths.max()) if lengths.numel() else 0
-        used = int(_pages(lengths, self.page_size).sum())
-        if self.num_pages - used <= max(slack * self.num_pages, self.bound.headroom_pages()):
+        held = int(_pages(lengths, self.page_size).sum())
+        if self.num_pages - held <= self.bound.headroom_pages(held):
             self.bound.synced(self.free_page_count())
             return
         self._repack(self.page_table, self.lengths)
@@ -245,14 +242,14 @@ class PagedKV:
 
     def _repack(self, table: torch.Tensor, lengths: torch.Tensor) -> None:
         """A new pool holding the pages ``table``/``lengths`` use, moved to the front in (row, head, page) order,
-        plus the decode headroom on the free stack."""
+        plus the slack rule's free pages on the free stack."""
         S, device = self.page_size, table.device
         used = _pages(lengths.long(), S)
         n_used = int(used.sum())
         M = table.shape[2]
         live = torch.arange(M, device=device).view(1, 1, M) < used.unsqueeze(-1)
         old_ids = table[live].long()
-        keep_free = self.bound.headroom_pages()
+        keep_free = self.bound.headroom_pages(n_used)
         new_p = n_used + keep_free
         keys = self.key_pages.new_zeros(new_p, S, self.key_pages.shape[2])
         values = torch.zeros_like(keys)
