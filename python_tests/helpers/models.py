@@ -40,8 +40,8 @@ KINDS = {
     "olmo2": (Olmo2Config, Olmo2ForCausalLM, dict(num_key_value_heads=2)),  # q/k norms over the whole projection
     # fused qkv_proj; half the head rotates (Phi-4-mini's partial rotary)
     "phi3": (Phi3Config, Phi3ForCausalLM, dict(num_key_value_heads=2, partial_rotary_factor=0.5)),
-    # soft-capped scores (0.5: the random scores reach it), sliding layer 0
-    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(attn_logit_softcapping=0.5, **_GEMMA)),
+    # soft-capped scores (make_model scales the queries up so that the scores reach the cap), sliding layer 0
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(attn_logit_softcapping=5.0, **_GEMMA)),
     # per-head q/k norms, sliding layer 0 with its local RoPE base
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(rope_parameters={
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
@@ -69,6 +69,8 @@ def make_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
             if kind == "qwen2":  # Qwen2 initialises its attention biases to zero; make them matter
                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                     proj.bias.normal_(std=0.5)
+            if getattr(config, "attn_logit_softcapping", None):  # random scores are ~0.1: far below any cap
+                attn.q_proj.weight.mul_(100.0)
             for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
                 if norm is not None:  # q/k norms start as identities (weights 1, or 0 in Gemma's 1 + w form)
                     norm.weight.add_(torch.randn(norm.weight.shape) * 0.5)
