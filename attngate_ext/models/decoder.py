@@ -13,9 +13,11 @@ def base_decoder(model: nn.Module) -> nn.Module:
     blocks; calling it runs the layers without the LM head. ``TypeError`` for a model of another shape."""
     base = getattr(model, "model", model)
     if not isinstance(getattr(base, "layers", None), nn.ModuleList):
+        gpt2_like = any(hasattr(module, "c_attn") for module in model.modules())
+        why = ", and its attention is a fused `c_attn` without RoPE (GPT-2 style)" if gpt2_like else ""
         raise TypeError(
             f"{type(model).__name__} is not a Llama-style decoder: it has no decoder layer list (model.model.layers "
-            "or model.layers); attention gates support the causal LMs of Llama, Mistral, Qwen2, Qwen3, OLMo-2, "
+            f"or model.layers){why}; attention gates support the causal LMs of Llama, Mistral, Qwen2, Qwen3, OLMo-2, "
             "Phi-3, Gemma 2 and Gemma 3 and models of that shape"
         )
     return base

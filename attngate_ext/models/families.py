@@ -133,6 +133,7 @@ _FEATURES = (
     ("kv_a_proj_with_mqa", "multi-head latent attention (`kv_a_proj_with_mqa`)"),
     ("q_norm", "q/k norms (`q_norm`, `k_norm`) of a class whose order of steps is not known here"),
     ("k_norm", "q/k norms (`q_norm`, `k_norm`) of a class whose order of steps is not known here"),
+    ("qk_norm", "a q/k norm (`qk_norm`) of a class whose order of steps is not known here"),
     ("attn_logit_softcapping", "attention logit soft-capping (`attn_logit_softcapping`) of an unknown class"),
     ("qkv_proj", "a fused `qkv_proj` of an unknown class"),
     ("c_attn", "a fused `c_attn` projection (GPT-2 style, without RoPE)"),
@@ -151,9 +152,9 @@ def attention_family(model_name: str, layer_idx: int, attn: Any) -> AttentionFam
         raise _refusal(model_name, layer_idx, attn, "the decoder layer has no `self_attn`")
     if getattr(attn, "sinks", None) is not None:
         raise _refusal(model_name, layer_idx, attn, dict(_FEATURES)["sinks"])
-    if getattr(attn, "use_rope", True) is False:
+    if not getattr(attn, "use_rope", True):  # SmolLM3 and Llama 4 NoPE layers (an int 0 in SmolLM3)
         raise _refusal(model_name, layer_idx, attn, "no rotary position embedding on this layer (NoPE)")
-    if getattr(attn, "is_causal", True) is False:
+    if not getattr(attn, "is_causal", True):
         raise _refusal(model_name, layer_idx, attn, "bidirectional (non-causal) attention")
     family = FAMILIES.get(type(attn).__name__)
     if family is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -15,10 +15,12 @@ from .models import make_model, random_ids
 
 
 def gated_model(kind: str = "mistral", eviction: float = 0.5, seed: int = 0,
-                calibration_ids: Optional[torch.Tensor] = None, **config) -> torch.nn.Module:
-    """A tiny model of ``kind`` with random gates calibrated to evict ``eviction`` of the tokens of
-    ``calibration_ids`` (default: two random rows of 48)."""
-    model = make_model(kind)
+                calibration_ids: Optional[torch.Tensor] = None, model_overrides: Optional[Dict[str, Any]] = None,
+                **config) -> torch.nn.Module:
+    """A tiny model of ``kind`` (``model_overrides``: model config fields) with random gates (``config``: gate
+    config fields) calibrated to evict ``eviction`` of the tokens of ``calibration_ids`` (default: two random rows
+    of 48)."""
+    model = make_model(kind, **(model_overrides or {}))
     ag.add_attention_gates(model, ag.AttentionGateConfig(**config))
     randomize_gates(model, seed=seed)
     ids = calibration_ids if calibration_ids is not None else random_ids(2, 48, seed=7)
