@@ -3,7 +3,7 @@
 ``A_ij = m_ij exp(s_ij) / sum_j' m_ij' exp(s_ij')`` with ``m_ij = 0`` for ``j > i`` or padding, ``1`` inside the
 protected window (``i - j < w``), and ``F_j`` (per KV head) otherwise. ``F = f + p - p.detach()`` carries the
 hard flag forward and the sigmoid's gradient backward, so an evicted key (``F_j = 0``) still receives
-``dL/dF_j``: how much keeping it would have helped.
+``dL/dF_j``: how much keeping it would have helped. With a soft-cap c (Gemma 2) ``s_ij = c tanh(scale q.k / c)``.
 
 Memory: like flash attention, nothing of size T x T is kept for backward. The forward keeps the output and one
 log-sum-exp per query and head; both passes work on blocks of ``block_size`` queries, so the peak extra memory
