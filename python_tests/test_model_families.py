@@ -57,16 +57,22 @@ def test_the_family_steps_matter(kind):
     assert (model(ids, use_cache=False).logits - base).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+# Qwen2 / Qwen3 slide on the layers from max_window_layers on when use_sliding_window is set.
+_QWEN_SLIDING = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+
+
+@pytest.mark.parametrize("kind,overrides,sliding", [("gemma2", {}, 0), ("gemma3", {}, 0),
+                                                    ("qwen2", _QWEN_SLIDING, 1), ("qwen3", _QWEN_SLIDING, 1)])
 @torch.no_grad()
-def test_sliding_window_layers_see_exactly_the_transformers_window(kind):
+def test_sliding_window_layers_see_exactly_the_transformers_window(kind, overrides, sliding):
     # Query i sees j when 0 <= i - j < window: one slot more or less changes the output.
-    model = make_model(kind)
+    model = make_model(kind, **overrides)
     ids = random_ids(2, 5 * WINDOW, seed=4)
     base = model(ids, use_cache=False).logits
     ag.add_attention_gates(model)
-    window_layer = model.model.layers[0].self_attn
+    window_layer = model.model.layers[sliding].self_attn
     assert isinstance(window_layer, WindowAttention) and window_layer.window == WINDOW
+    assert [type(layer.self_attn) for layer in model.model.layers].count(WindowAttention) == 1
     steps, _ = incremental_logits(model, ids, 3, step=1)
     torch.testing.assert_close(steps, base, rtol=1e-4, atol=1e-4)
     for shifted in (WINDOW - 1, WINDOW + 1):
