@@ -20,6 +20,8 @@ from transformers import (
     GPT2LMHeadModel,
     GptOssConfig,
     GptOssForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
 )
@@ -162,6 +164,10 @@ REFUSED = {
     "gemma3-bidirectional": (lambda: Gemma3ForCausalLM(Gemma3TextConfig(**_SMALL, head_dim=16,
                                                                         use_bidirectional_attention=True)),
                              r"Gemma3ForCausalLM: .* bidirectional"),
+    # Llama 4's chunked layers (and linear-attention layers) are neither full nor sliding attention.
+    "chunked-layers": (lambda: Qwen2ForCausalLM(Qwen2Config(**_SMALL, layer_types=["full_attention",
+                                                                                 "chunked_attention"])),
+                       r"Qwen2ForCausalLM: layer types \['chunked_attention'\] are not supported"),
     "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)),
              r"GPT2LMHeadModel is not a Llama-style decoder: .* fused `c_attn` without RoPE"),
 }
