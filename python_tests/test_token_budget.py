@@ -19,7 +19,8 @@ from attngate_ext.models.calibration import randomize_gates
 from attngate_ext.models.model import gated_layers
 
 from helpers.devices import DEVICES
-from helpers.models import left_pad, make_model, random_ids
+from helpers.gated import gated_model
+from helpers.models import WINDOW, left_pad, make_model, random_ids
 
 POSITION_MASK = (1 << POSITION_BITS) - 1
 
@@ -267,3 +268,30 @@ def test_a_budget_below_the_window_is_refused():
         model(random_ids(1, 10), use_cache=True, **{ag.cache_kwarg(model): AttnGateCache(max_tokens_per_head=5)})
     with pytest.raises(TypeError):
         ag.set_cache_options(model, page_sise=4)
+
+
+def test_gemma2_budget_binds_the_gated_layers_and_the_window_layers_hold_their_window():
+    """Gemma 2 (layer 0 slides over WINDOW tokens, layer 1 is gated) under ``set_cache_options``: after every
+    forward of ``generate()`` each gated head holds at most N rows and the budget binds; the ungated window layer is
+    outside the budget and holds its ring of WINDOW rows, here more than N."""
+    model = gated_model("gemma2", protect_recent=2)
+    budget = 5
+    assert budget < WINDOW
+    ag.set_cache_options(model, max_tokens_per_head=budget, page_size=2)
+    gated = [attn.layer_idx for attn in gated_layers(model)]
+    assert gated == [1]
+    seen: list[tuple[int, int]] = []
+
+    def check(module, args, kwargs, output):
+        cache = kwargs[ag.cache_kwarg(model)]
+        held = _held_per_head(cache)
+        assert max(held[i] for i in gated) <= budget, held
+        assert cache.layers[0].kv.num_pages == 0 and held[0] <= WINDOW, held
+        seen.append((max(held[i] for i in gated), held[0]))
+
+    model.model.register_forward_hook(check, with_kwargs=True)
+    ids, mask = left_pad([random_ids(1, 30, seed=11)[0], random_ids(1, 19, seed=12)[0]])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                         pad_token_id=0)
+    assert out.shape == (2, 38) and len(seen) == 8
+    assert max(g for g, _ in seen) == budget and max(w for _, w in seen) == WINDOW

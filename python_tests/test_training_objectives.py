@@ -19,7 +19,7 @@ from helpers.models import make_model, make_tokenizer
 TEXT = "".join(f"ACT {i}. Enter the king, speaking of {i * 7 % 11} crowns and a horse.\n" for i in range(60))
 
 
-def _naive_scores(q, k, v, wo, x, window, scale):
+def _naive_scores(q, k, v, wo, x, window, scale, softcap=0.0):
     B, Hq, T, D = q.shape
     H = k.shape[1]
     G = Hq // H
@@ -28,6 +28,8 @@ def _naive_scores(q, k, v, wo, x, window, scale):
         for h in range(Hq):
             g = h // G
             logits = (q[b, h].double() @ k[b, g].double().T) * scale
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
             for i in range(T):
                 probs = torch.softmax(logits[i, : i + 1], dim=0)
                 for j in range(i + 1):
@@ -53,6 +55,9 @@ def test_future_attention_scores_match_a_naive_loop():
     got = future_attention_scores(q, k, v, wo, x, valid, 2, D**-0.5)
     ref = _naive_scores(q[1:, :, :-4], k[1:, :, :-4], v[1:, :, :-4], wo, x[1:, :-4], 2, D**-0.5)
     torch.testing.assert_close(got[1:, :, :-4].double(), ref, rtol=1e-4, atol=1e-4)
+    # Soft-capped scores (Gemma 2): the targets follow the model's capped attention.
+    got = future_attention_scores(q, k, v, wo, x, None, 2, 1.0, softcap=1.5)
+    torch.testing.assert_close(got.double(), _naive_scores(q, k, v, wo, x, 2, 1.0, softcap=1.5), rtol=1e-4, atol=1e-4)
 
 
 def test_trainable_tokens_skip_sinks_padding_and_the_unseen_tail():
@@ -83,9 +88,10 @@ def test_distillation_loss_never_rounds_below_zero():
             assert 0.0 <= loss.item() < 1e-4
 
 
-def test_an_objective_runs_in_a_loop_of_ones_own():
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])  # Gemma 2: soft-capped, one ungated sliding-window layer
+def test_an_objective_runs_in_a_loop_of_ones_own(kind):
     """An ObjectiveConfig is all an objective needs: the step runs the backward, gradients reach the gates only."""
-    model = ag.add_attention_gates(make_model("mistral"))
+    model = ag.add_attention_gates(make_model(kind))
     model.requires_grad_(False)
     for gate in ag.gates(model):
         gate.requires_grad_(True)

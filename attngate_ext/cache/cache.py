@@ -31,7 +31,9 @@ class AttnGateCache(Cache):
     (layer, batch row, KV head) holds at most N tokens of the model's K/V (its ``protect_recent`` window included);
     a head that would hold more loses its lowest-scoring rows (the gate's retention probability; sinks last). Within
     one prompt chunk the chunk's own rows are held until the chunk ends: chunk long prompts (``generate(...,
-    prefill_chunk_size=...)``) to bound the peak too. The gates' own K'/V' are not part of the budget.
+    prefill_chunk_size=...)``) to bound the peak too. The gates' own K'/V' are not part of the budget. The budget
+    binds the gated layers; an ungated sliding-window layer (Gemma 2/3 local layers) holds its own bound instead, its
+    ring of the model's ``sliding_window`` rows per head (counted in :meth:`memory_report`).
     """
 
     def __init__(self, page_size: int = 16, max_tokens_per_head: Optional[int] = None) -> None:

@@ -1,8 +1,9 @@
 """AttnGateLayer: one decoder layer of an AttnGateCache, as a ``transformers`` cache layer.
 
 The gated attention calls :meth:`AttnGateLayer.attend`, which scores each chunk (the gate, or a
-:class:`~.policy.TokenPolicy`), attends and stores what stays; the generic ``Cache.update`` path of ungated
-attention is refused.
+:class:`~.policy.TokenPolicy`), attends and stores what stays; an ungated sliding-window layer calls
+:meth:`AttnGateLayer.attend_window` (every flag off, the window its sliding window). The generic ``Cache.update``
+path of unwrapped attention is refused.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ class AttnGateLayer(CacheLayerMixin):
             inside the window; when a token leaves it, it moves to the pages if kept, else its ring slot is simply
             overwritten. A kept token is thus stored once, and the cache holds the window plus the older kept rows.
         gate_kv: :class:`GateKV`, the gate's own K'/V' of every valid token while later tokens are gated (None after
-            a prompt when generated tokens are not scored).
+            a prompt when generated tokens are not scored, and in an ungated sliding-window layer).
         seen: sequence slots processed, padding included (what ``get_seq_length`` reports, so positions stay right).
         valid_count ``(B,)``: valid (non-padding) tokens seen, for the retention statistics.
         max_tokens_per_head: the hard budget N, or None: after every chunk and decode step each head holds at most
             N rows of the model's K/V (its window ring of w slots and at most ``N - w`` paged rows); the rows with
             the lowest score (the gate's retention probability, sinks last; a policy's score when a policy
-            decides; the older first among equals) go with ``paged_remove_rows_``.
+            decides; the older first among equals) go with ``paged_remove_rows_``. Gated layers only: an ungated
+            sliding-window layer's ring holds at most its ``window`` rows per head whatever N is.
     """
 
     def __init__(self, page_size: int = 16, max_tokens_per_head: Optional[int] = None) -> None:  # noqa: D107
@@ -118,7 +120,7 @@ class AttnGateLayer(CacheLayerMixin):
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gate_input: torch.Tensor,
                gate: AttentionGate, gate_cos: Optional[torch.Tensor], gate_sin: Optional[torch.Tensor],
                valid: Optional[torch.Tensor], positions: Optional[torch.Tensor], scale: float,
-               policy: Optional[TokenPolicy] = None) -> Attended:
+               policy: Optional[TokenPolicy] = None, softcap: float = 0.0) -> Attended:
         """Gates the new tokens, attends under the eviction rule (docs/design.md, section 2) and stores what stays.
 
         Args:
@@ -126,6 +128,7 @@ class AttnGateLayer(CacheLayerMixin):
             gate_input: ``(B, T, d)`` the layer input the gate reads; gate_cos/gate_sin ``(B, T, d')``.
             valid: ``(B, T)`` bool, False on padding (None: no padding). positions: ``(B, T)`` for sinks.
             policy: decides the flags instead of the gate, and may prune the pages after each chunk (baselines).
+            softcap: > 0 soft-caps the model's attention scores (Gemma 2); 0: off.
 
         Returns:
             ``(output (B, Hq, T, D), probs (B, H, T), keep (B, H, T))``; a long prompt is processed in
@@ -133,40 +136,61 @@ class AttnGateLayer(CacheLayerMixin):
         """
         cfg = gate.config
         B, _, T, _ = query.shape
-        if not self.is_initialized:
-            self._initialise(key, gate)
-        elif self.valid_count.shape[0] != B:
-            raise ValueError(f"AttnGateCache holds a batch of {self.valid_count.shape[0]}, the input has {B} rows")
+        self._prepare(key, cfg.protect_recent, gate)
         padded = valid is not None
         # Free pages are guaranteed by PagedKV's host bounds, so the CUDA ops need no status read-back.
         with sync_checks(False) if query.is_cuda else contextlib.nullcontext():
             if T == 1 and self.seen > 0:  # a decode step: the short path (no chunk loop, no padding mask needed)
                 return self._chunk(query, key, value, gate_input, gate, gate_cos, gate_sin, valid, positions, scale,
-                                   policy, padded)
+                                   policy, padded, softcap)
             prompt_call = self.seen == 0
             valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=query.device)
             chunk = cfg.prefill_chunk if cfg.prefill_chunk > 0 else max(T, 1)
             parts = [self._chunk(query[:, :, s:s + chunk], key[:, :, s:s + chunk], value[:, :, s:s + chunk],
                                  gate_input[:, s:s + chunk], gate, _cut(gate_cos, s, chunk), _cut(gate_sin, s, chunk),
                                  valid[:, s:s + chunk], None if positions is None else positions[:, s:s + chunk],
-                                 scale, policy, padded)
+                                 scale, policy, padded, softcap)
                      for s in range(0, T, chunk)]
-        if T > 1:  # end of a prompt: give pages reserved beyond the decode headroom back to the allocator
-            self.kv.shrink()
-            if self.gate_kv is not None:
-                self.gate_kv.pages.shrink()
+        self._end_of_call(T)
         if policy is not None or (prompt_call and not cfg.decode_gating):
             self.gate_kv = None  # generated tokens are not scored: the gate's K'/V' are not needed
         if len(parts) == 1:
             return parts[0]
         return tuple(torch.cat(tensors, dim=2) for tensors in zip(*parts))
 
-    def _initialise(self, key: torch.Tensor, gate: AttentionGate) -> None:
+    def attend_window(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      valid: Optional[torch.Tensor], window: int, scale: float, softcap: float = 0.0,
+                      prefill_chunk: int = 0) -> torch.Tensor:
+        """An ungated sliding-window layer: query i sees the valid keys j with ``0 <= i - j < window``.
+
+        That is the eviction rule with every flag off and ``protect_recent = window``: the ring holds the last
+        ``window`` rows of every head, nothing reaches the pages and there is no gate K'/V'. Arguments as
+        :meth:`attend` (``prefill_chunk``: the slices of a long prompt, 0: whole); returns ``(B, Hq, T, D)``.
+        """
+        B, H, T, _ = key.shape
+        self._prepare(key, window, None)
+        keep = torch.zeros(B, H, T, dtype=torch.bool, device=key.device)
+        with sync_checks(False) if query.is_cuda else contextlib.nullcontext():
+            if T == 1 and self.seen > 0:
+                return self._step(query, key, value, keep, valid, window, scale, softcap, stores=False)
+            valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=query.device)
+            chunk = prefill_chunk if prefill_chunk > 0 else max(T, 1)
+            parts = [self._step(query[:, :, s:s + chunk], key[:, :, s:s + chunk], value[:, :, s:s + chunk],
+                                keep[..., s:s + chunk], valid[:, s:s + chunk], window, scale, softcap, stores=False)
+                     for s in range(0, T, chunk)]
+        self._end_of_call(T)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _prepare(self, key: torch.Tensor, window: int, gate: Optional[AttentionGate]) -> None:
+        """Creates the stores on the first call (the gate's K'/V' only for a gated layer), else checks the batch."""
         B, H, _, D = key.shape
-        window = gate.config.protect_recent
+        if self.is_initialized:
+            if self.valid_count.shape[0] != B:
+                raise ValueError(f"AttnGateCache holds a batch of {self.valid_count.shape[0]}, the input has {B} rows")
+            return
         self.kv = PagedKV(B, H, D, key.dtype, key.device, page_size=self.page_size)
         self.window = RecentWindow(B, H, window, D, key.dtype, key.device, holds_kept=window > 1)
-        if self.max_tokens_per_head is not None:
+        if gate is not None and self.max_tokens_per_head is not None:  # the budget binds the gated layers only
             if self.max_tokens_per_head < window:
                 raise ValueError(
                     f"AttnGateCache max_tokens_per_head ({self.max_tokens_per_head}) must be at least the gates' "
@@ -174,12 +198,18 @@ class AttnGateLayer(CacheLayerMixin):
             self.kv.track_rows(self.max_tokens_per_head - window)
             if self.window.holds_kept:
                 self.window.track_rows()
-        self.gate_kv = GateKV(B, gate, key.dtype, key.device, self.page_size)
+        self.gate_kv = GateKV(B, gate, key.dtype, key.device, self.page_size) if gate is not None else None
         self.valid_count = torch.zeros(B, dtype=torch.int64, device=key.device)
         self.is_initialized = True
 
+    def _end_of_call(self, T: int) -> None:
+        if T > 1:  # end of a prompt: give pages reserved beyond the decode headroom back to the allocator
+            self.kv.shrink()
+            if self.gate_kv is not None:
+                self.gate_kv.pages.shrink()
+
     def _chunk(self, query, key, value, gate_input, gate, gate_cos, gate_sin, valid, positions, scale, policy,
-               padded) -> Attended:
+               padded, softcap) -> Attended:
         """Flags of one chunk (``valid`` may be None on a decode step: no padding), attention and storage, then the
         policy's hook."""
         B, H, T, _ = key.shape
@@ -197,18 +227,27 @@ class AttnGateLayer(CacheLayerMixin):
         if self.kv.row_limit is not None:  # a token budget: forced keeps (sinks) go last
             forced = keep & (probs < gate.config.threshold) if policy is None else torch.zeros_like(keep)
             row_keys = score_keys(torch.where(forced, float("inf"), probs.float()), self.seen)
-        if T == 1 and self.seen > 0:
-            out = kept_kv.decode_step(self.kv, self.window, query, key, value, keep, valid, scale, self.seen,
-                                      row_keys)
-        else:
-            out = kept_kv.prefill_chunk(self.kv, self.window, query, key, value, keep, valid,
-                                        gate.config.protect_recent, scale, self.seen, row_keys)
-        self.seen += T
-        self.valid_count += T if valid is None else valid.sum(dim=1)
+        out = self._step(query, key, value, keep, valid, gate.config.protect_recent, scale, softcap,
+                         row_keys=row_keys)
         if policy is not None:
             policy.after_chunk(self.kv, query, key, valid_rows, self.valid_count)
         self.kv.enforce_limit(T)  # a chunk or step appends at most T rows per head
         return out, probs, keep
+
+    def _step(self, query, key, value, keep, valid, window, scale, softcap, stores=True,
+              row_keys=None) -> torch.Tensor:
+        """Attention and storage of a chunk (or a decode step) whose flags are ``keep`` (``stores=False``: all
+        off); ``row_keys``: the tokens' eviction keys under a token budget; counts the slots."""
+        T = key.shape[2]
+        if T == 1 and self.seen > 0:
+            out = kept_kv.decode_step(self.kv, self.window, query, key, value, keep, valid, scale, self.seen, softcap,
+                                      stores, row_keys)
+        else:
+            out = kept_kv.prefill_chunk(self.kv, self.window, query, key, value, keep, valid, window, scale,
+                                        self.seen, softcap, stores, row_keys)
+        self.seen += T
+        self.valid_count += T if valid is None else valid.sum(dim=1)
+        return out
 
 
 def _cut(table: Optional[torch.Tensor], start: int, length: int) -> Optional[torch.Tensor]:

@@ -110,22 +110,26 @@ class PagedKV:
 
     def decode_step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
                     valid: Optional[torch.Tensor], ring: "RecentWindow", slot: int, scale: float,
+                    softcap: float = 0.0, stores: bool = True,
                     new_row_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One ``paged_decode_step_``: the new token ``key``/``value`` ``(B, H, D)`` with flags ``keep`` ``(B, H)``
         (``valid`` ``(B,)``, None: no padding) goes into slot ``slot`` of ``ring`` (with ``ring.holds_kept`` the kept
         row leaving that slot moves to the pages first, else a kept new token goes to the pages), then ``query``
-        ``(B, Hq, D)`` attends over the pages and the visible ring rows. Returns ``(B, Hq, D)``. ``new_row_keys``
-        ``(B, H)``: the new token's eviction keys (needed while rows are tracked)."""
-        taken = self._prepare_append(1)
-        if self.row_keys is not None:  # what the step appends: the kept row leaving the ring slot, or the new token
+        ``(B, Hq, D)`` attends over the pages and the visible ring rows (``softcap > 0``: soft-capped scores).
+        ``stores=False`` promises that no flag is set (nothing is appended): no page is reserved. Returns
+        ``(B, Hq, D)``. ``new_row_keys`` ``(B, H)``: the new token's eviction keys (needed while rows are tracked)."""
+        taken = self._prepare_append(1) if stores else None
+        tracked = self.row_keys is not None
+        if tracked:  # what the step appends: the kept row leaving the ring slot, or the new token
             if ring.holds_kept:
                 moved, moved_keys = ring.keep[:, :, slot].clone(), ring.row_keys[:, :, slot].clone()
             else:
                 moved, moved_keys = keep if valid is None else keep & valid.unsqueeze(1), _needed(new_row_keys)
         out = paged_decode_step_(query, *self.state, key, value, keep, valid, ring.keys, ring.values, ring.visible,
-                                 slot, scale, ring.keep if ring.holds_kept else None)
-        self._appended(1, taken)
-        if self.row_keys is not None:
+                                 slot, scale, ring.keep if ring.holds_kept else None, softcap)
+        if stores:
+            self._appended(1, taken)
+        if tracked:
             self.row_keys.appended(self.lengths, moved_keys.unsqueeze(-1), moved.unsqueeze(-1))
             if ring.row_keys is not None:
                 ring.row_keys[:, :, slot] = _needed(new_row_keys)
@@ -133,12 +137,14 @@ class PagedKV:
 
     def prefill_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
                           valid: Optional[torch.Tensor], window: int, scale: float,
-                          extra: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                          extra: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                          softcap: float = 0.0) -> torch.Tensor:
         """``paged_prefill_attention`` of a chunk over these pages, the chunk itself under the eviction rule and the
-        optional ``extra = (keys, values, until)`` rows (the window ring); stores nothing."""
+        optional ``extra = (keys, values, until)`` rows (the window ring), scores soft-capped when ``softcap > 0``;
+        stores nothing."""
         extra_key, extra_value, extra_until = extra if extra is not None else (None, None, None)
         return paged_prefill_attention(query, *self.state[:4], key, value, keep, valid, window, scale, extra_key,
-                                       extra_value, extra_until)
+                                       extra_value, extra_until, softcap)
 
     def compact(self, keep_rows: torch.Tensor) -> None:
         """Drops the rows whose ``keep_rows`` ``(B, H, L >= max(lengths))`` flag is False, keeping the order."""

@@ -28,7 +28,8 @@ def prune_cache(model: nn.Module, cache: AttnGateCache, policy: Policy, eviction
     Returns the keep flags ``(B, H, T)`` of every layer (indexed by sequence slot).
     """
     flags = []
-    for attn, layer, recorded in zip(gated_layers(model), cache.layers, inputs):
+    for attn, recorded in zip(gated_layers(model), inputs):
+        layer = cache.layers[attn.layer_idx]  # ungated sliding-window layers hold their window only: not pruned
         if recorded is None:
             raise RuntimeError("prune_cache needs the prefill's layer inputs: run the prefill inside "
                                "recording_layer_inputs(model)")

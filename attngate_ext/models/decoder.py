@@ -1,26 +1,24 @@
-"""Reading a Hugging Face Llama-style causal LM: its decoder, its cache keyword, its shape, and whether an attention
-block has Llama's shape (the only shape the gates wrap)."""
+"""Reading a Hugging Face decoder-only causal LM: its decoder, its cache keyword, its shape, its RoPE base and which
+layers use a sliding window (the attention blocks themselves: :mod:`.families`)."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
-
-_REQUIRED = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
-# Attention features that change the math beyond Llama's shape; a module with any of them is refused.
-_UNSUPPORTED = ("q_norm", "k_norm", "sinks", "attn_logit_softcapping", "qkv_proj", "c_attn")
-
 
 def base_decoder(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM (``model.model``, or ``model`` itself), whose ``layers`` hold the attention
     blocks; calling it runs the layers without the LM head. ``TypeError`` for a model of another shape."""
     base = getattr(model, "model", model)
     if not isinstance(getattr(base, "layers", None), nn.ModuleList):
+        gpt2_like = any(hasattr(module, "c_attn") for module in model.modules())
+        why = ", and its attention is a fused `c_attn` without RoPE (GPT-2 style)" if gpt2_like else ""
         raise TypeError(
-            f"{type(model).__name__} is not a Llama-style decoder (expected model.model.layers or model.layers); "
-            "attention gates support LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and models of that shape"
+            f"{type(model).__name__} is not a Llama-style decoder: it has no decoder layer list (model.model.layers "
+            f"or model.layers){why}; attention gates support the causal LMs of Llama, Mistral, Qwen2, Qwen3, OLMo-2, "
+            "Phi-3, Gemma 2 and Gemma 3 and models of that shape"
         )
     return base
 
@@ -42,8 +40,12 @@ def model_facts(model: nn.Module) -> Dict[str, int]:
 
 
 def rope_theta(config: Any) -> float:
-    """The RoPE base of a model config (``rope_parameters`` of recent transformers, else ``rope_theta``)."""
+    """The RoPE base of a model config (``rope_parameters`` of recent transformers, else ``rope_theta``); for a model
+    with one RoPE per layer type (Gemma 3: a local base on sliding layers), that of the full-attention layers, the
+    ones that carry gates."""
     params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     return float(theta or getattr(config, "rope_theta", None) or 10000.0)
 
@@ -55,14 +57,21 @@ def sliding_window(attn: nn.Module) -> Optional[int]:
     return getattr(attn.config, "sliding_window", None)  # Mistral: one window for every layer
 
 
-def check_llama_attention(layer_idx: int, attn: Any) -> None:
-    """``TypeError`` unless ``attn`` has Llama's shape: q/k/v/o projections, RoPE, GQA, optional bias."""
-    name = type(attn).__name__
-    missing = [attr for attr in _REQUIRED if not hasattr(attn, attr)]
-    extra = [attr for attr in _UNSUPPORTED if getattr(attn, attr, None) is not None]
-    if missing or extra:
-        why = f"missing {missing}" if missing else f"has unsupported {extra}"
-        raise TypeError(
-            f"layer {layer_idx}: {name} is not a Llama-shaped attention block ({why}); attention gates support "
-            "Llama, Mistral and Qwen2 attention (q/k/v/o projections, RoPE, GQA, optional bias)"
-        )
+def window_only_layers(model: nn.Module) -> Dict[int, int]:
+    """``{layer index: window}`` of the layers left ungated: the sliding-window layers of a model that mixes them
+    with full-attention layers (``config.layer_types``: Gemma 2 and 3, Qwen2/Qwen3 with ``use_sliding_window``).
+
+    Such a layer attends to its last ``window`` sequence slots (itself included), as ``transformers``' sliding-window
+    mask does; a model whose every layer has the same window (Mistral, Phi-3) keeps gates on every layer (see
+    :func:`sliding_window`). ``TypeError`` for a layer type that is neither (chunked, linear attention...).
+    """
+    types: List[str] = list(getattr(model.config, "layer_types", None) or [])
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise TypeError(f"{type(model).__name__}: layer types {unknown} are not supported; attention gates wrap "
+                        "full-attention layers and leave sliding-window ones ungated")
+    if "full_attention" not in types or "sliding_attention" not in types:
+        return {}
+    layers = base_decoder(model).layers
+    return {idx: int(sliding_window(layers[idx].self_attn)) for idx, kind in enumerate(types)
+            if kind == "sliding_attention"}

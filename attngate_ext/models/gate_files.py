@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..gate.config import AttentionGateConfig
 from .decoder import model_facts
-from .model import add_attention_gates, gate_config, gate_state_dict, gates, is_gated
+from .model import add_attention_gates, gate_config, gate_state_dict, gated_layers, is_gated
 
 GATES_FILE = "attention_gates.safetensors"
 CONFIG_FILE = "attention_gates.json"
@@ -59,10 +59,15 @@ def load_gates(model: nn.Module, path: str) -> nn.Module:
         add_attention_gates(model, config)
     tensors = load_file(weights_path)
     _check_finite(tensors, weights_path)
-    for i, gate in enumerate(gates(model)):
-        prefix = f"layers.{i}."
+    layers = gated_layers(model)
+    saved = sorted({int(name.split(".")[1]) for name in tensors})
+    here = [attn.layer_idx for attn in layers]
+    if saved != here:
+        raise ValueError(f"the gates at {path!r} are for layers {saved}, this model gates layers {here}")
+    for attn in layers:
+        prefix = f"layers.{attn.layer_idx}."
         own = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-        gate.load_state_dict(own, strict=True)
+        attn.gate.load_state_dict(own, strict=True)
     return model
 
 

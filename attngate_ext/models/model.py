@@ -1,4 +1,4 @@
-"""Turning a loaded Hugging Face Llama-style model into a gated one and back, and reading its gates."""
+"""Turning a loaded Hugging Face model of a supported family into a gated one and back, and reading its gates."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import torch.nn as nn
 from ..cache.cache import AttnGateCache
 from ..gate.config import AttentionGateConfig, default_gate_head_dim
 from ..gate.gate import AttentionGate
-from .decoder import base_decoder, cache_kwarg, check_llama_attention, model_facts, rope_theta, sliding_window
-from .gated_attention import PADDING_MASK_KWARG, GatedAttention
+from .decoder import base_decoder, cache_kwarg, model_facts, rope_theta, sliding_window, window_only_layers
+from .families import attention_family
+from .gated_attention import GatedAttention
+from .window_attention import WindowAttention
+from .wrapped_attention import GATES_TRAINING_KWARG, PADDING_MASK_KWARG, WrappedAttention
 
 
 @dataclasses.dataclass
@@ -27,7 +30,8 @@ class _GatingState:
 
 
 def _padding_hook(state_holder: nn.Module):
-    """Pre-forward hook of the decoder: passes the 2-D padding mask down and installs an AttnGateCache."""
+    """Pre-forward hook of the decoder: passes the 2-D padding mask down, says whether the gates train in this
+    forward, and installs an AttnGateCache."""
 
     def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
         state: _GatingState = state_holder._attngate_state
@@ -42,6 +46,7 @@ def _padding_hook(state_holder: nn.Module):
                 )
             kwargs[PADDING_MASK_KWARG] = mask
             kwargs["attention_mask"] = None  # the gated layers apply padding; no 4-D mask needs to be built
+        kwargs[GATES_TRAINING_KWARG] = any(attn._training_gates() for attn in gated_layers(state_holder))
         key = state.cache_kwarg
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         use_cache = kwargs.get("use_cache")
@@ -64,12 +69,16 @@ def _padding_hook(state_holder: nn.Module):
 
 
 def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] = None) -> nn.Module:
-    """Puts an Attention-Gate in front of every attention block of a Llama-style model, in place.
+    """Puts an Attention-Gate in front of every full-attention block of a model, in place.
 
-    Works for ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` and anything whose attention
-    block has Llama's shape; anything else raises ``TypeError``. The gates are created on the model's device and
-    dtype, initialised to keep every token (the gated model computes what the base model computes), and are the
-    only new parameters. ``generate()`` then uses an :class:`AttnGateCache` automatically.
+    Works for the causal LMs of Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3, Gemma 2 and Gemma 3 (``Gemma3ForCausalLM``)
+    and anything whose attention block has Llama's shape (:mod:`.families`); anything else raises ``TypeError``
+    naming the model class and the missing piece. In a model that mixes sliding-window and full-attention layers
+    (Gemma 2 and 3, Qwen2/Qwen3 with ``use_sliding_window``) the sliding-window layers get no gate: they do plain
+    sliding-window attention (:class:`~.window_attention.WindowAttention`) and the cache holds their last ``window``
+    rows. The gates are created on the model's device and dtype, initialised to keep every token (the gated model
+    computes what the base model computes), and are the only new parameters. ``generate()`` then uses an
+    :class:`AttnGateCache` automatically.
 
     Args:
         model: the model; modified in place and returned.
@@ -80,11 +89,14 @@ def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] 
     decoder = base_decoder(model)
     if is_gated(model):
         raise ValueError("the model already has attention gates; call remove_attention_gates(model) first")
+    name = type(model).__name__
+    families = []
     for idx, layer in enumerate(decoder.layers):
         attn = getattr(layer, "self_attn", None)
-        if isinstance(attn, GatedAttention):
+        if isinstance(attn, WrappedAttention):
             raise ValueError("the model already has attention gates; call remove_attention_gates(model) first")
-        check_llama_attention(idx, attn)
+        families.append(attention_family(name, idx, attn))
+    windows = window_only_layers(model)
     first = decoder.layers[0].self_attn
     facts = model_facts(model)
     if config.head_dim is None:
@@ -92,15 +104,18 @@ def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] 
         config = dataclasses.replace(config, head_dim=width)
     theta = rope_theta(model.config)
     rope_memo: Dict[str, Any] = {}
-    for layer in decoder.layers:
+    for idx, (layer, family) in enumerate(zip(decoder.layers, families)):
         attn = layer.self_attn
-        weight = attn.q_proj.weight
-        gate = AttentionGate(facts["hidden_size"], facts["num_key_value_heads"], config)
-        gate.to(device=weight.device, dtype=weight.dtype)
-        gated = GatedAttention(attn, gate, theta, sliding_window(attn))
-        gated.rope_memo = rope_memo  # one gate RoPE table per forward for all layers
-        gated.train(attn.training)
-        layer.self_attn = gated
+        if idx in windows:
+            wrapped: WrappedAttention = WindowAttention(attn, family, windows[idx], config.prefill_chunk)
+        else:
+            weight = next(attn.parameters())
+            gate = AttentionGate(facts["hidden_size"], facts["num_key_value_heads"], config)
+            gate.to(device=weight.device, dtype=weight.dtype)
+            wrapped = GatedAttention(attn, gate, theta, sliding_window(attn), family)
+            wrapped.rope_memo = rope_memo  # one gate RoPE table per forward for all layers
+        wrapped.train(attn.training)
+        layer.self_attn = wrapped
     hook = decoder.register_forward_pre_hook(_padding_hook(model), with_kwargs=True)
     model._attngate_state = _GatingState(config, hook, cache_kwarg(model))
     return model
@@ -120,7 +135,7 @@ def remove_attention_gates(model: nn.Module) -> nn.Module:
     """Restores the original attention modules (the gates are dropped) and removes the hook; returns the model."""
     state = _state(model)
     for layer in base_decoder(model).layers:
-        if isinstance(layer.self_attn, GatedAttention):
+        if isinstance(layer.self_attn, WrappedAttention):
             layer.self_attn = layer.self_attn.attention
     state.hook.remove()
     del model._attngate_state
@@ -162,22 +177,26 @@ def update_gate_config(model: nn.Module, **changes: Any) -> AttentionGateConfig:
     state.config = config
     for gate in gates(model):
         gate.config = config
+    for layer in base_decoder(model).layers:
+        if isinstance(layer.self_attn, WindowAttention):
+            layer.self_attn.prefill_chunk = config.prefill_chunk
     return config
 
 
 def gated_layers(model: nn.Module) -> List[GatedAttention]:
-    """The gated attention modules of a gated model, one per decoder layer, in order."""
+    """The gated attention modules of a gated model, in layer order: one per decoder layer, except the ungated
+    sliding-window layers of a model that mixes them with full attention (their index: ``attn.layer_idx``)."""
     _state(model)
-    return [layer.self_attn for layer in base_decoder(model).layers]
+    return [layer.self_attn for layer in base_decoder(model).layers if isinstance(layer.self_attn, GatedAttention)]
 
 
 def gates(model: nn.Module) -> List[AttentionGate]:
-    """The gates of a gated model, one per decoder layer, in order."""
+    """The gates of a gated model, one per gated layer (see :func:`gated_layers`), in order."""
     return [attn.gate for attn in gated_layers(model)]
 
 
 def gate_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The gate parameters only, keyed ``layers.{i}.{name}``."""
-    return {
-        f"layers.{i}.{name}": tensor for i, gate in enumerate(gates(model)) for name, tensor in gate.state_dict().items()
-    }
+    """The gate parameters only, keyed ``layers.{i}.{name}`` with ``i`` the decoder layer's index (ungated
+    sliding-window layers have no entries)."""
+    return {f"layers.{attn.layer_idx}.{name}": tensor for attn in gated_layers(model)
+            for name, tensor in attn.gate.state_dict().items()}

@@ -122,16 +122,17 @@ def ste_gated_attention(
     valid: Optional[torch.Tensor] = None,
     window: int = 1,
     scale: Optional[float] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """The training formula (docs/training.md) as written, ``A = m e^s / sum m e^s``, with a full T x T
-    autograd graph."""
+    autograd graph (``softcap > 0``: ``s`` soft-capped)."""
     B, Hq, T, D = query.shape
     group = Hq // key.shape[1]
     scale = D**-0.5 if scale is None else scale
     k = key.float().repeat_interleave(group, dim=1)
     v = value.float().repeat_interleave(group, dim=1)
     f = retain.float().repeat_interleave(group, dim=1)  # (B, Hq, T)
-    scores = torch.einsum("bqid,bqjd->bqij", query.float(), k) * scale
+    scores = soft_cap(torch.einsum("bqid,bqjd->bqij", query.float(), k) * scale, softcap)
     i = torch.arange(T, device=query.device).view(-1, 1)
     j = torch.arange(T, device=query.device).view(1, -1)
     m = torch.where(i - j < window, torch.ones_like(f).unsqueeze(2), f.unsqueeze(2))  # (B, Hq, T, T)

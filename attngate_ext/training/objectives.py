@@ -118,7 +118,7 @@ def attention_targets(model: nn.Module, batch: Dict[str, torch.Tensor],
             query, key, value = attn.project(hidden, captured.position_embeddings)
         B, T, _ = hidden.shape
         scores = future_attention_scores(query, key, value, attn.attention.o_proj.weight, hidden, valid,
-                                         gates_config.protect_recent, attn.scaling)
+                                         gates_config.protect_recent, attn.scaling, softcap=attn.softcap)
         position_ids = captured.position_ids
         if position_ids is not None:
             position_ids = position_ids.expand(B, T)

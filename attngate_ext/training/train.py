@@ -1,4 +1,4 @@
-"""Train the Attention-Gates of a pre-trained Llama-style model (docs/training.md).
+"""Train the Attention-Gates of a pre-trained model of a supported family (docs/training.md, docs/cache.md).
 
     python -m attngate_ext.train --model DIR --text a.txt b.txt --out runs/gates --steps 300
     python -m attngate_ext.train --model DIR --sft data.jsonl --out runs/sft --lora --steps 300
@@ -50,7 +50,7 @@ LOGGED = ("loss", "task_loss", "eviction_loss", "retention", "target")
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m attngate_ext.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=utils.HelpWithDefaults)
-    p.add_argument("--model", required=True, help="local Hugging Face model directory (Llama/Mistral/Qwen2)")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (Llama, Mistral, Qwen2/3, OLMo-2, Phi-3, Gemma 2/3)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text", nargs="+", help="plain-text files or directories of *.txt (continual pre-training)")
     data.add_argument("--sft", help="JSONL file of {prompt, answer} records (supervised fine-tuning)")
