@@ -23,8 +23,8 @@ for v in "$GPU_VENV" "$CUDA_VENV"; do [ -x "$v/bin/python" ] || { echo "no venv 
 GPU_VENV=$(cd "$GPU_VENV" && pwd)
 CUDA_VENV=$(cd "$CUDA_VENV" && pwd)
 OP_TESTS=(test_append_kv.py test_compact_kv.py test_decode_attention.py test_gate_flags.py test_bad_input.py
-          test_overlap_checks.py test_paged_storage.py test_paged_storage_errors.py test_paged_attention.py
-          test_paged_attention_inputs.py test_paged_attention_prefill.py test_paged_decode_step.py
+          test_overlap_checks.py test_paged_append_kv.py test_paged_storage_errors.py test_paged_decode_attention.py
+          test_paged_attention_inputs.py test_paged_prefill_attention.py test_paged_decode_step.py
           test_paged_decode_step_errors.py test_paged_kernel_paths.py test_import_checks.py)
 run_op_tests() {  # $1: venv, $2: the torch version it must have
   (cd "$WORK/run" && "$1/bin/python" - "$2" <<'PY'

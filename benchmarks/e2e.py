@@ -11,9 +11,9 @@ Modes, all on the same model weights and the same prompt:
 Each mode: one short untimed warm-up (fresh cache), then one forward over the prompt with a fresh cache (prefill)
 and ``decode`` single-token forwards feeding back the argmax token (a plain loop; ``generate()``'s own overhead would
 dominate a tiny model), ``repeats`` times with a fresh cache; the times reported are the medians. Timed with
-``time.perf_counter``, synchronising the GPU around each timed region.
+:class:`benchmarks.timing.Stopwatch` (wall time, the GPU synchronised around each timed region).
 
-KV bytes: dense = the key/value tensors of the DynamicCache; gated = ``memory_report()["kv_bytes"]`` (the pages held by
+KV bytes: dense = the key/value tensors of the DynamicCache; gated = ``memory_report().kv_bytes`` (the pages held by
 some (row, head) and the window ring), with the gates' own K'/V' (``gate_bytes``) and the pool's free pages in their
 own columns. The target reported for the gated modes is ``KV bytes <= (1 - measured eviction) + 0.03`` of dense
 (after decode); it is reported, never asserted.
@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import statistics
-import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import attngate_ext
-from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
-from benchmarks.report import Row
-
-if TYPE_CHECKING:  # run.py imports this module
-    from benchmarks.run import Config
+from attngate_ext import cache_kwarg, calibrate_gate_bias, randomize_gates
+from benchmarks.config import Config
+from benchmarks.printer import Column, Row, Table
+from benchmarks.timing import Stopwatch
 
 EVICTIONS = (0.0, 0.5, 0.75)
 KV_SLACK = 0.03  # target: gated KV bytes <= (1 - eviction) + KV_SLACK of the dense KV bytes (gates' K'/V' apart)
@@ -154,19 +151,9 @@ def make_prompt(cfg: E2EConfig) -> torch.Tensor:
     return row.repeat(cfg.batch, 1).to(cfg.device)
 
 
-def cache_kwarg(model: LlamaForCausalLM) -> str:
-    """The forward keyword of the cache: ``cache`` on transformers >= 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
-
-
 def dense_kv_bytes(cache: DynamicCache) -> int:
     """Bytes of the key and value tensors a DynamicCache holds."""
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _free(device: torch.device) -> None:
@@ -203,23 +190,16 @@ def _generate(model: LlamaForCausalLM, prompt: torch.Tensor, cache: object, step
 
     ``after_prefill`` runs between the two timed regions. Returns (prefill s, decode s, tokens ``(B, steps)``).
     """
-    device = prompt.device
     kwargs = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
-    _sync(device)
-    t0 = time.perf_counter()
-    token = model(input_ids=prompt, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
+    with Stopwatch(prompt.device) as prefill:
+        token = model(input_ids=prompt, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
     after_prefill()
     tokens = []
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tokens.append(token)
-        token = model(input_ids=token, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    decode_s = time.perf_counter() - t0
-    return prefill_s, decode_s, torch.cat(tokens, dim=1).cpu()
+    with Stopwatch(prompt.device) as decode:
+        for _ in range(steps):
+            tokens.append(token)
+            token = model(input_ids=token, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+    return prefill.seconds, decode.seconds, torch.cat(tokens, dim=1).cpu()
 
 
 def run_mode(model: LlamaForCausalLM, prompt: torch.Tensor, cfg: E2EConfig, gated: bool) -> ModeResult:
@@ -235,7 +215,7 @@ def run_mode(model: LlamaForCausalLM, prompt: torch.Tensor, cfg: E2EConfig, gate
 
     def measure() -> Dict[str, object]:
         if gated:
-            return cache.memory_report()
+            return cache.memory_report().as_dict()
         return {"kv_bytes": dense_kv_bytes(cache), "gate_bytes": 0, "free_page_bytes": 0, "eviction_ratio": 0.0,
                 "retention_per_layer": [1.0] * len(cache.layers)}
 
@@ -275,31 +255,22 @@ def _mib(nbytes: Optional[int]) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.2f} MiB"
 
 
-COLUMNS: List[Tuple[str, int, Callable[[Dict[str, object]], str]]] = [  # (title, width, cell of a row's extra)
-    ("mode", 11, lambda e: str(e["mode"])),
-    ("evicted", 8, lambda e: f"{100 * e['eviction']:.1f}%"),
-    ("prefill ms", 11, lambda e: f"{e['prefill_ms']:.1f}"),
-    ("decode tok/s", 13, lambda e: f"{e['decode_tokens_per_s']:.1f}"),
-    ("speedup", 8, lambda e: f"{e['decode_speedup']:.2f}x"),
-    ("KV prefill", 14, lambda e: _mib(e["kv_bytes_prefill"])),
-    ("KV decode", 14, lambda e: _mib(e["kv_bytes_decode"])),
-    ("gate K'V'", 12, lambda e: _mib(e["gate_bytes"]) if e["gated"] else "-"),
-    ("free pages", 12, lambda e: _mib(e["free_bytes"]) if e["gated"] else "-"),
-    ("KV/dense", 9, lambda e: f"{e['kv_ratio_decode']:.3f}"),
-    ("target", 7, lambda e: f"{e['kv_target']:.3f}" if e["gated"] else "-"),
-    ("KV target", 10, lambda e: ("met" if e["kv_target_met"] else "MISSED") if e["gated"] else "-"),
-    ("peak", 14, lambda e: _mib(e["peak_bytes"])),
+COLUMNS: List[Column] = [  # cells of a row's extra
+    ("mode", 11, lambda r: str(r.extra["mode"])),
+    ("evicted", 8, lambda r: f"{100 * r.extra['eviction']:.1f}%"),
+    ("prefill ms", 11, lambda r: f"{r.extra['prefill_ms']:.1f}"),
+    ("decode tok/s", 13, lambda r: f"{r.extra['decode_tokens_per_s']:.1f}"),
+    ("speedup", 8, lambda r: f"{r.extra['decode_speedup']:.2f}x"),
+    ("KV prefill", 14, lambda r: _mib(r.extra["kv_bytes_prefill"])),
+    ("KV decode", 14, lambda r: _mib(r.extra["kv_bytes_decode"])),
+    ("gate K'V'", 12, lambda r: _mib(r.extra["gate_bytes"]) if r.extra["gated"] else "-"),
+    ("free pages", 12, lambda r: _mib(r.extra["free_bytes"]) if r.extra["gated"] else "-"),
+    ("KV/dense", 9, lambda r: f"{r.extra['kv_ratio_decode']:.3f}"),
+    ("target", 7, lambda r: f"{r.extra['kv_target']:.3f}" if r.extra["gated"] else "-"),
+    ("KV target", 10, lambda r: ("met" if r.extra["kv_target_met"] else "MISSED") if r.extra["gated"] else "-"),
+    ("peak", 14, lambda r: _mib(r.extra["peak_bytes"])),
 ]
-
-
-def _line(cells: List[str]) -> str:
-    # The mode is left-aligned, the numbers right-aligned.
-    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS)))
-
-
-def print_row(row: Row) -> None:
-    """One line of the section's table."""
-    print(_line([cell(row.extra) for _, _, cell in COLUMNS]), flush=True)
+TABLE = Table(COLUMNS, left=1)  # the mode left-aligned, the numbers right-aligned
 
 
 def print_head(cfg: E2EConfig) -> None:
@@ -319,9 +290,7 @@ def print_head(cfg: E2EConfig) -> None:
           "gated: pages held + window ring; the gates' K'V' and the free pages of the pools in their own columns)")
     print(f"KV/dense, target = (1 - evicted) + {KV_SLACK}: after decode (after prefill: in the JSON); speedup: "
           "decode tok/s vs dense; peak: CUDA max allocated, weights incl.\n")
-    line = _line([title for title, _, _ in COLUMNS])
-    print(line)
-    print("-" * len(line))
+    TABLE.print_head()
 
 
 def _row(cfg: E2EConfig, mode: str, asked: Optional[float], res: ModeResult, dense: ModeResult) -> Row:
@@ -387,14 +356,14 @@ def run_e2e(cfg: E2EConfig) -> List[Row]:
     prompt = make_prompt(cfg)
     dense = run_mode(model, prompt, cfg, gated=False)
     rows = [_row(cfg, "dense", None, dense, dense)]
-    print_row(rows[-1])
+    TABLE.print_row(rows[-1])
     attngate_ext.add_attention_gates(model, cfg.gate_config())
     for eviction in cfg.evictions:
         randomize_gates(model, seed=cfg.seed)  # every mode starts from the same gates, bias 0
         calibrate_gate_bias(model, prompt[:1], eviction)  # every row is this one
         _free(cfg.device)
         rows.append(_row(cfg, f"gated@{eviction:g}", eviction, run_mode(model, prompt, cfg, gated=True), dense))
-        print_row(rows[-1])
+        TABLE.print_row(rows[-1])
     del model, prompt
     _free(cfg.device)
     return rows

@@ -28,7 +28,7 @@
 #   MAX_JOBS              parallel compile jobs (default 16)
 #   TOTAL_BUDGET          seconds for the whole run (default 465)
 #   CAP_SCALE             multiplies every step's cap (default 1; the 2-core CI rehearsal uses more)
-#   BENCH_ARGS            extra arguments of benchmarks/run.py (default --sections ops)
+#   BENCH_ARGS            extra arguments of benchmarks/run.py (default --sections ops bandwidth)
 #   build/gpu-tools/      put on PATH when the machine has no ninja (scripts/gpu_tools.sh makes it; carry it along)
 #   GPU_CHECK_CMAKE=1     also build the CPU-only CMake library and run its tests (left out by default: covered by
 #                         CI, and its build would eat the test budget)
@@ -158,7 +158,7 @@ elif ! "$PY" -c "import pytest" 2>/dev/null; then
   echo "pytest is NOT installed: tests and sanitizers skipped" | tee "$OUT/tests-paged.log"
   if [ "$GPU" = 1 ]; then
     run_step bench 90 0 "$OUT/bench.txt" "$PY" benchmarks/run.py --device cuda --json "$OUT/bench.json" \
-      ${BENCH_ARGS---sections ops}
+      ${BENCH_ARGS---sections ops bandwidth}
   fi
 elif [ "$GPU" = 1 ]; then
   # 1. what every gated decode step runs: the paged ops and the gated model on CUDA (no -x: every failure counts).
@@ -185,7 +185,7 @@ elif [ "$GPU" = 1 ]; then
   fi
   # 5. the benchmarks, 6. everything else.
   run_step bench 90 50 "$OUT/bench.txt" "$PY" benchmarks/run.py --device cuda --json "$OUT/bench.json" \
-    ${BENCH_ARGS---sections ops}
+    ${BENCH_ARGS---sections ops bandwidth}
   run_step tests_rest 400 0 "$OUT/tests-rest.log" "$PY" -m pytest python_tests "${ignore_args[@]}" "${pytest_args[@]}" \
     --junitxml="$OUT/tests-rest.xml"
 else

@@ -1,14 +1,15 @@
 """bfloat16 against float32 on a real model: does the gated path round worse than the plain model?
 
 Fresh gates keep every token, so the gated model computes what the base model computes; in bfloat16 both round.
-Over ``N`` prompts of real text, teacher-forced for ``steps`` decode steps after a prefill, each model's greedy token
-(the argmax of its logits) is compared with the float32 model's at the same position:
+Teacher-forced for ``steps`` decode steps after a prefill, each model's logits and greedy tokens are compared with
+the float32 model's:
 
 * ``plain``: the base model in bfloat16 with a ``DynamicCache``;
 * ``gated``: the same bfloat16 model with fresh gates and an ``AttnGateCache`` (the paged decode steps).
 
-Reported: the disagreement rate with float32 of each, the positions where exactly one of the two disagrees (a
-paired count: equal counts mean no measurable difference), and the logits' max / mean absolute difference.
+:func:`bf16_agreement` (the half-precision part of the real-model section) measures over ``N`` prompts the disagreement
+rate with float32 of each, the positions where exactly one of the two disagrees (a paired count: equal counts mean
+no measurable difference), and the logits' max / mean absolute difference.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import attngate_ext
-from benchmarks.e2e import cache_kwarg
+from attngate_ext import cache_kwarg
 
 
 def decode_logits(model, ids: torch.Tensor, prompt: int, cache) -> torch.Tensor:

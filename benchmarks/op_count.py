@@ -10,10 +10,9 @@ those ops call internally). The dense model's attention is counted the same way 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Dict, Iterator, List
 
 import torch
@@ -22,6 +21,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attngate_ext  # noqa: E402
+from benchmarks.printer import without_profiler_noise  # noqa: E402
 
 _RANGE = "attngate_bench::self_attn"
 
@@ -50,7 +50,7 @@ def _ranged_attention(model: torch.nn.Module) -> Iterator[None]:
 def op_names(model: torch.nn.Module, steps: List[Dict[str, object]]) -> Counter:
     """Operators issued directly by the attention layers during ``model(**step)`` for every step, by name, over
     all layers and steps."""
-    with _ranged_attention(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _ranged_attention(model), without_profiler_noise(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for step in steps:
             model(**step)
     names: Counter = Counter()
@@ -72,7 +72,7 @@ def count(batch: int = 2, prompt: int = 64, steps: int = 16, window: int = 1, si
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 128, (batch, prompt + steps))
-    key = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+    key = attngate_ext.cache_kwarg(model)
     result = {}
     for mode in ("dense", "gated"):
         if mode == "gated":

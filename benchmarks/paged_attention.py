@@ -19,10 +19,8 @@ with other processes a parallel region can lose whole scheduler slices, which th
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +28,9 @@ import torch.nn.functional as F
 import attngate_ext
 from attngate_ext import paged_reference
 from attngate_ext.gate.masks import block_visibility
-from benchmarks.report import Row
-from benchmarks.timing import CopyBandwidth, gbps, median_us
-
-if TYPE_CHECKING:  # run.py imports this module
-    from benchmarks.run import Config
+from benchmarks.config import Config
+from benchmarks.printer import Column, Row, Table
+from benchmarks.timing import CopyBandwidth, gbps, interleaved_us, median_us
 
 OPS = torch.ops.attngate
 PAGE = 16
@@ -125,20 +121,6 @@ def prefill_case(kind, B, Hq, H, T, D, cached, keep_ratio, dtype, device, gen) -
                 4 * D * (B * Hq * T * cached + chunk_pairs))
 
 
-def _interleaved_us(fns: List[Callable[[], object]], reps: int, warmup: int) -> List[Tuple[float, float]]:
-    """CPU: (median, min) µs of each function, the functions alternating rep by rep."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: List[List[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e6)
-    return [(statistics.median(ts), min(ts)) for ts in times]
-
-
 def _check(case: Case, dtype) -> str:
     out, ref = case.run_op(), case.run_ref()
     err = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
@@ -148,7 +130,7 @@ def _check(case: Case, dtype) -> str:
 def time_case(cfg: Config, case: Case, copy: CopyBandwidth) -> Row:
     check = _check(case, cfg.dtype)
     if cfg.device.type == "cpu":
-        (op_us, op_min), (sdpa_us, sdpa_min) = _interleaved_us([case.run_op, case.run_sdpa], cfg.reps, cfg.warmup)
+        (op_us, op_min), (sdpa_us, sdpa_min) = interleaved_us([case.run_op, case.run_sdpa], cfg.reps, cfg.warmup)
     else:
         op_us = op_min = median_us(case.run_op, cfg.device, cfg.reps, cfg.warmup, None, cfg.flush_l2)
         sdpa_us = sdpa_min = median_us(case.run_sdpa, cfg.device, cfg.reps, cfg.warmup, None, cfg.flush_l2)
@@ -163,7 +145,7 @@ def time_case(cfg: Config, case: Case, copy: CopyBandwidth) -> Row:
                       "sdpa_min_us": sdpa_min, "gflops": case.flops / op_us / 1e3})
 
 
-COLUMNS: List[Tuple[str, int, Callable[[Row], str]]] = [
+COLUMNS: List[Column] = [
     ("op", 8, lambda r: r.extra["kind"]),
     ("shape", 38, lambda r: r.shape),
     ("dtype", 8, lambda r: r.dtype),
@@ -181,18 +163,13 @@ COLUMNS: List[Tuple[str, int, Callable[[Row], str]]] = [
 ]
 
 
-def _line(cells: List[str]) -> str:
-    return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS)))
-
-
 def paged_attention_section(cfg: Config) -> List[Row]:
     """Decode then prefill cases of the run's device (``--quick``: tiny ones), in the run's dtype."""
     preset = "quick" if cfg.quick else cfg.device.type
     print(f"\npaged attention ({cfg.dtype}, page size {PAGE}, shuffled pages): op vs SDPA on dense tensors of the "
           "same shapes (the dense model's attention) and vs the pure-PyTorch reference; SDPA/op > 1: op faster")
-    head = _line([title for title, _, _ in COLUMNS])
-    print(head)
-    print("-" * len(head))
+    table = Table(COLUMNS)
+    table.print_head()
     copy = CopyBandwidth(cfg.device, cfg.reps, cfg.warmup)
     rows: List[Row] = []
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -202,7 +179,7 @@ def paged_attention_section(cfg: Config) -> List[Row]:
     for make in cases:
         case = make()
         rows.append(time_case(cfg, case, copy))
-        print(_line([cell(rows[-1]) for _, _, cell in COLUMNS]), flush=True)
+        table.print_row(rows[-1])
         del case
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -212,9 +189,9 @@ def paged_attention_section(cfg: Config) -> List[Row]:
 if __name__ == "__main__":  # python -m benchmarks.paged_attention [run.py options]: this section alone
     import sys
 
-    from benchmarks.run import make_config, parse_args
+    from benchmarks.config import make_config, parse_args
 
-    args = parse_args(sys.argv[1:])
+    args = parse_args(sys.argv[1:], description=__doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     run_cfg = make_config(args)

@@ -12,23 +12,22 @@ lengths and free stack (restored untimed); the references are timed over at most
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 import attngate_ext
 from attngate_ext.ops import paged_reference
-from benchmarks.report import Row
+from benchmarks.config import Config
+from benchmarks.printer import Column, Row, Table, bandwidth_columns, timed_columns
 from benchmarks.timing import CopyBandwidth, gbps, median_us
-
-if TYPE_CHECKING:  # run.py imports this module
-    from benchmarks.run import Config
 
 OPS = torch.ops.attngate
 PAGE_SIZE = 16
 REF_REPS = 3
-COLUMNS = [("op", 19), ("shape", 27), ("dtype", 9), ("op µs", 10), ("ref µs", 11), ("speedup", 8), ("rect µs", 10),
-           ("paged/rect", 10), ("GB/s", 8), ("copy GB/s", 10), ("% copy", 7), ("check", 0)]
+COLUMNS: List[Column] = (timed_columns(19, 27) + [("rect µs", 10, lambda r: f"{r.extra['rect_us']:.1f}"),
+                                                   ("paged/rect", 10, lambda r: f"{r.extra['paged_over_rect']:.2f}")]
+                         + bandwidth_columns())
 
 
 @dataclass
@@ -48,7 +47,7 @@ def _pages(n: torch.Tensor) -> torch.Tensor:
     return (n + PAGE_SIZE - 1) // PAGE_SIZE
 
 
-def _make_state(cfg: "Config", lengths: torch.Tensor, M: int, spare: int, gen: torch.Generator) -> List[torch.Tensor]:
+def _make_state(cfg: Config, lengths: torch.Tensor, M: int, spare: int, gen: torch.Generator) -> List[torch.Tensor]:
     """Pages in random order for every head's rows, the rest on the free stack; random pool contents."""
     B, H = lengths.shape
     need = _pages(lengths.long()).flatten().tolist()
@@ -67,20 +66,20 @@ def _make_state(cfg: "Config", lengths: torch.Tensor, M: int, spare: int, gen: t
     return [t.to(cfg.device) for t in state]
 
 
-def _sizes(cfg: "Config"):
+def _sizes(cfg: Config):
     B = 1 if cfg.quick else 4
     rows = 256 if cfg.quick else (4096 if cfg.device.type == "cuda" else 2048)
     return B, cfg.heads, rows, cfg.head_dim, torch.empty((), dtype=cfg.dtype).element_size()
 
 
-def _dense(cfg: "Config", state: List[torch.Tensor], C: int):
+def _dense(cfg: Config, state: List[torch.Tensor], C: int):
     """The rectangle cache holding the same rows as the paged state (gather_pages, padded to C)."""
     k, v, _ = attngate_ext.gather_pages(state[0], state[1], state[2], state[3])
     pad = C - k.shape[2]
     return [torch.nn.functional.pad(x, (0, 0, 0, pad)).contiguous() for x in (k, v)]
 
 
-def case_append(cfg: "Config", gen: torch.Generator, T: Optional[int] = None) -> PagedCase:
+def case_append(cfg: Config, gen: torch.Generator, T: Optional[int] = None) -> PagedCase:
     """T new tokens (kept at cfg.keep_ratio) after ~rows/2 rows per head; T = rows/2 (prefill) or 1 (decode).
 
     Bytes model: the kept rows of key and value read and written, the flags (1 B each), page table entries
@@ -109,7 +108,7 @@ def case_append(cfg: "Config", gen: torch.Generator, T: Optional[int] = None) ->
         rect_setup=lambda: dense_len.copy_(state[3]), nbytes=nbytes)
 
 
-def case_compact(cfg: "Config", gen: torch.Generator) -> PagedCase:
+def case_compact(cfg: Config, gen: torch.Generator) -> PagedCase:
     """Nearly full heads (~rows each), flags kept at cfg.keep_ratio.
 
     Bytes model: each kept row after its head's first dropped row moves (read + write, key and value); the live
@@ -133,7 +132,7 @@ def case_compact(cfg: "Config", gen: torch.Generator) -> PagedCase:
         rect_setup=lambda: dense_len.copy_(state[3]), nbytes=nbytes)
 
 
-def case_remove(cfg: "Config", gen: torch.Generator, K: int = 64) -> PagedCase:
+def case_remove(cfg: Config, gen: torch.Generator, K: int = 64) -> PagedCase:
     """K random live rows deleted from each nearly full head (~rows each).
 
     Bytes model: each hole filled by a mover (read + write, key and value), the rows (4 B each), the used
@@ -170,15 +169,11 @@ def _check(case: PagedCase) -> str:
     return "ok" if not bad else "MISMATCH " + ",".join(bad)
 
 
-def _line(cells: List[str]) -> str:
-    return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS)))
-
-
-def paged_storage_section(cfg: "Config") -> List[Row]:
+def paged_storage_section(cfg: Config) -> List[Row]:
     """Times every paged storage op against its reference and the rectangle op; prints its own table."""
     print(f"\npaged storage ops (references timed over {REF_REPS} reps; rect = the rectangle op on the same rows)")
-    head = _line([c for c, _ in COLUMNS])
-    print(head + "\n" + "-" * len(head))
+    table = Table(COLUMNS)
+    table.print_head()
     copy = CopyBandwidth(cfg.device, cfg.reps, cfg.warmup)
     makers: List[Callable[[torch.Generator], PagedCase]] = [
         lambda g: case_append(cfg, g), lambda g: case_append(cfg, g, T=1), lambda g: case_compact(cfg, g),
@@ -207,7 +202,5 @@ def paged_storage_section(cfg: "Config") -> List[Row]:
                   gbps=op_gbps, copy_gbps=copy_gbps, pct_copy=100.0 * op_gbps / copy_gbps, check=check,
                   extra={"rect_op": case.rect_op, "rect_us": rect_us, "paged_over_rect": op_us / rect_us})
         rows.append(row)
-        print(_line([row.op, row.shape, row.dtype, f"{op_us:.1f}", f"{ref_us:.1f}", f"{row.speedup:.1f}x",
-                     f"{rect_us:.1f}", f"{op_us / rect_us:.2f}", f"{op_gbps:.1f}", f"{copy_gbps:.1f}",
-                     f"{row.pct_copy:.0f}%", check]), flush=True)
+        table.print_row(row)
     return rows

@@ -9,7 +9,8 @@ section says so and is skipped when they are missing). Everything runs in float3
   the same (valid) tokens, plus the gates' own K'/V'; pages held against pages needed.
 * **half precision** (``benchmarks/half_precision.py``): fresh gates (keep everything) in bfloat16 over
   ``half_prompts`` held-out windows: the rate at which the greedy token of teacher-forced decoding disagrees with the
-  float32 model's, plain bf16 model against gated bf16 model, and the logits' differences.
+  float32 model's, plain bf16 model against gated bf16 model, and the logits' differences
+  and of the gated bf16 model against the float32 model, and greedy tokens against float32's.
 * **speed**: one long held-out prompt (``long_prompt`` tokens), prefill and ``decode`` greedy steps, dense
   (``DynamicCache``) then gated with the gates' biases calibrated to evict ``eviction`` of a training play: prefill
   time and decode tokens/s, measured in the same run.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -27,10 +27,11 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import attngate_ext
-from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
-from benchmarks.e2e import cache_kwarg
+from attngate_ext import cache_kwarg, calibrate_gate_bias, randomize_gates
+from benchmarks.config import Config
 from benchmarks.half_precision import bf16_agreement, describe
-from benchmarks.report import Row
+from benchmarks.printer import Row
+from benchmarks.timing import Stopwatch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 KV_SLACK = 0.03  # held K/V <= (1 - eviction) + 3% of dense, plus the gates' K'/V'
@@ -92,18 +93,16 @@ def _gates(model) -> str:
 
 def _timed_generate(model, ids: torch.Tensor, mask: Optional[torch.Tensor], cache, steps: int):
     """Prefill then ``steps`` greedy steps; (prefill s, decode s)."""
-    key = cache_kwarg(model)
-    kwargs = {key: cache, "use_cache": True, "logits_to_keep": 1}
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, attention_mask=mask, **kwargs)
-    prefill = time.perf_counter() - t0
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    with Stopwatch(ids.device) as prefill:
+        out = model(input_ids=ids, attention_mask=mask, **kwargs)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        token = model(input_ids=token, attention_mask=mask, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
-    return prefill, time.perf_counter() - t0
+    with Stopwatch(ids.device) as decode:
+        for _ in range(steps):
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            token = model(input_ids=token, attention_mask=mask, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+    return prefill.seconds, decode.seconds
 
 
 @torch.no_grad()
@@ -117,7 +116,6 @@ def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    key = cache_kwarg(model)
     long_ids = _tokens(tokenizer, held_out, cfg.long_prompt).unsqueeze(0).to(device)
     calibration = _tokens(tokenizer, train[:1], 2048).unsqueeze(0).to(device)
     result: Dict[str, object] = {"config": dataclasses.asdict(cfg)}
@@ -138,7 +136,7 @@ def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object
         "dense_prefill_s": dense_prefill, "gated_prefill_s": gated_prefill,
         "prefill_ratio": gated_prefill / dense_prefill,
         "dense_decode_tok_s": cfg.decode / dense_decode, "gated_decode_tok_s": cfg.decode / gated_decode,
-        "decode_speedup": dense_decode / gated_decode, "eviction": report["eviction_ratio"],
+        "decode_speedup": dense_decode / gated_decode, "eviction": report.eviction_ratio,
     }
     del cache
 
@@ -157,22 +155,22 @@ def run_real(cfg: RealConfig, device: torch.device) -> Optional[Dict[str, object
     cache = attngate_ext.AttnGateCache()
     _timed_generate(model, ids.to(device), mask.to(device), cache, cfg.decode)
     report = cache.memory_report()
-    dense_valid = report["dense_valid_bytes"]
-    allowed = (1 - report["eviction_ratio"] + KV_SLACK) * dense_valid
+    dense_valid = report.dense_valid_bytes
+    allowed = (1 - report.eviction_ratio + KV_SLACK) * dense_valid
     result["memory"] = {
-        "eviction": report["eviction_ratio"], "kv_bytes": report["kv_bytes"], "gate_bytes": report["gate_bytes"],
-        "free_page_bytes": report["free_page_bytes"], "dense_valid_bytes": dense_valid,
-        "dense_bytes": report["dense_bytes"], "kv_share": report["kv_bytes"] / dense_valid,
-        "gate_share": report["gate_bytes"] / dense_valid, "target_share": allowed / dense_valid,
-        "target_met": report["kv_bytes"] <= allowed, "pages_held": report["pages_held"],
-        "pages_needed": report["pages_needed"],
+        "eviction": report.eviction_ratio, "kv_bytes": report.kv_bytes, "gate_bytes": report.gate_bytes,
+        "free_page_bytes": report.free_page_bytes, "dense_valid_bytes": dense_valid,
+        "dense_bytes": report.dense_bytes, "kv_share": report.kv_bytes / dense_valid,
+        "gate_share": report.gate_bytes / dense_valid, "target_share": allowed / dense_valid,
+        "target_met": report.kv_bytes <= allowed, "pages_held": report.pages_held,
+        "pages_needed": report.pages_needed,
         "row_heads": model.config.num_hidden_layers * len(cfg.batch_lengths) * model.config.num_key_value_heads,
-        "retention_per_layer": report["retention_per_layer"],
+        "retention_per_layer": report.retention_per_layer,
     }
     return result
 
 
-def real_model_section(run_cfg) -> List[Row]:
+def real_model_section(run_cfg: Config) -> List[Row]:
     """The run.py section (only with ``--real``): prints both parts, returns two Rows."""
     cfg = RealConfig(batch_lengths=(128, 96, 80, 64), long_prompt=512, decode=8, warmup=16, half_prompt=64,
                      half_steps=8, half_prompts=2) if run_cfg.quick else RealConfig()

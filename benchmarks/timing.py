@@ -1,17 +1,19 @@
-"""Timing and bandwidth helpers for the op benchmarks.
+"""The one timer of the benchmarks, and the bandwidth they compare with.
 
-* CUDA: ``torch.cuda.Event`` pairs around each repetition, on the current stream; before each repetition the
-  optional ``setup`` (e.g. restoring ``lengths``) runs and the L2 cache is flushed, both *outside* the events.
-* CPU: ``time.perf_counter`` around each repetition, ``setup`` outside the timed region.
+* :func:`median_us`: one op, repeated. CUDA: ``torch.cuda.Event`` pairs around each repetition, on the current
+  stream; before each repetition the optional ``setup`` (e.g. restoring ``lengths``) runs and the L2 cache is
+  flushed, both *outside* the events. CPU: ``time.perf_counter`` around each repetition, ``setup`` outside.
+* :func:`interleaved_us`: CPU, several functions alternating rep by rep (load changes hit them alike).
+* :class:`Stopwatch`: a whole region (a prefill, a decode loop), synchronising the GPU around it.
 
-Every timer returns the median over the repetitions, in microseconds, after warm-up repetitions.
+Op timers return the median over the repetitions, in microseconds, after warm-up repetitions.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -81,6 +83,43 @@ def _median_us_cpu(fn: Callable[[], object], reps: int, setup: Optional[Callable
         fn()
         times.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(times)
+
+
+def interleaved_us(fns: List[Callable[[], object]], reps: int, warmup: int) -> List[Tuple[float, float]]:
+    """CPU: ``(median, min)`` µs of each function, the functions alternating rep by rep. On cores shared with other
+    processes a parallel region can lose whole scheduler slices, which the minima leave out."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e6)
+    return [(statistics.median(ts), min(ts)) for ts in times]
+
+
+class Stopwatch:
+    """``with Stopwatch(device) as watch: ...`` then ``watch.seconds``: wall time of the block, the GPU synchronised
+    before and after it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> "Stopwatch":
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._start
 
 
 def gbps(nbytes: int, time_us: float) -> float:

@@ -6,9 +6,6 @@
 #include "overlap.h"
 
 namespace attngate {
-namespace {
-
-std::atomic<bool> g_sync_checks{true};
 
 bool is_supported_float(ScalarType t) { return t == kFloat || t == kHalf || t == kBFloat16; }
 
@@ -25,6 +22,15 @@ void check_last_dim_contiguous(const Tensor& t, const char* name) {
   AG_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
            t.stride(-1));
 }
+
+void check_attention_scalars(double scale, double softcap) {
+  AG_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  AG_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0 (0: off), got ", softcap);
+}
+
+namespace {
+
+std::atomic<bool> g_sync_checks{true};
 
 // The cache triple shared by append_kv_, compact_kv_ and decode_attention.
 void check_cache(const Tensor& key_cache, const Tensor& value_cache, const Tensor& lengths, bool writes) {
@@ -169,7 +175,7 @@ void check_compact_kv_args(const Tensor& key_cache, const Tensor& value_cache, c
 }
 
 void check_decode_attention_args(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
-                                 const Tensor& lengths, double scale) {
+                                 const Tensor& lengths, double scale, double softcap) {
   check_cache(key_cache, value_cache, lengths, /*writes=*/false);
   const int64_t B = key_cache.size(0), H = key_cache.size(1), D = key_cache.size(3);
   AG_CHECK(query.dim() == 3 && query.size(0) == B && query.size(2) == D,
@@ -180,7 +186,7 @@ void check_decode_attention_args(const Tensor& query, const Tensor& key_cache, c
            key_cache.scalar_type(), "), got ", query.scalar_type());
   check_same_device(query, key_cache, "query", "key_cache");
   check_last_dim_contiguous(query, "query");
-  AG_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  check_attention_scalars(scale, softcap);
 }
 
 }  // namespace attngate

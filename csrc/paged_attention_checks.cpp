@@ -9,11 +9,6 @@
 namespace attngate {
 namespace {
 
-void check_same_device(const Tensor& t, const Tensor& ref, const char* name) {
-  AG_CHECK(t.device() == ref.device(), name, " must be on the same device as key_pages (", ref.device(), "), got ",
-           t.device());
-}
-
 // query (B, Hq, ..., D): batch and head dim match the cache, Hq a positive multiple of H, same dtype and device.
 void check_query(const Tensor& query, const Tensor& key_pages, const Tensor& page_table, int64_t dims) {
   const int64_t B = page_table.size(0), H = page_table.size(1), D = key_pages.size(2);
@@ -23,9 +18,8 @@ void check_query(const Tensor& query, const Tensor& key_pages, const Tensor& pag
            "query heads Hq must be a positive multiple of the KV heads H = ", H, ", got Hq = ", query.size(1));
   AG_CHECK(query.scalar_type() == key_pages.scalar_type(), "query must have the dtype of key_pages (",
            key_pages.scalar_type(), "), got ", query.scalar_type());
-  check_same_device(query, key_pages, "query");
-  AG_CHECK(query.size(-1) <= 1 || query.stride(-1) == 1,
-           "query must have a contiguous last dimension (stride 1), got stride ", query.stride(-1));
+  check_same_device(query, key_pages, "query", "key_pages");
+  check_last_dim_contiguous(query, "query");
 }
 
 // A (B, H, n) per-row tensor of `dtype` on the cache's device.
@@ -34,7 +28,7 @@ void check_rows_tensor(const Tensor& t, const char* name, ScalarType dtype, cons
   AG_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", t.scalar_type());
   AG_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == H && t.size(2) == n, name, " must have shape (B, H, ", n_name,
            ") = (", B, ", ", H, ", ", n, "), got ", t.sizes());
-  check_same_device(t, key_pages, name);
+  check_same_device(t, key_pages, name, "key_pages");
 }
 
 // extra_key/extra_value (B, H, E, D) and their per-row mask (extra_valid or extra_until), all or none.
@@ -64,10 +58,10 @@ void check_extra(const Tensor& key_pages, const Tensor& page_table, const std::o
 void check_paged_decode_attention_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                        const Tensor& page_table, const Tensor& lengths, double scale,
                                        const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
-                                       const std::optional<Tensor>& extra_valid) {
+                                       const std::optional<Tensor>& extra_valid, double softcap) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/false);
   check_query(query, key_pages, page_table, 3);
-  AG_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  check_attention_scalars(scale, softcap);
   check_extra(key_pages, page_table, extra_key, extra_value, extra_valid, "extra_valid", kBool, "bool");
 }
 
@@ -76,7 +70,7 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
                                         const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
                                         int64_t window, double scale, const std::optional<Tensor>& extra_key,
                                         const std::optional<Tensor>& extra_value,
-                                        const std::optional<Tensor>& extra_until) {
+                                        const std::optional<Tensor>& extra_until, double softcap) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/false);
   check_query(query, key_pages, page_table, 4);
   const int64_t B = page_table.size(0), H = page_table.size(1), T = query.size(2);
@@ -90,37 +84,35 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
     AG_CHECK(valid->scalar_type() == kBool, "valid must be bool, got ", valid->scalar_type());
     AG_CHECK(valid->dim() == 2 && valid->size(0) == B && valid->size(1) == T, "valid must have shape (B, T) = (", B,
              ", ", T, "), got ", valid->sizes());
-    check_same_device(*valid, key_pages, "valid");
+    check_same_device(*valid, key_pages, "valid", "key_pages");
   }
   AG_CHECK(window >= 1, "window must be >= 1, got ", window);
-  AG_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  check_attention_scalars(scale, softcap);
   check_extra(key_pages, page_table, extra_key, extra_value, extra_until, "extra_until", kInt, "int32");
+}
+
+int32_t validate_state_cpu(const paged::Tables& t, std::vector<int64_t>& lens) {
+  const int64_t BH = t.B * t.H;
+  lens.assign(static_cast<size_t>(BH), 0);
+  int32_t status = 0;
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int64_t n = *t.length(bh);
+    if (n < 0 || n > t.capacity()) {
+      status |= kStatusLengthOutOfRange;
+      continue;
+    }
+    lens[bh] = n;
+    if (t.owns_pages()) continue;
+    for (int64_t i = 0; i < paged::pages_for(n, t.S); ++i) {
+      if (!t.id_ok(*t.entry(bh, i))) status |= kStatusBadPageId;
+    }
+  }
+  return status;
 }
 
 int32_t validate_paged_state_cpu(const Tensor& key_pages, const Tensor& page_table, const Tensor& lengths,
                                  std::vector<int64_t>& lens) {
-  const int64_t B = page_table.size(0), H = page_table.size(1), M = page_table.size(2);
-  const int64_t P = key_pages.size(0), S = key_pages.size(1);
-  const int32_t* len = lengths.const_data_ptr<int32_t>();
-  const int32_t* table = page_table.const_data_ptr<int32_t>();
-  lens.assign(static_cast<size_t>(B * H), 0);
-  int32_t status = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t n = len[b * lengths.stride(0) + h * lengths.stride(1)];
-      if (n < 0 || n > M * S) {
-        status |= kStatusLengthOutOfRange;
-        continue;
-      }
-      lens[b * H + h] = n;
-      const int32_t* row = table + b * page_table.stride(0) + h * page_table.stride(1);
-      for (int64_t i = 0; i < (n + S - 1) / S; ++i) {
-        const int64_t id = row[i * page_table.stride(2)];
-        if (id < 0 || id >= P) status |= kStatusBadPageId;
-      }
-    }
-  }
-  return status;
+  return validate_state_cpu(paged::make_read_tables(key_pages, page_table, lengths), lens);
 }
 
 }  // namespace attngate

@@ -6,16 +6,17 @@
 #include <optional>
 #include <vector>
 
+#include "kv_tables.h"
 #include "stable_api.h"
 
 namespace attngate {
 
-// query (B, Hq, D), the paged cache (check_paged_cache), scale finite, and the optional extra rows
+// query (B, Hq, D), the paged cache (check_paged_cache), scale finite, softcap >= 0, and the optional extra rows
 // extra_key/extra_value (B, H, E, D) with extra_valid (B, H, E) bool.
 void check_paged_decode_attention_args(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                        const Tensor& page_table, const Tensor& lengths, double scale,
                                        const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
-                                       const std::optional<Tensor>& extra_valid);
+                                       const std::optional<Tensor>& extra_valid, double softcap);
 
 // query (B, Hq, T, D), key/value (B, H, T, D), keep (B, H, T) bool, valid (B, T) bool, window >= 1, scale finite,
 // and the optional extra rows extra_key/extra_value (B, H, E, D) with extra_until (B, H, E) int32.
@@ -24,11 +25,13 @@ void check_paged_prefill_attention_args(const Tensor& query, const Tensor& key_p
                                         const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
                                         int64_t window, double scale, const std::optional<Tensor>& extra_key,
                                         const std::optional<Tensor>& extra_value,
-                                        const std::optional<Tensor>& extra_until);
+                                        const std::optional<Tensor>& extra_until, double softcap);
 
-// CPU value check of the paged state: every lengths[b, h] in [0, M * page_size] and the page ids of its first
-// ceil(lengths / page_size) table entries in [0, P). Returns the StatusBits found (0: valid) and fills `lens`
-// with lengths as [b * H + h].
+// CPU value check of a cache's state (csrc/kv_tables.h): every length in [0, capacity] and, for a paged cache, the
+// page ids of its first ceil(length / page_size) table entries in [0, P). Returns the StatusBits found (0: valid)
+// and fills `lens` with the lengths as [b * H + h].
+int32_t validate_state_cpu(const paged::Tables& t, std::vector<int64_t>& lens);
+// The same for the paged tensors.
 int32_t validate_paged_state_cpu(const Tensor& key_pages, const Tensor& page_table, const Tensor& lengths,
                                  std::vector<int64_t>& lens);
 

@@ -3,36 +3,23 @@
 #include <limits>
 #include <utility>
 
+#include "checks.h"
 #include "overlap.h"
 
 namespace attngate {
-namespace {
-
-bool is_supported_float(ScalarType t) { return t == kFloat || t == kHalf || t == kBFloat16; }
-
-void check_same_device(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
-  AG_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(), "), got ",
-           t.device());
-}
-
-}  // namespace
 
 void check_paged_cache(const Tensor& key_pages, const Tensor& value_pages, const Tensor& page_table,
                        const Tensor& lengths, bool writes) {
   AG_CHECK(key_pages.dim() == 3, "key_pages must be 3-D (P, page_size, D), got shape ", key_pages.sizes());
-  AG_CHECK(is_supported_float(key_pages.scalar_type()), "key_pages must be float32, float16 or bfloat16, got ",
-           key_pages.scalar_type());
+  check_float(key_pages, "key_pages");
   AG_CHECK(same_shape(value_pages, key_pages), "value_pages must have the shape of key_pages ", key_pages.sizes(),
            ", got ", value_pages.sizes());
   AG_CHECK(value_pages.scalar_type() == key_pages.scalar_type(), "value_pages must have the dtype of key_pages (",
            key_pages.scalar_type(), "), got ", value_pages.scalar_type());
   check_same_device(value_pages, key_pages, "value_pages", "key_pages");
   AG_CHECK(key_pages.size(1) > 0, "key_pages must have page_size >= 1, got shape ", key_pages.sizes());
-  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{key_pages, "key_pages"},
-                                std::pair<const Tensor&, const char*>{value_pages, "value_pages"}}) {
-    AG_CHECK(t.size(2) <= 1 || t.stride(2) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
-             t.stride(2));
-  }
+  check_last_dim_contiguous(key_pages, "key_pages");
+  check_last_dim_contiguous(value_pages, "value_pages");
   AG_CHECK(key_pages.size(0) <= std::numeric_limits<int32_t>::max(), "key_pages must have P < 2^31 pages, got ",
            key_pages.size(0));
   AG_CHECK(page_table.dim() == 3, "page_table must be 3-D (B, H, M), got shape ", page_table.sizes());
@@ -81,8 +68,7 @@ void check_new_rows(const Tensor& rows, const char* name, const Tensor& key_page
   AG_CHECK(rows.scalar_type() == key_pages.scalar_type(), name, " must have the dtype of key_pages (",
            key_pages.scalar_type(), "), got ", rows.scalar_type());
   check_same_device(rows, key_pages, name, "key_pages");
-  AG_CHECK(rows.size(-1) <= 1 || rows.stride(-1) == 1, name,
-           " must have a contiguous last dimension (stride 1), got stride ", rows.stride(-1));
+  check_last_dim_contiguous(rows, name);
 }
 
 }  // namespace attngate

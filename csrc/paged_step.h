@@ -7,8 +7,8 @@
 #include <optional>
 #include <utility>
 
+#include "checks.h"
 #include "overlap.h"
-#include "paged_append.h"
 #include "paged_attention_checks.h"
 #include "paged_checks.h"
 #include "stable_api.h"
@@ -20,7 +20,7 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
                                          const Tensor& free_count, const Tensor& key, const Tensor& value,
                                          const Tensor& keep, const std::optional<Tensor>& valid, const Tensor& ring_key,
                                          const Tensor& ring_value, const Tensor& ring_valid, int64_t slot,
-                                         double scale, const std::optional<Tensor>& ring_keep) {
+                                         double scale, const std::optional<Tensor>& ring_keep, double softcap) {
   check_paged_cache(key_pages, value_pages, page_table, lengths, /*writes=*/true);
   check_free_stack(key_pages, free_pages, free_count);
   const int64_t B = page_table.size(0), H = page_table.size(1);
@@ -29,17 +29,15 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
   AG_CHECK(keep.scalar_type() == kBool, "keep must be bool, got ", keep.scalar_type());
   AG_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == H, "keep must have shape (B, H) = (", B, ", ", H,
            "), got ", keep.sizes());
-  AG_CHECK(keep.device() == key_pages.device(), "keep must be on the same device as key_pages (", key_pages.device(),
-           "), got ", keep.device());
+  check_same_device(keep, key_pages, "keep", "key_pages");
   if (valid.has_value()) {
     AG_CHECK(valid->scalar_type() == kBool, "valid must be bool, got ", valid->scalar_type());
     AG_CHECK(valid->dim() == 1 && valid->size(0) == B, "valid must have shape (B,) = (", B, ",), got ", valid->sizes());
-    AG_CHECK(valid->device() == key_pages.device(), "valid must be on the same device as key_pages (",
-             key_pages.device(), "), got ", valid->device());
+    check_same_device(*valid, key_pages, "valid", "key_pages");
   }
   // The ring is the attention's extra rows (B, H, W, D) with ring_valid (B, H, W): the decode checks cover it.
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
-                                    ring_valid);
+                                    ring_valid, softcap);
   const int64_t W = ring_key.size(2);
   AG_CHECK(0 <= slot && slot < W, "slot must lie in [0, W) with W = ring_key.size(2) = ", W, ", got ", slot);
   check_no_row_overlap(ring_key, "ring_key");
@@ -60,8 +58,7 @@ inline void check_paged_decode_step_args(const Tensor& query, const Tensor& key_
     AG_CHECK(ring_keep->scalar_type() == kBool, "ring_keep must be bool, got ", ring_keep->scalar_type());
     AG_CHECK(ring_keep->dim() == 3 && ring_keep->size(0) == B && ring_keep->size(1) == H && ring_keep->size(2) == W,
              "ring_keep must have shape (B, H, W) = (", B, ", ", H, ", ", W, "), got ", ring_keep->sizes());
-    AG_CHECK(ring_keep->device() == key_pages.device(), "ring_keep must be on the same device as key_pages (",
-             key_pages.device(), "), got ", ring_keep->device());
+    check_same_device(*ring_keep, key_pages, "ring_keep", "key_pages");
     check_no_element_overlap(*ring_keep, "ring_keep");
     check_no_shared_memory(*ring_keep, "ring_keep", ring_valid, "ring_valid");
   }

@@ -6,6 +6,7 @@
 #include <limits>
 #include <optional>
 
+#include "checks.h"
 #include "overlap.h"
 #include "paged_checks.h"
 #include "stable_api.h"
@@ -19,8 +20,7 @@ inline void check_paged_head_tensor(const Tensor& t, const char* name, const cha
   AG_CHECK(t.dim() == 3 && t.size(0) == page_table.size(0) && t.size(1) == page_table.size(1), name,
            " must have shape ", shape, " with (B, H) = (", page_table.size(0), ", ", page_table.size(1), "), got ",
            t.sizes());
-  AG_CHECK(t.device() == key_pages.device(), name, " must be on the same device as key_pages (", key_pages.device(),
-           "), got ", t.device());
+  check_same_device(t, key_pages, name, "key_pages");
 }
 
 // The state every storage op reads and writes: pages, page table, lengths and the free stack. The page table and

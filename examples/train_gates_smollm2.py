@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import attngate_ext as ag  # noqa: E402
-from attngate_ext.models.calibration import calibrate_gate_threshold  # noqa: E402
 from attngate_ext.train import main as train_main  # noqa: E402
 from attngate_ext.training.data import text_examples  # noqa: E402
 from real_assets import shakespeare_splits, smollm2_dir  # noqa: E402
@@ -63,7 +62,7 @@ def store_thresholds(model_dir: Path, gates_dir: Path, train_files, seq_len: int
     for ratio in RATIOS:
         for gate, bias in zip(ag.gates(model), trained):
             gate.score.bias.data.copy_(bias)
-        reached = calibrate_gate_threshold(model, ids, ratio)
+        reached = ag.calibrate_gate_threshold(model, ids, ratio)
         if abs(reached - ratio) > 0.02:  # the sinks and the window are always held: a ratio beyond them is unreachable
             print(f"ratio {ratio}: not reachable with this window (measured {reached:.3f}), not stored")
             continue
@@ -112,11 +111,9 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from attngate_ext.models.model import update_gate_config
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     ag.load_gates(model, str(out / "window" / "gates"))
-    update_gate_config(model, protect_recent=args.window)
+    ag.update_gate_config(model, protect_recent=args.window)
     gates_dir = out / "gates"
     ag.save_gates(model, str(gates_dir))
     record = store_thresholds(model_dir, gates_dir, train_files, args.seq_len, args.calibration_windows)

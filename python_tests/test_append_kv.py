@@ -8,7 +8,8 @@ import torch
 import attngate_ext
 from attngate_ext import reference
 
-from conftest import DTYPES, HEAD_DIMS, random_lengths, random_mask, randn_strided, sync_if_cuda
+from helpers.devices import sync_if_cuda
+from helpers.tensors import DTYPES, HEAD_DIMS, randn_strided, random_lengths, random_mask, random_tokens
 
 
 def _run_both(key_cache, value_cache, lengths, key, value, keep):
@@ -111,9 +112,7 @@ def test_decode_steps_accumulate(device):
     """Many T = 1 appends (the decode pattern) equal one append of the whole sequence."""
     g = torch.Generator().manual_seed(5)
     B, H, C, D, T = 2, 2, 32, 64, 20
-    key = randn_strided((B, H, T, D), torch.bfloat16, device, generator=g)
-    value = randn_strided((B, H, T, D), torch.bfloat16, device, generator=g)
-    keep = random_mask((B, H, T), 0.5, device, generator=g)
+    key, value, keep = random_tokens((B, H, T, D), torch.bfloat16, device, 0.5, generator=g)
     step = [torch.zeros(B, H, C, D, dtype=torch.bfloat16, device=device) for _ in range(2)]
     step_len = torch.zeros(B, H, dtype=torch.int32, device=device)
     for t in range(T):

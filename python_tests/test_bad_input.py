@@ -9,7 +9,7 @@ import torch
 
 import attngate_ext
 
-from conftest import CUDA_SKIP_REASON
+from helpers.devices import CUDA_SKIP_REASON
 
 B, H, C, T, D = 2, 2, 8, 3, 16
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` run without the repository root on sys.path
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import config as bench_config  # noqa: E402
 from benchmarks import run  # noqa: E402
 from benchmarks.e2e import E2EConfig, run_e2e  # noqa: E402
 
@@ -71,8 +72,10 @@ def test_run_py_flags_select_the_sections(tmp_path):
     config = saved["rows"][0]["extra"]["config"]
     assert (config["prefill"], config["batch"]) == (64, 2)
 
-    parse = lambda *argv: run.make_config(run.parse_args(["--device", "cpu", *argv]))  # noqa: E731
-    assert parse().sections == ["ops", "e2e", "memory"]
+    parse = lambda *argv: bench_config.make_config(bench_config.parse_args(["--device", "cpu", *argv]))  # noqa: E731
+    assert parse().sections == ["ops", "e2e", "memory"]  # no bandwidth section off CUDA
+    cuda = bench_config.parse_args(["--device", "cuda"])
+    assert bench_config._sections(cuda) == ["ops", "bandwidth", "e2e", "memory"]
     assert parse("--sections", "ops").sections == ["ops"]
     assert parse("--real").sections == ["ops", "e2e", "memory", "real"]
     assert parse("--sections", "real", "ops").sections == ["ops", "real"]

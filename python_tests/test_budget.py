@@ -11,8 +11,9 @@ import torch
 import attngate_ext as ag
 from attngate_ext.evaluation.budget import calibrate_gate_bytes, prefill_report, ratio_for_share
 from attngate_ext.models.calibration import randomize_gates
+from attngate_ext import cache_kwarg
 
-from tiny_models import cache_kwarg, make_model, random_ids
+from helpers.models import make_model, random_ids
 
 
 def _gated(window: int = 8, sinks: int = 2):
@@ -27,7 +28,7 @@ def _held_share(model, ids, page_size):
     with torch.no_grad():
         model(ids, use_cache=True, **{cache_kwarg(model): cache})
     report = cache.memory_report()
-    return report["held_bytes"] / report["dense_bytes"], report
+    return report.held_bytes / report.dense_bytes, report
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -40,9 +41,9 @@ def test_gate_threshold_for_a_byte_budget_is_what_the_cache_holds(page_size):
     assert result["reachable"]
     assert result["held_share"] == pytest.approx(share, abs=1e-12)
     assert share == pytest.approx(0.55, abs=0.02) and share <= 0.55 + 0.003 + 1e-9
-    assert result["eviction_ratio"] == pytest.approx(report["eviction_ratio"], abs=1e-12)
+    assert result["eviction_ratio"] == pytest.approx(report.eviction_ratio, abs=1e-12)
     # The budget counts more than kept rows: the gates' K'/V' (d' = 8 of H * D = 32 per token here) and the ring.
-    assert report["gate_bytes"] > 0 and 1 - report["eviction_ratio"] < share
+    assert report.gate_bytes > 0 and 1 - report.eviction_ratio < share
     shifts = torch.cat([g.score.bias - b for g, b in zip(ag.gates(model), before)])
     assert torch.allclose(shifts, shifts[0].expand_as(shifts))  # one global threshold
 
@@ -62,7 +63,7 @@ def test_a_budget_below_the_fixed_costs_is_out_of_reach():
     assert not result["reachable"]
     assert share > 0.05 and share == pytest.approx(result["held_share"], abs=1e-12)
     # Left at the extreme: only the sinks, the window and the gates' K'/V' are held.
-    fixed = (2 + 32) / 96 + report["gate_bytes"] / report["dense_bytes"]
+    fixed = (2 + 32) / 96 + report.gate_bytes / report.dense_bytes
     assert share == pytest.approx(fixed, abs=0.02)
 
 
@@ -95,8 +96,8 @@ def test_rounding_bytes_are_the_unused_rows_of_the_pages_held():
         cache_rows += int(lengths.sum())
         row_bytes = 2 * layer.kv.key_pages.shape[-1] * layer.kv.key_pages.element_size()
         expected += int(((lengths + 7) // 8 * 8 - lengths).sum()) * row_bytes
-    assert cache_rows > 0 and report["rounding_bytes"] == expected == cache.memory_report()["rounding_bytes"]
-    assert 0 < expected < report["kv_bytes"]
+    assert cache_rows > 0 and report.rounding_bytes == expected == cache.memory_report().rounding_bytes
+    assert 0 < expected < report.kv_bytes
 
 
 def test_window_for_budget_takes_the_largest_window_within_half_the_budget():

@@ -7,9 +7,9 @@ import torch
 
 import attngate_ext as ag
 from attngate_ext.models.calibration import calibrate_gate_threshold, randomize_gates
-from attngate_ext.models.model import update_gate_config
+from attngate_ext import cache_kwarg
 
-from tiny_models import cache_kwarg, make_model, random_ids
+from helpers.models import make_model, random_ids
 
 
 def _measured(model, ids):
@@ -26,9 +26,9 @@ def test_calibrated_threshold_gives_the_measured_ratio(per_head):
     ids = random_ids(2, 96, seed=2)
     predicted = calibrate_gate_threshold(model, ids, 0.6, per_head=per_head)
     report = _measured(model, ids)
-    assert predicted == pytest.approx(report["eviction_ratio"], abs=1e-9)  # the cache's own measure
-    assert report["eviction_ratio"] == pytest.approx(0.6, abs=0.03)
-    per_head_retention = torch.tensor(report["retention_per_head"])
+    assert predicted == pytest.approx(report.eviction_ratio, abs=1e-9)  # the cache's own measure
+    assert report.eviction_ratio == pytest.approx(0.6, abs=0.03)
+    per_head_retention = torch.tensor(report.retention_per_head)
     if per_head:
         assert (per_head_retention - 0.4).abs().max() < 0.06
     else:  # one threshold: heads keep different fractions
@@ -46,8 +46,8 @@ def test_global_threshold_is_one_shift_of_every_bias():
 
 def test_update_gate_config_changes_the_rule_fields_only():
     model = ag.add_attention_gates(make_model("llama"))
-    config = update_gate_config(model, protect_recent=16, sink_tokens=4)
+    config = ag.update_gate_config(model, protect_recent=16, sink_tokens=4)
     assert ag.gate_config(model) == config and config.protect_recent == 16
     assert all(g.config is config for g in ag.gates(model))
     with pytest.raises(ValueError, match="head_dim"):
-        update_gate_config(model, head_dim=4)
+        ag.update_gate_config(model, head_dim=4)

@@ -14,12 +14,12 @@ import attngate_ext as ag
 from attngate_ext.evaluate import main as evaluate_main
 from attngate_ext.evaluation import evaluate as evaluate_module
 from attngate_ext.train import main as train_main
-from attngate_ext.training import cli_checks
+from attngate_ext.training import utils as cli_utils
 from attngate_ext.training import train as train_module
 from attngate_ext.training.data import sft_examples
-from attngate_ext.training.user_files import read_json_file, read_jsonl
+from attngate_ext.training.utils import read_json_file, read_jsonl
 
-from tiny_models import make_model, make_tokenizer, save_tiny_model
+from helpers.models import make_model, make_tokenizer, save_tiny_model
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(40))
 
@@ -208,7 +208,7 @@ def _parser_of(main, monkeypatch) -> argparse.ArgumentParser:
 @pytest.mark.parametrize("main", [train_main, evaluate_main], ids=["train", "evaluate"])
 def test_every_option_has_help_that_states_its_default(main, monkeypatch):
     parser = _parser_of(main, monkeypatch)
-    assert isinstance(parser.formatter_class(prog="x"), cli_checks.HelpWithDefaults)
+    assert isinstance(parser.formatter_class(prog="x"), cli_utils.HelpWithDefaults)
     formatter = parser._get_formatter()
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
@@ -222,7 +222,7 @@ def test_every_option_has_help_that_states_its_default(main, monkeypatch):
 
 
 def test_help_formatter_appends_defaults_once():
-    p = argparse.ArgumentParser(formatter_class=cli_checks.HelpWithDefaults)
+    p = argparse.ArgumentParser(formatter_class=cli_utils.HelpWithDefaults)
     p.add_argument("--a", type=int, default=3, help="a number")
     p.add_argument("--b", type=int, default=4, help="b (default 4)")
     p.add_argument("--c", nargs="+", default=[1, 2], help="c list")

@@ -8,7 +8,8 @@ import torch
 import attngate_ext
 from attngate_ext import reference
 
-from conftest import DTYPES, HEAD_DIMS, random_lengths, random_mask, randn_strided, sync_if_cuda
+from helpers.devices import sync_if_cuda
+from helpers.tensors import DTYPES, HEAD_DIMS, randn_strided, random_lengths, random_mask
 
 
 def _compact_both_and_compare(key_cache, value_cache, lengths, keep):

@@ -10,7 +10,7 @@ import torch
 import attngate_ext
 from attngate_ext import reference
 
-from conftest import CUDA_SKIP_REASON
+from helpers.devices import CUDA_SKIP_REASON
 
 
 def _pipeline(gate_out, weight, bias, key_cache, value_cache, lengths, key, value, query):

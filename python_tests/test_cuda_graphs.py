@@ -9,8 +9,8 @@ import torch
 
 import attngate_ext
 
-from conftest import CUDA_SKIP_REASON
-from kv_rows import assert_same_live_rows
+from helpers.devices import CUDA_SKIP_REASON
+from helpers.rect_cache import assert_same_live_rows
 
 pytestmark = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
 

@@ -14,10 +14,10 @@ import torch
 import attngate_ext
 from attngate_ext import reference
 
-from conftest import random_lengths, random_mask, randn_strided, sync_if_cuda
-from kv_rows import assert_same_live_rows, misaligned_randn
-from test_decode_attention import _check as check_decode
-from test_gate_flags import _check_against_reference as check_gate_flags
+from helpers.checks import check_decode_attention, check_gate_flags
+from helpers.devices import sync_if_cuda
+from helpers.rect_cache import assert_same_live_rows
+from helpers.tensors import misaligned_randn, randn_strided, random_lengths, random_mask
 
 
 def _append_and_compare(kc, vc, lengths, key, value, keep):
@@ -54,7 +54,7 @@ def test_decode_gqa_groups_ragged_lengths(device, group, C):
     vc = randn_strided((B, H, C, D), dtype, device, generator=g)
     query = randn_strided((B, H * group, D), dtype, device, generator=g)
     lengths = torch.tensor([[0, C], [1, C // 2 + 3], [min(C, 257), C - 5]], dtype=torch.int32, device=device)
-    out = check_decode(query, kc, vc, lengths, D**-0.5)
+    out = check_decode_attention(query, kc, vc, lengths, D**-0.5)
     assert not bool(out[0, :group].any())  # the empty head gives zeros
     assert bool(out[0, group:].abs().sum() > 0)
 
@@ -104,7 +104,7 @@ def test_decode_scalar_paths(device, dtype, kind, D, group):
     kc, vc = (_tensor(kind, (B, H, C, D), dtype, device, g) for _ in range(2))
     query = _tensor(kind, (B, H * group, D), dtype, device, g)
     lengths = torch.tensor([[C, 0], [129, 1]], dtype=torch.int32, device=device)
-    check_decode(query, kc, vc, lengths, D**-0.5)
+    check_decode_attention(query, kc, vc, lengths, D**-0.5)
 
 
 # ---- one contract: any head dim ------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_decode_large_head_dims(device, D, dtype, group):
     vc = randn_strided((B, H, C, D), dtype, device, generator=g)
     query = randn_strided((B, H * group, D), dtype, device, generator=g)
     lengths = torch.tensor([[C, 0], [300, 1]], dtype=torch.int32, device=device)
-    check_decode(query, kc, vc, lengths, D**-0.5)
+    check_decode_attention(query, kc, vc, lengths, D**-0.5)
 
 
 # ---- append: many chunks, and both sides of the one-launch threshold -------------------------------------------

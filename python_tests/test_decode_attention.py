@@ -4,36 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import attngate_ext
-from attngate_ext import reference
 
-from conftest import DTYPES, HEAD_DIMS, random_lengths, randn_strided
-
-
-def _torch_same_precision(query, key_cache, value_cache, lengths, scale):
-    """What plain PyTorch computes at the inputs' precision (SDPA with a length mask)."""
-    B, H, C, D = key_cache.shape
-    group = query.shape[1] // H
-    k = key_cache.repeat_interleave(group, dim=1)
-    v = value_cache.repeat_interleave(group, dim=1)
-    live = torch.arange(C, device=query.device).view(1, 1, 1, C) < lengths.repeat_interleave(group, 1)[..., None, None]
-    out = F.scaled_dot_product_attention(query.unsqueeze(2), k, v, attn_mask=live, scale=scale).squeeze(2)
-    return torch.where(lengths.repeat_interleave(group, 1)[..., None] > 0, out, torch.zeros_like(out))
-
-
-def _check(query, key_cache, value_cache, lengths, scale):
-    out = attngate_ext.decode_attention(query, key_cache, value_cache, lengths, scale)
-    assert out.dtype == query.dtype and out.shape == query.shape and out.is_contiguous()
-    exact = reference.decode_attention(query.double(), key_cache.double(), value_cache.double(), lengths, scale)
-    torch_out = _torch_same_precision(query, key_cache, value_cache, lengths, scale)
-    torch_err = (torch_out.double() - exact).abs().max().item() if exact.numel() else 0.0
-    op_err = (out.double() - exact).abs().max().item() if exact.numel() else 0.0
-    assert op_err <= 2 * torch_err + 1e-5, (op_err, torch_err)
-    ref = reference.decode_attention(query, key_cache, value_cache, lengths, scale)
-    assert ((out.double() - ref.double()).abs().max().item() if ref.numel() else 0.0) <= 2 * torch_err + 1e-5
-    return out
+from helpers.checks import check_decode_attention
+from helpers.tensors import DTYPES, HEAD_DIMS, randn_strided, random_lengths
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -46,7 +21,7 @@ def test_matches_reference(device, dtype, D, group):
     value_cache = randn_strided((B, H, C, D), dtype, device, generator=g)
     query = randn_strided((B, H * group, D), dtype, device, generator=g)
     lengths = random_lengths(B, H, 1, C, device, generator=g)
-    _check(query, key_cache, value_cache, lengths, D**-0.5)
+    check_decode_attention(query, key_cache, value_cache, lengths, D**-0.5)
 
 
 @pytest.mark.parametrize("C", [1, 2, 129, 4096 + 32])
@@ -58,7 +33,7 @@ def test_long_caches(device, C):
     value_cache = randn_strided((B, H, C, D), torch.bfloat16, device, generator=g)
     query = randn_strided((B, 4 * H, D), torch.bfloat16, device, generator=g)
     lengths = torch.tensor([[C, max(1, C // 3)]], dtype=torch.int32, device=device)
-    _check(query, key_cache, value_cache, lengths, D**-0.5)
+    check_decode_attention(query, key_cache, value_cache, lengths, D**-0.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -69,7 +44,7 @@ def test_non_contiguous(device, dtype):
     value_cache = randn_strided((B, H, C, D), dtype, device, layout="padded", generator=g)
     query = randn_strided((B, 2 * H, D), dtype, device, layout="padded", generator=g)
     lengths = random_lengths(B, 2 * H, 0, C, device, generator=g)[:, ::2]
-    _check(query, key_cache, value_cache, lengths, 0.2)
+    check_decode_attention(query, key_cache, value_cache, lengths, 0.2)
 
 
 def test_empty_heads_give_zeros(device):
@@ -77,7 +52,7 @@ def test_empty_heads_give_zeros(device):
     kc = torch.randn(B, H, C, D, device=device)
     vc = torch.randn(B, H, C, D, device=device)
     lengths = torch.tensor([[0, 3], [8, 0]], dtype=torch.int32, device=device)
-    out = _check(torch.randn(B, 2 * H, D, device=device), kc, vc, lengths, 0.25)
+    out = check_decode_attention(torch.randn(B, 2 * H, D, device=device), kc, vc, lengths, 0.25)
     assert not bool(out[0, :2].any()) and not bool(out[1, 2:].any())
     assert bool(out[0, 2:].abs().sum() > 0)
 
@@ -94,7 +69,7 @@ def test_large_scores_are_stable(device):
     """Scores far above exp's range must not overflow (the max is subtracted before exp)."""
     kc = torch.full((1, 1, 4, 16), 30.0, device=device)
     vc = torch.arange(64, dtype=torch.float32, device=device).view(1, 1, 4, 16)
-    out = _check(torch.full((1, 1, 16), 30.0, device=device), kc, vc, torch.tensor([[4]], dtype=torch.int32, device=device), 1.0)
+    out = check_decode_attention(torch.full((1, 1, 16), 30.0, device=device), kc, vc, torch.tensor([[4]], dtype=torch.int32, device=device), 1.0)
     assert torch.isfinite(out).all()
 
 

@@ -13,7 +13,7 @@ from attngate_ext.models.calibration import randomize_gates
 from attngate_ext.evaluate import main as evaluate_main
 from attngate_ext.evaluation.perplexity import token_windows
 
-from tiny_models import make_model, make_tokenizer, save_tiny_model
+from helpers.models import make_model, make_tokenizer, save_tiny_model
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n" for i in range(120))
 

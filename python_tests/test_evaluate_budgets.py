@@ -12,7 +12,7 @@ from attngate_ext.evaluate import main as evaluate_main
 from attngate_ext.evaluation.equal_bytes import budget_table, budget_tasks
 from attngate_ext.models.calibration import randomize_gates
 
-from tiny_models import make_model, save_tiny_model
+from helpers.models import make_model, save_tiny_model
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n" for i in range(160))
 

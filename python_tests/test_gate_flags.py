@@ -6,28 +6,9 @@ import pytest
 import torch
 
 import attngate_ext
-from attngate_ext import reference
 
-from conftest import DTYPES, randn_strided
-
-
-def _check_against_reference(gate_out, weight, bias, threshold, sink_tokens, position_offset, valid):
-    probs, keep = attngate_ext.gate_flags(gate_out, weight, bias, threshold, sink_tokens, position_offset, valid)
-    ref_probs, ref_keep = reference.gate_flags(gate_out, weight, bias, threshold, sink_tokens, position_offset, valid)
-    # Truth in float64; PyTorch's own float32 error sets the tolerance.
-    exact, _ = reference.gate_flags(
-        gate_out.double(), weight.double(), None if bias is None else bias.double(), threshold, sink_tokens,
-        position_offset, valid,
-    )
-    assert probs.dtype == torch.float32 and keep.dtype == torch.bool
-    assert probs.shape == ref_probs.shape and probs.is_contiguous() and keep.is_contiguous()
-    torch_err = (ref_probs.double() - exact).abs().max().item() if exact.numel() else 0.0
-    op_err = (probs.double() - exact).abs().max().item() if exact.numel() else 0.0
-    assert op_err <= 2 * torch_err + 1e-6, (op_err, torch_err)
-    # Flags must agree wherever the probability is not within rounding of the threshold.
-    decided = (exact - threshold).abs() > 1e-5
-    assert torch.equal(keep[decided], ref_keep[decided])
-    return probs, keep
+from helpers.checks import check_gate_flags
+from helpers.tensors import DTYPES, randn_strided
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -38,8 +19,8 @@ def test_matches_reference(device, dtype, B, T, G, H):
     weight = (randn_strided((H, G), dtype, device, generator=g) / G**0.5).to(dtype)
     bias = randn_strided((H,), dtype, device, generator=g)
     valid = (torch.rand(B, T, generator=g) > 0.2).to(device)
-    _check_against_reference(gate_out, weight, bias, 0.5, 3, 0, valid)
-    _check_against_reference(gate_out, weight, None, 0.3, 0, 0, None)
+    check_gate_flags(gate_out, weight, bias, 0.5, 3, 0, valid)
+    check_gate_flags(gate_out, weight, None, 0.3, 0, 0, None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,7 +31,7 @@ def test_non_contiguous_inputs(device, dtype):
     bias = randn_strided((6,), dtype, device, generator=g)[::2]
     valid = (torch.rand(50, 2, generator=g) > 0.3).to(device).t()
     assert not gate_out.is_contiguous() and not weight.is_contiguous() and not valid.is_contiguous()
-    _check_against_reference(gate_out, weight, bias, 0.5, 2, 1, valid)
+    check_gate_flags(gate_out, weight, bias, 0.5, 2, 1, valid)
 
 
 def test_sinks_position_offset_and_padding(device):
@@ -72,7 +53,7 @@ def test_everything_or_nothing_kept(device, bias_value, expect_all):
     gate_out = torch.randn(2, 33, 32, device=device) * 0.01
     weight = torch.randn(4, 32, device=device) * 0.01
     bias = torch.full((4,), bias_value, device=device)
-    _, keep = _check_against_reference(gate_out, weight, bias, 0.5, 0, 0, None)
+    _, keep = check_gate_flags(gate_out, weight, bias, 0.5, 0, 0, None)
     assert bool(keep.all()) if expect_all else not bool(keep.any())
 
 

@@ -11,8 +11,10 @@ import torch
 import attngate_ext as ag
 from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
 from attngate_ext.training.attention_targets import gate_logits
+from attngate_ext import cache_kwarg
 
-from tiny_models import cache_kwarg, left_pad, make_model, random_ids
+from helpers.gated import gated_model, gated_retention, incremental_logits
+from helpers.models import FAMILIES, left_pad, make_model, random_ids
 
 
 def _gated(eviction=0.5, **config):
@@ -55,10 +57,27 @@ def test_cached_prefill_and_decoding_match_the_full_forward(chunk, window):
         logits.append(model(ids[:, t : t + 1], use_cache=True, **{key: cache}).logits)
     torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-4, atol=1e-4)
     report = cache.memory_report()
-    assert 0.25 < report["eviction_ratio"] < 0.75
+    assert 0.25 < report.eviction_ratio < 0.75
     # A full-attention gate decides differently: the window really changes the gate.
     wide = _gated(protect_recent=window, prefill_chunk=chunk, sink_tokens=2)
     assert (wide(ids, use_cache=False).logits - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@torch.no_grad()
+def test_local_gates_of_every_family_decode_as_their_full_forward(kind):
+    # The gate reads the layer input with its own projections (no q/k norms), and Gemma's sliding-window layers have
+    # no gate: a local gate composes with every family's gated attention, cached or not.
+    ids = random_ids(2, 50, seed=3)
+    model = gated_model(kind, protect_recent=2, sink_tokens=1, prefill_chunk=7, attention_window=6,
+                        calibration_ids=ids)
+    full = model(ids, use_cache=False).logits
+    got, cache = incremental_logits(model, ids, 23, step=1)
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+    assert 0.3 < 1 - gated_retention(model, cache) < 0.7  # the gated layers really evict about half
+    rings = [layer.gate_kv.ring.capacity for layer in cache.layers if layer.gate_kv is not None]
+    assert rings and all(c <= 6 for c in rings)  # the gates' K'/V' stay a 6-slot ring
+    assert all(layer.gate_kv.pages.pages_used() == 0 for layer in cache.layers if layer.gate_kv is not None)
 
 
 @torch.no_grad()
@@ -86,7 +105,7 @@ def test_the_local_gates_k_v_cost_a_ring_whatever_the_length():
         model = _gated(protect_recent=4, attention_window=W)
         cache = ag.AttnGateCache()
         model(random_ids(1, T, seed=2), use_cache=True, **{cache_kwarg(model): cache})
-        gate_bytes[W, T] = cache.memory_report()["gate_bytes"]
+        gate_bytes[W, T] = cache.memory_report().gate_bytes
     layers, d = 2, ag.gate_config(model).head_dim
     ring = layers * (2 * 8 * d * 4 + 2 * 8)  # K' and V' float32 rows, plus the ring's two flags per slot
     assert gate_bytes[8, 64] == gate_bytes[8, 256] == ring
@@ -98,7 +117,7 @@ def test_gate_logits_of_the_attention_objective_use_the_window():
     attn = model.model.layers[0].self_attn
     hidden = torch.randn(1, 20, 64, generator=torch.Generator().manual_seed(0))
     positions = torch.arange(20).view(1, -1)
-    cos, sin = attn._gate_rope(hidden, None, positions)
+    cos, sin = attn.gate_rope(hidden, None, positions)
     with torch.no_grad():
         probs = attn.gate(hidden, cos, sin).probs
         torch.testing.assert_close(torch.sigmoid(gate_logits(attn.gate, hidden, cos, sin)), probs)

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import attngate_ext as ag
-from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
+from attngate_ext.models.calibration import randomize_gates
+from attngate_ext import cache_kwarg
 
-from tiny_models import KINDS, cache_kwarg, left_pad, make_model, random_ids
+from helpers.gated import gated_model as _gated, gated_retention, incremental_logits as _incremental_logits
+from helpers.models import FAMILIES, KINDS, left_pad, make_model, random_ids
 
 STEPS = 20
 
@@ -31,37 +33,11 @@ def test_fresh_gates_change_nothing(kind):
     tokens, steps = _greedy_logits(model, ids, STEPS)
     assert torch.equal(tokens, dense_tokens)
     torch.testing.assert_close(steps, dense_steps, rtol=1e-5, atol=1e-5)
-    # The cache really holds every token: nothing was evicted.
+    # The cache really holds every token of the gated layers: nothing was evicted (the ungated sliding-window
+    # layers of Gemma hold their window only).
     cache = ag.AttnGateCache()
     model.generate(ids, max_new_tokens=3, do_sample=False, **{cache_kwarg(model): cache})
-    assert cache.memory_report()["eviction_ratio"] == 0.0
-
-
-def _gated(kind="mistral", eviction=0.5, seed=0, **config):
-    model = make_model(kind)
-    ag.add_attention_gates(model, ag.AttentionGateConfig(**config))
-    randomize_gates(model, seed=seed)
-    calibrate_gate_bias(model, random_ids(2, 48, seed=7), eviction)
-    return model
-
-
-def _incremental_logits(model, ids, prompt_len, attention_mask=None, position_ids=None):
-    """Prefill ``prompt_len`` tokens, then one token per step, through one AttnGateCache; logits per position."""
-    cache = ag.AttnGateCache()
-    key = cache_kwarg(model)
-
-    def call(sl):
-        kwargs = {key: cache, "use_cache": True}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask[:, : sl.stop]
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids[:, sl]
-        return model(ids[:, sl], **kwargs).logits
-
-    logits = [call(slice(0, prompt_len))]
-    for t in range(prompt_len, ids.shape[1]):
-        logits.append(call(slice(t, t + 1)))
-    return torch.cat(logits, dim=1), cache
+    assert gated_retention(model, cache) == 1.0
 
 
 @pytest.mark.parametrize("chunk", [0, 7])
@@ -77,9 +53,25 @@ def test_incremental_matches_full_forward_under_eviction(chunk, window, decode_g
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
     report = cache.memory_report()
     low = 0.3 if decode_gating else 0.15  # without decode gating the 20 generated tokens are all kept
-    assert low < report["eviction_ratio"] < 0.7, report["eviction_ratio"]  # the gates really evict
+    assert low < report.eviction_ratio < 0.7, report.eviction_ratio  # the gates really evict
     # Eviction changes the output: the check above is not comparing two dense runs.
     dense = make_model("mistral").to(device)(ids, use_cache=False).logits
+    assert (dense - full).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["llama", *FAMILIES])
+@pytest.mark.parametrize("step", [1, 9])  # one token per call, and calls of 9 tokens after the prompt
+@torch.no_grad()
+def test_each_family_decodes_as_its_full_forward_under_eviction(kind, step, device):
+    ids = random_ids(2, 50, seed=3)
+    # Calibrated on these tokens: a model with one gated layer (Gemma) varies too much from sequence to sequence.
+    model = _gated(kind, protect_recent=2, sink_tokens=1, prefill_chunk=7, calibration_ids=ids).to(device)
+    ids = ids.to(device)
+    full = model(ids, use_cache=False).logits
+    got, cache = _incremental_logits(model, ids, 23, step=step)
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+    assert 0.3 < 1 - gated_retention(model, cache) < 0.7  # the gated layers really evict about half
+    dense = make_model(kind).to(device)(ids, use_cache=False).logits
     assert (dense - full).abs().max() > 1e-2
 
 
@@ -100,20 +92,22 @@ def test_incremental_matches_full_forward_left_padded(kind, device):
     torch.testing.assert_close(step[valid], full[valid], rtol=1e-4, atol=1e-4)
     report = cache.memory_report()
     layers, heads = len(model.model.layers), model.config.num_key_value_heads
-    assert report["total_rows"] == int(mask.sum()) * layers * heads  # padding is never counted
+    assert report.total_rows == int(mask.sum()) * layers * heads  # padding is never counted
 
 
+@pytest.mark.parametrize("kind", ["qwen2", *FAMILIES])
 @torch.no_grad()
-def test_left_padded_batch_generates_what_each_prompt_generates_alone():
-    model = _gated("qwen2", protect_recent=2, sink_tokens=1)
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(kind):
     prompts = [random_ids(1, n, seed=20 + n)[0] for n in (5, 12, 9)]
     ids, mask = left_pad(prompts)
+    model = _gated(kind, protect_recent=2, sink_tokens=1, calibration_ids=random_ids(3, 24, seed=5))
     cache = ag.AttnGateCache()
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12,
                            **{cache_kwarg(model): cache})
     report = cache.memory_report()
-    assert 0.2 < report["eviction_ratio"] < 0.8
-    assert report["total_rows"] == (int(mask.sum()) + 11 * 3) * 2 * 2  # last token is never fed back
+    assert 0.2 < 1 - gated_retention(model, cache) < 0.8
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert report.total_rows == (int(mask.sum()) + 11 * 3) * layers * heads  # last token is never fed back
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], max_new_tokens=12, do_sample=False, min_new_tokens=12)
         assert torch.equal(batch[row, -12:], alone[0, -12:]), f"prompt {row}"

@@ -10,8 +10,9 @@ import torch
 
 import attngate_ext as ag
 from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
+from attngate_ext import cache_kwarg
 
-from tiny_models import cache_kwarg, make_model, random_ids
+from helpers.models import make_model, random_ids
 
 
 def _prefill_and_decode(model, cache, ids, steps=4, mask=None):
@@ -25,7 +26,7 @@ def _prefill_and_decode(model, cache, ids, steps=4, mask=None):
 
 
 def _pools(cache):
-    return [weakref.ref(t) for layer in cache.layers for store in (layer.kv, layer.gate_kv)
+    return [weakref.ref(t) for layer in cache.layers for store in (layer.kv, layer.gate_kv.pages)
             for t in (store.key_pages, store.value_pages)]
 
 
@@ -36,13 +37,13 @@ def test_reset_and_del_give_every_page_back():
     cache = ag.AttnGateCache()
     _prefill_and_decode(model, cache, random_ids(2, 40))
     report = cache.memory_report()
-    assert report["pages_held"] > 0 and report["allocated_bytes"] > 0
+    assert report.pages_held > 0 and report.allocated_bytes > 0
     pools = _pools(cache)
     assert all(ref() is not None for ref in pools)
     cache.reset()
     gc.collect()
     assert all(ref() is None for ref in pools)  # nothing else holds the pools: the allocator has them back
-    assert cache.memory_report()["allocated_bytes"] == 0
+    assert cache.memory_report().allocated_bytes == 0
     _prefill_and_decode(model, cache, random_ids(2, 40))  # a reset cache works again
     pools = _pools(cache)
     del cache
@@ -69,13 +70,13 @@ def test_short_prompts_stay_within_the_stated_overhead(page_size):
     layers, rows, heads, head_dim, elem = 2, 3, 2, 16, 4
     row_bytes = 2 * head_dim * elem  # one K row and one V row
     per_head = (page_size - 1) * row_bytes
-    assert report["eviction_ratio"] == 0.0
-    assert report["dense_valid_bytes"] == layers * heads * sum(lengths) * row_bytes
-    assert report["kv_bytes"] <= report["dense_valid_bytes"] + layers * rows * heads * (per_head + 2 * window)
+    assert report.eviction_ratio == 0.0
+    assert report.dense_valid_bytes == layers * heads * sum(lengths) * row_bytes
+    assert report.kv_bytes <= report.dense_valid_bytes + layers * rows * heads * (per_head + 2 * window)
     gate_rows = layers * sum(lengths) * 2 * 8 * elem
-    assert report["gate_bytes"] <= gate_rows + layers * rows * (page_size * 2 * 8 * elem + 2 * 8 * elem + 1)
+    assert report.gate_bytes <= gate_rows + layers * rows * (page_size * 2 * 8 * elem + 2 * 8 * elem + 1)
     if page_size == 1:  # no page rounding: exactly the kept rows (the last `window` of them in the ring) + 2 flags
-        assert report["kv_bytes"] == report["dense_valid_bytes"] + layers * rows * heads * 2 * window
+        assert report.kv_bytes == report.dense_valid_bytes + layers * rows * heads * 2 * window
 
 
 @torch.no_grad()
@@ -123,14 +124,14 @@ def test_pages_held_follow_each_head_not_the_longest():
     model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
     report = cache.memory_report()
     layers, rows, heads = 2, 2, 4
-    assert report["pages_held"] <= report["pages_needed"] + layers * rows * heads
+    assert report.pages_held <= report.pages_needed + layers * rows * heads
     lengths = torch.stack([layer.kv.lengths for layer in cache.layers])
     assert (lengths[:, :, 0] == 256).all() and lengths[:, :, 1:].float().mean() < 64
     page_bytes = 2 * 16 * 32 * 4
-    assert report["kv_bytes"] == report["pages_held"] * page_bytes + sum(layer.window.nbytes for layer in cache.layers)
+    assert report.kv_bytes == report.pages_held * page_bytes + sum(layer.window.nbytes for layer in cache.layers)
     # A (B, H, C, D) rectangle would hold every head at the longest one's 256 rows.
     rectangle = layers * rows * heads * 256 * 2 * 32 * 4
-    assert report["kv_bytes"] < 0.5 * rectangle
+    assert report.kv_bytes < 0.5 * rectangle
 
 
 @pytest.mark.parametrize("chunk", [0, 8])
@@ -152,14 +153,14 @@ def test_a_wide_window_holds_no_kept_row_twice(chunk):
     for _ in range(20):  # decode steps move kept tokens from the ring to the pages one by one
         token = model(input_ids=token, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
     report = cache.memory_report()
-    assert 0.3 < report["eviction_ratio"] < 0.7
+    assert 0.3 < report.eviction_ratio < 0.7
     c = model.config
     layers, rows, heads = c.num_hidden_layers, 2, c.num_key_value_heads
     row_bytes = 2 * (c.hidden_size // c.num_attention_heads) * 4  # one K and one V row, float32
     flags = layers * rows * heads * 2 * window
-    held_rows = (report["kv_bytes"] - flags) // row_bytes
-    assert report["kv_bytes"] == held_rows * row_bytes + flags
-    assert report["kept_rows"] <= held_rows <= report["kept_rows"] + layers * rows * heads
+    held_rows = (report.kv_bytes - flags) // row_bytes
+    assert report.kv_bytes == held_rows * row_bytes + flags
+    assert report.kept_rows <= held_rows <= report.kept_rows + layers * rows * heads
 
 
 @torch.no_grad()
@@ -172,6 +173,6 @@ def test_a_wide_window_on_a_short_prompt_holds_the_prompt_not_the_window():
     c = model.config
     layers, rows, heads = c.num_hidden_layers, 2, c.num_key_value_heads
     row_bytes = 2 * (c.hidden_size // c.num_attention_heads) * 4
-    assert report["eviction_ratio"] == 0.0 and report["dense_valid_bytes"] == layers * rows * heads * 20 * row_bytes
-    assert report["kv_bytes"] == layers * rows * heads * 32 * (row_bytes + 2)
+    assert report.eviction_ratio == 0.0 and report.dense_valid_bytes == layers * rows * heads * 20 * row_bytes
+    assert report.kv_bytes == layers * rows * heads * 32 * (row_bytes + 2)
     assert all(layer.window.capacity == 32 for layer in cache.layers)

@@ -11,7 +11,7 @@ import torch
 
 from attngate_ext.ops import paged_reference
 
-from conftest import CUDA_SKIP_REASON
+from helpers.devices import CUDA_SKIP_REASON
 from helpers.paged_pipeline import STATE, assert_same_results, pipeline, pipeline_inputs
 
 

@@ -9,7 +9,8 @@ import torch
 import attngate_ext
 from attngate_ext import gather_pages, paged_reference
 
-from conftest import DTYPES, sync_if_cuda
+from helpers.devices import sync_if_cuda
+from helpers.tensors import DTYPES
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

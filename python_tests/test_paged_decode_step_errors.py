@@ -15,7 +15,7 @@ import torch
 import attngate_ext
 from attngate_ext.ops import paged_reference
 
-from conftest import CUDA_SKIP_REASON
+from helpers.devices import CUDA_SKIP_REASON
 
 B, H, S, D, W = 1, 2, 2, 8, 2
 SLOT = 1

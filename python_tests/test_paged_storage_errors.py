@@ -9,16 +9,16 @@ import torch
 import attngate_ext
 from attngate_ext.ops import paged_reference
 
-from conftest import CUDA_SKIP_REASON
-from test_paged_storage import PagedState, make_state, pages_for
+from helpers.devices import CUDA_SKIP_REASON
+from helpers.paged_state import PagedState, make_paged_state
 
 B, H, M, S, D, T = 2, 2, 4, 4, 16, 3
 LENGTHS = [5, 0, 8, 13]  # head 0 and 3 end inside a page, head 2 on a page boundary
 
 
 def _state(device, spare=6) -> PagedState:
-    return make_state(B, H, M, S, D, LENGTHS, torch.float32, device, spare_pages=spare,
-                      gen=torch.Generator().manual_seed(0))
+    return make_paged_state(B, H, M, S, D, LENGTHS, torch.float32, device, spare_pages=spare,
+                            gen=torch.Generator().manual_seed(0))
 
 
 def _new_rows(device, T=T):

@@ -8,20 +8,14 @@ import pytest
 import torch
 
 import attngate_ext as ag
-from attngate_ext.evaluation.policies import (
-    H2O,
-    LocalWindow,
-    RandomPolicy,
-    SnapKV,
-    StreamingLLM,
-    budget_flags,
-    keep_budget,
-    prune_cache,
-    record_queries_and_keys,
-    use_in_context_policy,
-)
+from attngate_ext.cache.paged_kv import PagedKV
+from attngate_ext.evaluation.in_context import ChunkPruner, use_in_context_policy
+from attngate_ext.evaluation.policies import H2O, LocalWindow, RandomPolicy, SnapKV, StreamingLLM, budget_flags, keep_budget
+from attngate_ext.evaluation.post_prefill import prune_cache
+from attngate_ext.models.layer_inputs import recording_layer_inputs
+from attngate_ext import cache_kwarg
 
-from tiny_models import cache_kwarg, make_model, random_ids
+from helpers.models import make_model, random_ids
 
 
 def _flags(policy, valid, ratio, q=None, k=None):
@@ -109,18 +103,18 @@ def test_budget_flags_ties_keep_the_earlier_and_skip_padding():
 def test_post_prefill_pruning_frees_the_promised_memory(policy):
     model = ag.add_attention_gates(make_model("mistral"), ag.AttentionGateConfig(decode_gating=False))
     ids = random_ids(2, 64, seed=2)
-    record_queries_and_keys(model, True)
     cache = ag.AttnGateCache()
-    model(ids, use_cache=True, **{cache_kwarg(model): cache})
-    flags = prune_cache(model, cache, policy, eviction_ratio=0.75)
+    with recording_layer_inputs(model) as inputs:
+        model(ids, use_cache=True, **{cache_kwarg(model): cache})
+    flags = prune_cache(model, cache, policy, eviction_ratio=0.75, inputs=inputs)
     report = cache.memory_report()
     for layer, keep in zip(cache.layers, flags):
         assert layer.kv.lengths.tolist() == [[16, 16], [16, 16]] and keep.sum() == 2 * 2 * 16
         assert layer.kv.pages_used() == 2 * 2  # one 16-row page per (row, head): the pruned pages went back
         assert layer.kv.num_pages <= 2 * 2 * 2  # ... and the pool shrank to them plus one page of headroom each
-    assert report["eviction_ratio"] == 0.75 and report["gate_bytes"] == 0
+    assert report.eviction_ratio == 0.75 and report.gate_bytes == 0
     ring = sum(layer.window.nbytes for layer in cache.layers)  # w = 1: the newest token of every head
-    assert report["kv_bytes"] == 0.25 * report["dense_bytes"] + ring
+    assert report.kv_bytes == 0.25 * report.dense_bytes + ring
     step = model(random_ids(2, 1, seed=9), use_cache=True, **{cache_kwarg(model): cache})  # decoding goes on
     assert torch.isfinite(step.logits).all() and cache.layers[0].kv.lengths.tolist() == [[17, 17], [17, 17]]
 
@@ -144,9 +138,9 @@ def test_in_context_policies_hold_their_budget_and_match_the_full_forward(policy
         assert (lengths == 24).all()  # sinks + w - 1 = 24 rows of 48 in every head
         sinks = policy.sinks if isinstance(policy, StreamingLLM) else 0
         assert all((layer.kv.lengths == sinks).all() for layer in cache.layers)  # only the sinks are in the pages
-        assert cache.memory_report()["gate_bytes"] == 0
+        assert cache.memory_report().gate_bytes == 0
     use_in_context_policy(model, None)
-    assert model.model.layers[0].self_attn.flag_source is None
+    assert model.model.layers[0].self_attn.policy is None
 
 
 @pytest.mark.parametrize("policy", [H2O(), SnapKV(window=8, kernel=3)])
@@ -157,20 +151,21 @@ def test_in_context_h2o_and_snapkv_hold_the_ratio_after_every_chunk(policy):
     use_in_context_policy(model, policy, eviction_ratio=0.5)
     cache = ag.AttnGateCache()
     seen = []
-    for attn in (layer.self_attn for layer in model.model.layers):
-        inner = attn.after_chunk
+    pruner = model.model.layers[0].self_attn.policy  # one ChunkPruner serves every layer
+    assert all(layer.self_attn.policy is pruner for layer in model.model.layers)
+    inner = pruner.after_chunk
 
-        def spy(layer, q, k, valid, inner=inner):
-            inner(layer, q, k, valid)
-            seen.append((int(layer.valid_count[0]), layer.kv.lengths.clone()))
+    def spy(pages, q, k, valid, tokens_seen):
+        inner(pages, q, k, valid, tokens_seen)
+        seen.append((int(tokens_seen[0]), pages.lengths.clone()))
 
-        attn.after_chunk = spy
+    pruner.after_chunk = spy
     out = model(ids, use_cache=True, **{cache_kwarg(model): cache})
     assert torch.isfinite(out.logits).all()
     assert len(seen) == 2 * math.ceil(50 / (8 if isinstance(policy, SnapKV) else 32))  # layers x chunks
     for tokens, lengths in seen:
         assert (lengths == math.ceil(tokens * 0.5)).all()  # pruned to the budget after each chunk
-    assert cache.memory_report()["eviction_ratio"] == 0.5
+    assert cache.memory_report().eviction_ratio == 0.5
     with pytest.raises(ValueError, match="needs a cache"):
         model(ids, use_cache=False)
     # Decoding goes on with the pruned cache (one token per chunk: pruned again every step).
@@ -179,24 +174,19 @@ def test_in_context_h2o_and_snapkv_hold_the_ratio_after_every_chunk(policy):
 
 
 def test_chunk_pruner_h2o_matches_a_naive_simulation():
-    from types import SimpleNamespace
-
-    from attngate_ext.evaluation.policies import ChunkPruner
-    from attngate_ext.cache.paged_kv import PagedKV
-
     torch.manual_seed(2)
     B, Hq, H, D, T, chunk, ratio = 1, 2, 1, 8, 40, 8, 0.5
     q, k = torch.randn(B, Hq, T, D) * 2, torch.randn(B, H, T, D) * 2
-    layer = SimpleNamespace(kv=PagedKV(B, H, D, torch.float32, torch.device("cpu"), page_size=4),
-                            valid_count=torch.zeros(B, dtype=torch.long))
+    pages = PagedKV(B, H, D, torch.float32, torch.device("cpu"), page_size=4)
+    tokens_seen = torch.zeros(B, dtype=torch.long)
     pruner = ChunkPruner(H2O(), ratio)
     # Naive: explicit list of cached token ids and their accumulated attention.
     cached, acc = [], {}
     for start in range(0, T, chunk):
         sl = slice(start, start + chunk)
-        layer.kv.append(k[:, :, sl], k[:, :, sl], None)
-        layer.valid_count += chunk
-        pruner(layer, q[:, :, sl], k[:, :, sl], torch.ones(B, chunk, dtype=torch.bool))
+        pages.append(k[:, :, sl], k[:, :, sl], None)
+        tokens_seen += chunk
+        pruner.after_chunk(pages, q[:, :, sl], k[:, :, sl], torch.ones(B, chunk, dtype=torch.bool), tokens_seen)
         cached += list(range(start, start + chunk))
         for i in range(start, start + chunk):
             visible = [j for j in cached if j <= i]
@@ -208,28 +198,24 @@ def test_chunk_pruner_h2o_matches_a_naive_simulation():
         recent = sorted(cached)[-math.ceil(budget * 0.5):]
         rest = sorted((j for j in cached if j not in recent), key=lambda j: (-acc[j], cached.index(j)))
         cached = sorted(recent + rest[: budget - len(recent)])
-        n = int(layer.kv.lengths[0, 0])
-        rows = layer.kv.gather()[0]
+        n = int(pages.lengths[0, 0])
+        rows = pages.gather()[0]
         got = [int(torch.nonzero((k[0, 0] == rows[0, 0, r]).all(-1))[0]) for r in range(n)]
         assert got == cached, start
 
 
 def test_chunk_pruner_snapkv_keeps_older_tokens_when_the_budget_is_small():
-    from types import SimpleNamespace
-
-    from attngate_ext.evaluation.policies import ChunkPruner
-    from attngate_ext.cache.paged_kv import PagedKV
-
     torch.manual_seed(3)
     q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 1, 32, 8)
-    layer = SimpleNamespace(kv=PagedKV(1, 1, 8, torch.float32, torch.device("cpu"), page_size=16),
-                            valid_count=torch.zeros(1, dtype=torch.long))
+    pages = PagedKV(1, 1, 8, torch.float32, torch.device("cpu"), page_size=16)
+    tokens_seen = torch.zeros(1, dtype=torch.long)
     pruner = ChunkPruner(SnapKV(window=16, kernel=3), 0.5)
     for start in (0, 16):
-        layer.kv.append(k[:, :, start : start + 16], k[:, :, start : start + 16], None)
-        layer.valid_count += 16
-        pruner(layer, q[:, :, start : start + 16], k[:, :, start : start + 16], torch.ones(1, 16, dtype=torch.bool))
-    cached = layer.kv.gather()[0]
+        pages.append(k[:, :, start : start + 16], k[:, :, start : start + 16], None)
+        tokens_seen += 16
+        pruner.after_chunk(pages, q[:, :, start : start + 16], k[:, :, start : start + 16],
+                           torch.ones(1, 16, dtype=torch.bool), tokens_seen)
+    cached = pages.gather()[0]
     rows = [int(torch.nonzero((k[0, 0] == cached[0, 0, r]).all(-1))[0]) for r in range(16)]
     assert len(rows) == 16 and sum(t >= 24 for t in rows) == 8  # newest half of the budget protected ...
     assert any(t < 16 for t in rows)  # ... and the rest chosen by votes, older chunks included

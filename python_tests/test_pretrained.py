@@ -11,8 +11,9 @@ import torch
 
 import attngate_ext as ag
 from attngate_ext.pretrained import _shift_for, matching_pretrained_gates
+from attngate_ext import cache_kwarg
 
-from tiny_models import cache_kwarg, make_model, random_ids
+from helpers.models import make_model, random_ids
 
 NAME = "smollm2-135m-instruct"
 # SmolLM2-135M-Instruct's attention shape; a small vocabulary and MLP keep the test model cheap.
@@ -49,7 +50,7 @@ def test_load_by_name_with_a_stored_threshold_and_evict():
     report = cache.memory_report()
     config = ag.gate_config(model)
     floor = (config.sink_tokens + config.protect_recent - 1) * 3 * 30  # sinks and the window always stay
-    assert floor <= report["kept_rows"] <= report["total_rows"] == 300 * 3 * 30 and report["gate_bytes"] > 0
+    assert floor <= report.kept_rows <= report.total_rows == 300 * 3 * 30 and report.gate_bytes > 0
     with pytest.raises(ValueError, match="outside the stored range"):
         ag.load_pretrained_gates(model, NAME, eviction=0.99)
 

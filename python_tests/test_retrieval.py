@@ -13,7 +13,7 @@ from attngate_ext.evaluate import main as evaluate_main
 from attngate_ext.evaluation.retrieval import exact_match, make_examples, retrieval_table, score
 from attngate_ext.models.calibration import randomize_gates
 
-from tiny_models import make_model, make_tokenizer, save_tiny_model
+from helpers.models import make_model, make_tokenizer, save_tiny_model
 
 TEXT = "".join(f"Row {i}: a line of filler text number {i * 37 % 101}.\n" for i in range(400))
 

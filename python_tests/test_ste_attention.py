@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attngate_ext import reference
+from attngate_ext.gate.masks import block_visibility, grouped_attention
 from attngate_ext.gate.ste_attention import ste_gated_attention
 
 
@@ -83,11 +84,34 @@ def test_all_kept_equals_causal_attention_and_all_evicted_sees_only_the_window()
     torch.testing.assert_close(alone, v.repeat_interleave(2, dim=1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B,Hq,H,T,D,window,padded", [(2, 4, 2, 17, 16, 1, True), (1, 6, 3, 40, 32, 3, False)])
+def test_soft_capped_scores_match_the_reference_with_gradients(B, Hq, H, T, D, window, padded):
+    # Scores of about 4 (scale 1) against a cap of 2: the cap is reached, so tanh's slope matters in backward.
+    q, k, v, probs, valid = _inputs(B, Hq, H, T, D, torch.float32, seed=T, padded=padded)
+    got = ste_gated_attention(q, k, v, _ste(probs), valid, window, scale=1.0, block_size=7, softcap=2.0)
+    want = reference.ste_gated_attention(q, k, v, _ste(probs), valid, window, scale=1.0, softcap=2.0)
+    assert (want - reference.ste_gated_attention(q, k, v, _ste(probs), valid, window, scale=1.0)).abs().max() > 0.1
+    grad = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (q, k, v, probs), grad)
+    want_grads = torch.autograd.grad(want, (q, k, v, probs), grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip("q k v probs".split(), got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+    # The masked attention of the dropout path (hard flags, no dropout) soft-caps the same way.
+    keep = probs.detach() >= 0.5
+    visible = block_visibility(keep, valid, window)
+    masked = grouped_attention(q.detach(), k.detach(), v.detach(), visible, 1.0, 0.0, softcap=2.0)
+    hard = reference.ste_gated_attention(q.detach(), k.detach(), v.detach(), keep.float(), valid, window, scale=1.0,
+                                         softcap=2.0)
+    rows = valid if valid is not None else torch.ones(B, T, dtype=torch.bool)  # padded queries' rows are unused
+    torch.testing.assert_close(masked.transpose(1, 2)[rows], hard.transpose(1, 2)[rows], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [({"key": torch.zeros(2, 3, 8, 4)}, "H dividing Hq"), ({"value": torch.zeros(2, 2, 8, 5)}, "value must"),
      ({"retain": torch.zeros(2, 2, 7)}, "retain must"), ({"valid": torch.ones(2, 9, dtype=torch.bool)}, "valid must"),
-     ({"window": 0}, "window")],
+     ({"window": 0}, "window"), ({"softcap": -1.0}, "softcap")],
 )
 def test_bad_input(bad, match):
     args = dict(query=torch.zeros(2, 4, 8, 4), key=torch.zeros(2, 2, 8, 4), value=torch.zeros(2, 2, 8, 4),

@@ -13,7 +13,7 @@ from attngate_ext.training.data import IGNORE_INDEX, pack_documents, sft_example
 from attngate_ext.training.losses import collect_retention, eviction_loss, retention_stats
 from attngate_ext.train import main as train_main
 
-from tiny_models import make_model, make_tokenizer, random_ids
+from helpers.models import make_model, make_tokenizer, random_ids
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
         "of a wife. However little known the feelings or views of such a man may be on his first entering a "

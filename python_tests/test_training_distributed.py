@@ -15,7 +15,7 @@ from attngate_ext import gate_state_dict
 from attngate_ext.train import main as train_main
 from attngate_ext.training.train import load_model, parse_args
 
-from tiny_models import make_model, make_tokenizer
+from helpers.models import make_model, make_tokenizer
 
 TEXT = "".join(f"Scene {i}: the queen speaks of {i * 5 % 9} ships and the sea.\n" for i in range(80))
 ARGS = ["--seq-len", "64", "--no-progress", "--warmup", "2", "--steps", "5", "--lr", "0.05", "--alpha", "20",

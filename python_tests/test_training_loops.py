@@ -7,8 +7,9 @@ import torch
 
 import attngate_ext as ag
 from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
+from attngate_ext import cache_kwarg
 
-from tiny_models import cache_kwarg, make_model, random_ids
+from helpers.models import make_model, random_ids
 
 
 def _gated(kind="llama", **config):
@@ -40,7 +41,7 @@ def test_eval_mode_still_fills_the_cache():
     cache = ag.AttnGateCache()
     model.eval()
     model(ids, use_cache=True, **{cache_kwarg(model): cache})
-    assert 0.3 < cache.memory_report()["eviction_ratio"] < 0.7
+    assert 0.3 < cache.memory_report().eviction_ratio < 0.7
     model.train()  # training mode cannot continue from a cache that already holds tokens
     with pytest.raises(ValueError, match="model.eval"):
         model(ids[:, :1], use_cache=True, **{cache_kwarg(model): cache})
@@ -101,8 +102,8 @@ def test_default_gate_width_costs_at_most_three_percent():
     with torch.no_grad():
         model(random_ids(1, 64), use_cache=True, **{cache_kwarg(model): cache})
     report = cache.memory_report()
-    assert report["gate_bytes"] / report["dense_bytes"] == pytest.approx(8 / 512, rel=0.3)
-    assert report["gate_bytes"] / report["dense_bytes"] <= 0.03
+    assert report.gate_bytes / report.dense_bytes == pytest.approx(8 / 512, rel=0.3)
+    assert report.gate_bytes / report.dense_bytes <= 0.03
 
 
 def test_eviction_loss_is_exported_at_the_top_level():

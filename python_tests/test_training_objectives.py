@@ -12,13 +12,14 @@ import attngate_ext as ag
 from attngate_ext.train import main as train_main
 from attngate_ext.training.attention_targets import future_attention_scores, trainable_tokens
 from attngate_ext.training.losses import distillation_loss, eviction_target
+from attngate_ext.training.objectives import OBJECTIVES, STEPS, ObjectiveConfig
 
-from tiny_models import make_model, make_tokenizer
+from helpers.models import make_model, make_tokenizer
 
 TEXT = "".join(f"ACT {i}. Enter the king, speaking of {i * 7 % 11} crowns and a horse.\n" for i in range(60))
 
 
-def _naive_scores(q, k, v, wo, x, window, scale):
+def _naive_scores(q, k, v, wo, x, window, scale, softcap=0.0):
     B, Hq, T, D = q.shape
     H = k.shape[1]
     G = Hq // H
@@ -27,6 +28,8 @@ def _naive_scores(q, k, v, wo, x, window, scale):
         for h in range(Hq):
             g = h // G
             logits = (q[b, h].double() @ k[b, g].double().T) * scale
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
             for i in range(T):
                 probs = torch.softmax(logits[i, : i + 1], dim=0)
                 for j in range(i + 1):
@@ -52,6 +55,9 @@ def test_future_attention_scores_match_a_naive_loop():
     got = future_attention_scores(q, k, v, wo, x, valid, 2, D**-0.5)
     ref = _naive_scores(q[1:, :, :-4], k[1:, :, :-4], v[1:, :, :-4], wo, x[1:, :-4], 2, D**-0.5)
     torch.testing.assert_close(got[1:, :, :-4].double(), ref, rtol=1e-4, atol=1e-4)
+    # Soft-capped scores (Gemma 2): the targets follow the model's capped attention.
+    got = future_attention_scores(q, k, v, wo, x, None, 2, 1.0, softcap=1.5)
+    torch.testing.assert_close(got.double(), _naive_scores(q, k, v, wo, x, 2, 1.0, softcap=1.5), rtol=1e-4, atol=1e-4)
 
 
 def test_trainable_tokens_skip_sinks_padding_and_the_unseen_tail():
@@ -70,6 +76,35 @@ def test_distillation_loss_is_the_kl_and_zero_for_equal_logits():
     p, logq = torch.softmax(teacher, -1), torch.log_softmax(student, -1)
     kl = (p * (p.log() - logq)).sum(-1)
     assert distillation_loss(student, teacher, mask).item() == pytest.approx(float(kl[mask.bool()].mean()), rel=1e-5)
+
+
+def test_distillation_loss_never_rounds_below_zero():
+    """Equal distributions from shifted logits: their KL is 0, and rounds to tiny negative numbers unless clamped."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        teacher = torch.randn(2, 8, 50, generator=g) * 5
+        for shift in (3.0, 1e2, 1e3):
+            loss = distillation_loss(teacher + shift, teacher)
+            assert 0.0 <= loss.item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])  # Gemma 2: soft-capped, one ungated sliding-window layer
+def test_an_objective_runs_in_a_loop_of_ones_own(kind):
+    """An ObjectiveConfig is all an objective needs: the step runs the backward, gradients reach the gates only."""
+    model = ag.add_attention_gates(make_model(kind))
+    model.requires_grad_(False)
+    for gate in ag.gates(model):
+        gate.requires_grad_(True)
+    model.train()
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for name in OBJECTIVES:
+        model.zero_grad(set_to_none=True)
+        logs = STEPS[name](model, batch, 0.5, ObjectiveConfig(alpha=5.0, min_future=4))
+        assert math.isfinite(logs["loss"]) and logs["target"] == 0.5, name
+        grads = [p.grad for gate in ag.gates(model) for p in gate.parameters()]
+        assert any(g is not None and bool(g.abs().sum() > 0) for g in grads), name
+        assert all(p.grad is None for n, p in model.named_parameters() if ".gate." not in n), name
 
 
 def test_eviction_target_ramps_linearly():

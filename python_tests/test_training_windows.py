@@ -10,7 +10,7 @@ import torch
 from attngate_ext.train import main as train_main
 from attngate_ext.training.train import window_for_step
 
-from tiny_models import make_model, make_tokenizer
+from helpers.models import make_model, make_tokenizer
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n" for i in range(60))
 

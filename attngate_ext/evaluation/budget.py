@@ -20,26 +20,27 @@ import torch
 import torch.nn as nn
 
 from ..cache.cache import AttnGateCache
+from ..cache.memory import MemoryReport
 from ..models.calibration import _measured_masks, _shift_for
-from ..models.model import _decoder, _state, gate_config
+from ..models.decoder import base_decoder, cache_kwarg
+from ..models.model import gate_config, gated_layers
 
 
-def held_share(report: Dict[str, Any]) -> float:
+def held_share(report: MemoryReport) -> float:
     """``held_bytes / dense_bytes`` of a :meth:`AttnGateCache.memory_report` (1.0 for an empty cache)."""
-    return report["held_bytes"] / report["dense_bytes"] if report["dense_bytes"] else 1.0
+    return report.held_bytes / report.dense_bytes if report.dense_bytes else 1.0
 
 
 @torch.no_grad()
 def prefill_report(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                    page_size: int = 16) -> Dict[str, Any]:
     """Prefills a fresh :class:`AttnGateCache` with ``input_ids`` through the gated decoder (no LM head) and
-    returns its memory report, with ``held_share`` added."""
+    returns its memory report as a dict (:meth:`MemoryReport.as_dict`), with ``held_share`` added."""
     cache = AttnGateCache(page_size)
-    _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                    **{_state(model).cache_kwarg: cache})
+    base_decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                        **{cache_kwarg(model): cache})
     report = cache.memory_report()
-    report["held_share"] = held_share(report)
-    return report
+    return {**report.as_dict(), "held_share": held_share(report)}
 
 
 @torch.no_grad()
@@ -69,7 +70,10 @@ def calibrate_gate_bytes(
         raise ValueError(f"target_share must be > 0, got {target_share}")
     config = gate_config(model)
     threshold_logit = math.log(config.threshold / (1.0 - config.threshold))
-    layers = [layer.self_attn for layer in _decoder(model).layers]
+    layers = gated_layers(model)
+    # A dense cache's rows per valid token: every decoder layer's KV heads (an ungated sliding-window layer's too,
+    # since the dense bytes count it; the gated families have the same KV heads in every layer).
+    dense_rows_per_token = len(base_decoder(model).layers) * layers[0].gate.num_model_kv_heads
     base = [attn.gate.score.bias.detach().clone() for attn in layers]
     valid = (attention_mask.bool() if attention_mask is not None
              else torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
@@ -90,7 +94,7 @@ def calibrate_gate_bytes(
             continue
         logits = _eligible_logits(layers, eligible)
         kept = float((logits >= threshold_logit).sum())
-        rows = float(valid.sum()) * len(layers) * layers[0].gate.num_model_kv_heads  # a dense cache's rows
+        rows = float(valid.sum()) * dense_rows_per_token  # a dense cache's rows
         goal = kept + (target_share - share) * rows
         if (goal <= 0 and kept == 0) or (goal >= logits.numel() and kept == logits.numel()):
             reachable = False  # already at the extreme: every decidable token evicted (or kept)

@@ -10,7 +10,7 @@ next-token NLL of the continuation tokens only, so both modes are compared on th
   are created (the trained gates, biases shifted per head to each target ratio on ``--calibration-text``; or a
   baseline's creation-time form), so the continuation is read with what the policy kept.
 * ``post_prefill``: the context is prefilled with every token cached, pruned in place to the budget
-  (``compact_kv_``, as kvpress does), then the continuation is forwarded through the pruned cache.
+  (``paged_compact_kv_``, as kvpress does), then the continuation is forwarded through the pruned cache.
 
 Multiple choice (``--mc`` JSONL ``{"context", "choices", "label"}``): each choice is scored by its log-likelihood
 after the context under the same policy and mode; accuracy is the fraction where the best choice is the label.
@@ -29,23 +29,27 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models.calibration import calibrate_gate_threshold, set_constant_gates
+from ..cache.cache import AttnGateCache
 from ..gate.config import AttentionGateConfig
-from ..training import cli_checks as checks
+from ..models.calibration import calibrate_gate_threshold, set_constant_gates
+from ..models.decoder import cache_kwarg
+from ..models.gate_files import load_gates
+from ..models.layer_inputs import recording_layer_inputs
+from ..models.model import add_attention_gates, gate_config, gated_layers, update_gate_config
+from ..training import utils
 from ..training.data import read_text_documents
-from ..training.user_files import read_jsonl
-from ..models.model import _state, add_attention_gates, gate_config, load_gates, update_gate_config
 from . import equal_bytes, retrieval
+from .in_context import use_in_context_policy
 from .perplexity import token_windows
-from .policies import POLICIES, Policy, prune_cache, record_queries_and_keys, use_in_context_policy
+from .policies import POLICIES, Policy
+from .post_prefill import prune_cache
 
 MODES = ("in_context", "post_prefill")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m attngate_ext.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=checks.HelpWithDefaults)
+                                formatter_class=utils.HelpWithDefaults)
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--gates", help="trained gates (save_gates directory); default: the gates shipped with the package "
                                    "for this model (attngate_ext.list_pretrained_gates()) if there are any")
@@ -91,7 +95,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward")
     p.add_argument("--page-size", type=int, default=16,
                    help="rows per page of the gated cache; smaller pages waste less on short windows")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the model")
+    p.add_argument("--dtype", choices=list(utils.DTYPES), default="float32", help="dtype of the model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to evaluate on (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the random policy)")
@@ -110,12 +114,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--gate-window-choices must be >= 1")
     if args.context_len < 2 or args.continuation_len < 1:
         p.error("--context-len must be >= 2 and --continuation-len >= 1")
-    checks.require(p, args, [("windows", checks.at_least_one, ">= 1"), ("batch_size", checks.at_least_one, ">= 1"),
-                             ("page_size", checks.at_least_one, ">= 1"),
-                             ("calibration_windows", checks.at_least_one, ">= 1"),
-                             ("retrieval_per_cell", checks.at_least_one, ">= 1"),
-                             ("gate_window", checks.at_least_one, ">= 1"),
-                             ("gate_attention_window", lambda x: x >= 0, ">= 0")])
+    utils.require(p, args, [*((name, utils.at_least_one, ">= 1")
+                              for name in ("windows", "batch_size", "page_size", "calibration_windows",
+                                           "retrieval_per_cell", "gate_window")),
+                            ("gate_attention_window", lambda x: x >= 0, ">= 0")])
     return args
 
 
@@ -123,13 +125,9 @@ class Evaluator:
     """Holds the model in its three shapes (dense, gated with trained gates, gated with keep-all gates)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.args = args
-        checks.require_model_dir(args.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype],
-                                                          local_files_only=True).to(args.device).eval()
+        self.model, self.tokenizer = utils.load_local_model(args.model, args.dtype, args.device)
+        self.model.eval()
         self.trained_gates = None
         self.gates_source = None if args.no_gates else args.gates
         if args.gates is None and not args.no_gates:
@@ -152,16 +150,13 @@ class Evaluator:
 
     # -- model shapes ------------------------------------------------------------------------------------------
 
-    def _layers(self) -> List[Any]:
-        return [layer.self_attn for layer in self.model.model.layers]
-
     def _reset(self, policy: Optional[Policy], ratio: float = 0.0, length: int = 0) -> None:
         """Trained gates and their config back (or keep-all gates), with ``policy``'s creation-time flags if given."""
         if self.trained_gates is not None:
             self.model.load_state_dict(self.trained_gates, strict=False)
         else:
             set_constant_gates(self.model, keep=True)
-        for attn in self._layers():
+        for attn in gated_layers(self.model):
             attn.gate.config = self.base_config
         use_in_context_policy(self.model, policy, ratio, length)
 
@@ -170,11 +165,11 @@ class Evaluator:
         self._reset(None)
         set_constant_gates(self.model, keep=True)
         config = dataclasses.replace(self.base_config, protect_recent=1, sink_tokens=0, decode_gating=False)
-        for attn in self._layers():
+        for attn in gated_layers(self.model):
             attn.gate.config = config
 
     def _cache_kwargs(self, cache) -> Dict[str, Any]:
-        return {"use_cache": True, _state(self.model).cache_kwarg: cache}
+        return {"use_cache": True, cache_kwarg(self.model): cache}
 
     # -- scoring -----------------------------------------------------------------------------------------------
 
@@ -191,8 +186,6 @@ class Evaluator:
                             ratio: float) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """The logits ``(B, T - context, V)`` that predict tokens ``context..T-1`` of ``ids`` under ``policy``
         (``"dense"``, ``"gate"`` or a baseline) in ``mode``, and the cache report."""
-        from ..cache.cache import AttnGateCache
-
         ids = ids.to(self.args.device)
         T = ids.shape[1]
         report: Dict[str, Any] = {"eviction_ratio": 0.0, "kv_bytes": None, "dense_bytes": None}
@@ -210,11 +203,10 @@ class Evaluator:
             report = _report(cache)
         else:  # post_prefill
             self._keep_all()
-            record_queries_and_keys(self.model, True)
             cache = AttnGateCache(self.args.page_size)
-            first = self.model(input_ids=ids[:, :context], **self._cache_kwargs(cache)).logits[:, -1:]
-            record_queries_and_keys(self.model, False)
-            prune_cache(self.model, cache, POLICIES[policy](), ratio)
+            with recording_layer_inputs(self.model) as inputs:
+                first = self.model(input_ids=ids[:, :context], **self._cache_kwargs(cache)).logits[:, -1:]
+            prune_cache(self.model, cache, POLICIES[policy](), ratio, inputs)
             report = _report(cache)
             logits = first
             if T - 1 > context:
@@ -262,9 +254,9 @@ class Evaluator:
 
 def _report(cache) -> Dict[str, Any]:
     r = cache.memory_report()
-    return {"eviction_ratio": r["eviction_ratio"], "kv_bytes": r["held_bytes"], "dense_bytes": r["dense_bytes"],
-            "allocated_bytes": r["allocated_bytes"], "gate_bytes": r["gate_bytes"], "rounding_bytes": r["rounding_bytes"],
-            "retention_per_head": r["retention_per_head"]}
+    return {"eviction_ratio": r.eviction_ratio, "kv_bytes": r.held_bytes, "dense_bytes": r.dense_bytes,
+            "allocated_bytes": r.allocated_bytes, "gate_bytes": r.gate_bytes, "rounding_bytes": r.rounding_bytes,
+            "retention_per_head": r.retention_per_head}
 
 
 def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, float]]:
@@ -281,7 +273,7 @@ def _tasks(args: argparse.Namespace, has_gates: bool) -> List[Tuple[str, str, fl
 
 def _mc_records(path: str) -> List[Dict[str, Any]]:
     records = []
-    for number, r in read_jsonl(path):
+    for number, r in utils.read_jsonl(path):
         if not {"context", "choices", "label"} <= set(r):
             raise ValueError(f"{path}:{number}: need context, choices and a label indexing the choices")
         if not isinstance(r["context"], str) or not isinstance(r["choices"], list) or not r["choices"] or not all(
@@ -445,7 +437,7 @@ def _plots(ev: Evaluator, args: argparse.Namespace, results: List[Dict[str, Any]
         ev._reset(None)
         with torch.no_grad():
             ev.model(input_ids=windows[:1].to(args.device), use_cache=False)
-        keep = torch.stack([attn.last_gate.keep[0] for attn in ev._layers()]).cpu()  # (L, H, T)
+        keep = torch.stack([attn.last_gate.keep[0] for attn in gated_layers(ev.model)]).cpu()  # (L, H, T)
         retention = keep.float().mean(dim=-1).tolist()
         paths.append(plots.plot_retention_heatmap(retention, str(out / "gate_retention.png"),
                                                   title="trained gates: kept fraction (layer x KV head)"))

@@ -9,6 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cache.cache import AttnGateCache
+from ..models.decoder import cache_kwarg
+from ..models.model import is_gated
+
 
 def token_windows(token_ids: Sequence[int], length: int, max_windows: Optional[int] = None,
                   spread: bool = False) -> torch.Tensor:
@@ -44,9 +48,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     per batch, the largest seen, ``held_bytes`` as in ``memory_report``; for a dense model ``eviction_ratio`` is 0 and
     the bytes are None).
     """
-    from ..cache.cache import AttnGateCache
-
-    gated = hasattr(model, "_attngate_state")
+    gated = is_gated(model)
     device = next(model.parameters()).device
     total_nll, total_tokens, kept, rows = 0.0, 0, 0, 0
     held = dense = 0
@@ -59,12 +61,12 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
         ids = windows[start : start + batch_size].to(device)
         if gated:
             cache = AttnGateCache()
-            logits = model(input_ids=ids, use_cache=True, **{model._attngate_state.cache_kwarg: cache}).logits
+            logits = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}).logits
             report = cache.memory_report()
-            kept += report["kept_rows"]
-            rows += report["total_rows"]
-            held = max(held, report["held_bytes"])
-            dense = max(dense, report["dense_bytes"])
+            kept += report.kept_rows
+            rows += report.total_rows
+            held = max(held, report.held_bytes)
+            dense = max(dense, report.dense_bytes)
         else:
             logits = model(input_ids=ids, use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")

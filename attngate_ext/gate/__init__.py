@@ -2,5 +2,3 @@
 
 from .config import AttentionGateConfig, default_gate_head_dim
 from .gate import AttentionGate, GateOutput
-
-__all__ = ["AttentionGate", "AttentionGateConfig", "GateOutput", "default_gate_head_dim"]

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import AttentionGateConfig
-from ..ops.kernels import gate_flags
+from ..ops.rectangle import gate_flags
 
 
 class GateOutput(NamedTuple):

@@ -40,6 +40,7 @@ def grouped_attention(
     visible: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention with a per-KV-head boolean mask, for grouped-query attention.
 
@@ -49,6 +50,8 @@ def grouped_attention(
         visible: ``(B, H, T, S)`` bool (or ``(B, 1, T, S)`` when it does not depend on the head), at least one True
             per row.
         scale: softmax scale.
+        dropout_p: dropout on the attention weights.
+        softcap: > 0 soft-caps the scores first, ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2); 0: off.
 
     Returns:
         ``(B, Hq, T, D)``.
@@ -56,6 +59,8 @@ def grouped_attention(
     B, Hq, T, D = query.shape
     H, S = key.shape[1], key.shape[2]
     group = Hq // H
+    if softcap > 0.0:
+        return _softcapped_attention(query, key, value, visible, scale, dropout_p, softcap)
     if visible.shape[1] == 1 or group == 1:  # the mask is the same for every query head of a group
         return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=group > 1)
@@ -64,3 +69,18 @@ def grouped_attention(
     mask = visible.unsqueeze(2).expand(B, H, group, T, S).reshape(B, H, group * T, S)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out.reshape(B, Hq, T, D)
+
+
+def _softcapped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                          scale: float, dropout_p: float, softcap: float) -> torch.Tensor:
+    """:func:`grouped_attention` with soft-capped scores (SDPA has no soft-cap): the scores are materialised,
+    ``(B, Hq, T, S)``, softmax in float32."""
+    B, Hq, T, D = query.shape
+    H, S = key.shape[1], key.shape[2]
+    group = Hq // H
+    q = query.reshape(B, H, group, T, D)
+    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~visible.view(B, visible.shape[1], 1, T, S), float("-inf"))
+    weights = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p).to(value.dtype)
+    return torch.matmul(weights, value.unsqueeze(2)).reshape(B, Hq, T, D)

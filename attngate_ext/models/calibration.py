@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .model import _decoder, gate_config, gates
+from .decoder import base_decoder
+from .model import gate_config, gated_layers, gates
 
 
 def randomize_gates(model: nn.Module, seed: int = 0, spread: float = 4.0) -> None:
@@ -42,10 +43,9 @@ def calibrate_gate_bias(
     if not 0.0 <= eviction_ratio <= 1.0:
         raise ValueError(f"eviction_ratio must lie in [0, 1], got {eviction_ratio}")
     threshold_logit = math.log(gate_config(model).threshold / (1.0 - gate_config(model).threshold))
-    decoder = _decoder(model)
-    for layer in decoder.layers:
+    decoder = base_decoder(model)
+    for attn in gated_layers(model):
         decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)  # no LM head needed
-        attn = layer.self_attn
         probs = attn.last_gate.probs.double().clamp(1e-12, 1 - 1e-12)  # (B, H, T)
         logits = torch.log(probs) - torch.log1p(-probs)
         H = logits.shape[1]
@@ -133,8 +133,8 @@ def calibrate_gate_threshold(
         raise ValueError(f"eviction_ratio must lie in [0, 1], got {eviction_ratio}")
     config = gate_config(model)
     threshold_logit = math.log(config.threshold / (1.0 - config.threshold))
-    decoder = _decoder(model)
-    layers = [layer.self_attn for layer in decoder.layers]
+    decoder = base_decoder(model)
+    layers = gated_layers(model)
     valid = (attention_mask.bool() if attention_mask is not None
              else torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device))
     eligible, forced = _measured_masks(valid, config.protect_recent, config.sink_tokens)

@@ -1,39 +1,25 @@
-"""GatedAttention: a Llama-shaped attention block with an Attention-Gate in front, as a drop-in ``self_attn``."""
+"""GatedAttention: an attention block with an Attention-Gate in front, as a drop-in ``self_attn``."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..cache.cache import AttnGateCache
-from ..gate.gate import AttentionGate, GateOutput, apply_rope
+from ..cache.policy import TokenPolicy
+from ..gate.gate import AttentionGate, GateOutput
 from ..gate.masks import block_visibility, grouped_attention
 from ..gate.ste_attention import ste_gated_attention
-from ..ops.paged import paged_prefill_attention
+from .families import LLAMA, AttentionFamily
+from .wrapped_attention import PADDING_MASK_KWARG, PROMPT_LENGTH_KWARG, WrappedAttention, rule_attention
 
-# Keyword the gated model's pre-forward hook uses to hand the 2-D padding mask down to every layer.
-PADDING_MASK_KWARG = "gate_padding_mask"
-# Keyword a caller may pass to a no-cache forward so that tokens from this position on count as "generated"
-# (kept unscored) when ``decode_gating`` is off, matching what the cache does after the prompt call.
-PROMPT_LENGTH_KWARG = "gate_prompt_length"
+__all__ = ["GatedAttention", "PADDING_MASK_KWARG", "PROMPT_LENGTH_KWARG", "rule_attention"]
 
 
-def rule_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
-                   valid: Optional[torch.Tensor], window: int, scale: float) -> torch.Tensor:
-    """Attention of ``query`` ``(B, Hq, T, D)`` over ``key``/``value`` ``(B, H, T, D)`` under the eviction rule
-    (flags ``keep`` ``(B, H, T)``, padding ``valid`` ``(B, T)``, window), through ``paged_prefill_attention`` with
-    an empty cache: no ``T x T`` mask is built."""
-    B, H, _, D = key.shape
-    pages = key.new_zeros(0, 1, D)
-    table = torch.zeros(B, H, 0, dtype=torch.int32, device=key.device)
-    lengths = torch.zeros(B, H, dtype=torch.int32, device=key.device)
-    return paged_prefill_attention(query, pages, pages, table, lengths, key, value, keep, valid, window, scale)
-
-
-class GatedAttention(nn.Module):
-    """Wraps one attention module of a Llama-style model (q/k/v/o projections, RoPE, GQA, optional bias).
+class GatedAttention(WrappedAttention):
+    """Wraps one attention module of a supported family (:mod:`.families`: q/k/v/o projections, RoPE, GQA, and the
+    family's q/k norms, fused projection or soft-capping).
 
     The wrapped module keeps its weights and is restored by :func:`attngate_ext.remove_attention_gates`. The
     forward computes the model's q/k/v exactly as the wrapped module does, scores the tokens with ``gate`` and
@@ -47,28 +33,19 @@ class GatedAttention(nn.Module):
     """
 
     def __init__(
-        self, attention: nn.Module, gate: AttentionGate, rope_theta: float, sliding_window: Optional[int] = None
+        self, attention: nn.Module, gate: AttentionGate, rope_theta: float, sliding_window: Optional[int] = None,
+        family: AttentionFamily = LLAMA,
     ) -> None:
-        super().__init__()
-        self.attention = attention
+        super().__init__(attention, family)
         self.gate = gate
-        self.layer_idx: int = attention.layer_idx
-        self.head_dim: int = attention.head_dim
-        self.scaling: float = attention.scaling
         self.sliding_window = sliding_window
         gate_dim = gate.config.head_dim
-        self.gate_shares_rope = gate_dim == self.head_dim
         inv_freq = 1.0 / (rope_theta ** (torch.arange(0, gate_dim, 2, dtype=torch.float32) / gate_dim))
         self.register_buffer("gate_inv_freq", inv_freq, persistent=False)
+        # Decides the flags instead of the gate (a baseline, or a teacher that keeps every token); None: the gate.
+        self.policy: Optional[TokenPolicy] = None
         # Of the last call, for losses and statistics: probs/keep, the retention weights F (differentiable in
         # training) and the padding mask.
-        # A baseline policy's flags instead of the gate's: f(valid, positions, heads) -> keep (B, H, T).
-        self.flag_source: Optional[Callable[..., torch.Tensor]] = None
-        # Called after each stored chunk with (layer_cache, query, key, valid); may prune the cache (H2O, SnapKV).
-        self.after_chunk: Optional[Callable[..., None]] = None
-        # When set, the next forward stores its post-RoPE (query, key, valid) here, for post-prefill scoring.
-        self.record_qk = False
-        self.recorded: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
         self.last_gate: Optional[GateOutput] = None
         self._retain_dtype: Optional[torch.dtype] = None
         self.last_retain: Optional[torch.Tensor] = None
@@ -99,20 +76,24 @@ class GatedAttention(nn.Module):
                         valid=padding_mask[:, -T:].to(torch.bool))
         return memo["valid"]
 
-    def _gate_rope(self, hidden: torch.Tensor, position_embeddings, position_ids) -> Tuple[torch.Tensor, ...]:
+    def gate_rope(self, hidden: torch.Tensor, position_embeddings, position_ids) -> Tuple[torch.Tensor, ...]:
         """The gate's RoPE tables ``(B, 1, T, d')``; computed once per forward and shared by the layers that share
         ``rope_memo`` (they depend only on the positions, which every layer of a forward gets as one tensor)."""
         B, T, _ = hidden.shape
         if not self.gate.config.rope:
             return None, None
-        source = position_embeddings[0] if self.gate_shares_rope else position_ids
+        # The gate reuses the model's tables when they have its width (then it follows the model's RoPE variant:
+        # llama3 or YaRN scaling, Gemma 3's global base); otherwise it builds plain ones from rope_theta.
+        shares = position_embeddings is not None and position_embeddings[0].shape[-1] == self.gate.config.head_dim
+        source = position_embeddings[0] if shares else position_ids
         if source is None:
-            raise ValueError("a gate whose head_dim differs from the model's needs position_ids for its RoPE")
+            raise ValueError("a gate whose head_dim differs from the model's RoPE width needs position_ids for its "
+                             "RoPE")
         memo = self.rope_memo
         meta = (source._version, hidden.dtype, B, T)
         if memo.get("source") is source and memo.get("meta") == meta:
             return memo["tables"]
-        if self.gate_shares_rope:
+        if shares:
             cos, sin = position_embeddings
             tables = cos.expand(B, T, -1).unsqueeze(1), sin.expand(B, T, -1).unsqueeze(1)
         else:
@@ -136,28 +117,18 @@ class GatedAttention(nn.Module):
         ``attention_mask`` (the model's 4-D mask) is ignored: padding comes from the 2-D mask the gated model's
         hook passes as ``gate_padding_mask``, and causality and eviction from the rule itself.
         """
-        attn = self.attention
-        cache = cache if cache is not None else past_key_values
+        cache = self.gated_cache(cache, past_key_values)
         padding_mask = kwargs.get(PADDING_MASK_KWARG)
         position_ids = kwargs.get("position_ids")
         B, T, _ = hidden_states.shape
         valid = self._valid(padding_mask, T)
-        gate_cos, gate_sin = self._gate_rope(hidden_states, position_embeddings, position_ids)
+        gate_cos, gate_sin = self.gate_rope(hidden_states, position_embeddings, position_ids)
         if position_ids is not None:
             position_ids = position_ids.expand(B, T)
 
-        shape = (B, T, -1, self.head_dim)
-        query = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
-        dropout = attn.attention_dropout if self.training else 0.0
+        query, key, value = self.project(hidden_states, position_embeddings)
+        dropout = self.attention.attention_dropout if self.training else 0.0
 
-        if self.record_qk:
-            self.recorded = (query, key, valid)
-        if cache is not None and not isinstance(cache, AttnGateCache):
-            raise TypeError(f"a gated model needs an AttnGateCache, got {type(cache).__name__}")
         if cache is not None and self._training_gates():
             # A standard training loop leaves use_cache at the model's default (True). The cache keeps hard flags
             # only, so the gates would get no gradient: train through the straight-through path instead.
@@ -170,18 +141,18 @@ class GatedAttention(nn.Module):
             self._check_window(layer.get_seq_length() + T)
             # Inference: the cached path applies no attention dropout.
             out, probs, keep = layer.attend(query, key, value, hidden_states, self.gate, gate_cos, gate_sin, valid,
-                                            position_ids, self.scaling, self.flag_source, self.after_chunk)
+                                            position_ids, self.scaling, self.policy, softcap=self.softcap)
             self.last_gate = GateOutput(probs, keep, None, None)
             self.last_retain, self.last_valid = None, valid  # the property converts last_gate.keep when asked
             self._retain_dtype = query.dtype
         else:
-            if self.after_chunk is not None:
+            if self.policy is not None and self.policy.prunes_cache:
                 raise ValueError("a policy that prunes the cache between chunks (H2O, SnapKV in context) needs a "
                                  "cache: call the model with use_cache=True")
             self._check_window(T)
-            if self.flag_source is not None:
-                keep = self.flag_source(valid if valid is not None else torch.ones(B, T, dtype=torch.bool,
-                                        device=query.device), position_ids, key.shape[1])
+            if self.policy is not None:
+                keep = self.policy.keep_flags(valid if valid is not None else torch.ones(B, T, dtype=torch.bool,
+                                              device=query.device), position_ids, key.shape[1])
                 if valid is not None:
                     keep = keep & valid.unsqueeze(1)
                 gate = GateOutput(keep.float(), keep, None, None)
@@ -195,28 +166,27 @@ class GatedAttention(nn.Module):
             window = self.gate.config.protect_recent
             self.last_gate, self.last_valid = GateOutput(gate.probs, keep, None, None), valid
             if gate.probs.requires_grad:
-                # Training (docs/design.md, section 3): hard flags forward, the sigmoid's gradient backward, applied as
+                # Training (docs/training.md): hard flags forward, the sigmoid's gradient backward, applied as
                 # multiplicative weights so that evicted keys still get a gradient. Forced keeps (sinks,
                 # decode_gating=False tokens) carry no gradient.
                 probs = gate.probs.to(query.dtype)
                 forced = keep & (gate.probs < self.gate.config.threshold)
                 retain = torch.where(forced, torch.ones_like(probs), keep.to(probs.dtype) + probs - probs.detach())
                 self.last_retain = retain
-                out = ste_gated_attention(query, key, value, retain, valid, window, self.scaling)
+                out = ste_gated_attention(query, key, value, retain, valid, window, self.scaling,
+                                          softcap=self.softcap)
             elif dropout > 0.0:
                 self.last_retain = keep.to(query.dtype)
                 visible = block_visibility(keep, valid, window)
-                out = grouped_attention(query, key, value, visible, self.scaling, dropout)
+                out = grouped_attention(query, key, value, visible, self.scaling, dropout, self.softcap)
             else:  # the rule inside the attention kernel (an empty paged cache): no T x T mask
                 self.last_retain = keep.to(query.dtype)
-                out = rule_attention(query, key, value, keep, valid, window, self.scaling)
-
-        out = out.transpose(1, 2).reshape(B, T, -1).contiguous()
-        return attn.o_proj(out), None
+                out = rule_attention(query, key, value, keep, valid, window, self.scaling, self.softcap)
+        return self.output(out), None
 
     def _training_gates(self) -> bool:
         """Training mode, autograd on and a gate parameter that needs a gradient: the straight-through path."""
-        return (self.training and torch.is_grad_enabled() and self.flag_source is None
+        return (self.training and torch.is_grad_enabled() and self.policy is None
                 and any(p.requires_grad for p in self.gate.parameters()))
 
     def _check_window(self, total: int) -> None:

@@ -1,11 +1,8 @@
-"""Turning a loaded Hugging Face Llama-style model into a gated one, and back; saving and loading the gates."""
+"""Turning a loaded Hugging Face model of a supported family into a gated one and back, and reading its gates."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -14,13 +11,11 @@ import torch.nn as nn
 from ..cache.cache import AttnGateCache
 from ..gate.config import AttentionGateConfig, default_gate_head_dim
 from ..gate.gate import AttentionGate
-from .gated_attention import PADDING_MASK_KWARG, GatedAttention
-
-GATES_FILE = "attention_gates.safetensors"
-CONFIG_FILE = "attention_gates.json"
-_REQUIRED = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
-# Attention features that change the math beyond Llama's shape; a module with any of them is refused.
-_UNSUPPORTED = ("q_norm", "k_norm", "sinks", "attn_logit_softcapping", "qkv_proj", "c_attn")
+from .decoder import base_decoder, cache_kwarg, model_facts, rope_theta, sliding_window, window_only_layers
+from .families import attention_family
+from .gated_attention import GatedAttention
+from .window_attention import WindowAttention
+from .wrapped_attention import GATES_TRAINING_KWARG, PADDING_MASK_KWARG, WrappedAttention
 
 
 @dataclasses.dataclass
@@ -30,49 +25,13 @@ class _GatingState:
     config: AttentionGateConfig
     hook: Any
     cache_kwarg: str
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    base = getattr(model, "model", model)
-    if not isinstance(getattr(base, "layers", None), nn.ModuleList):
-        raise TypeError(
-            f"{type(model).__name__} is not a Llama-style decoder (expected model.model.layers or model.layers); "
-            "attention gates support LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and models of that shape"
-        )
-    return base
-
-
-def _check_attention(layer_idx: int, attn: Any) -> None:
-    name = type(attn).__name__
-    if isinstance(attn, GatedAttention):
-        raise ValueError("the model already has attention gates; call remove_attention_gates(model) first")
-    missing = [attr for attr in _REQUIRED if not hasattr(attn, attr)]
-    extra = [attr for attr in _UNSUPPORTED if getattr(attn, attr, None) is not None]
-    if missing or extra:
-        why = f"missing {missing}" if missing else f"has unsupported {extra}"
-        raise TypeError(
-            f"layer {layer_idx}: {name} is not a Llama-shaped attention block ({why}); attention gates support "
-            "Llama, Mistral and Qwen2 attention (q/k/v/o projections, RoPE, GQA, optional bias)"
-        )
-
-
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta") if isinstance(params, dict) else None
-    return float(theta or getattr(config, "rope_theta", None) or 10000.0)
-
-
-def _model_facts(model: nn.Module) -> Dict[str, int]:
-    config = model.config
-    return {
-        "num_hidden_layers": len(_decoder(model).layers),
-        "hidden_size": int(config.hidden_size),
-        "num_key_value_heads": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
-    }
+    # Keyword arguments of the AttnGateCache the hook creates (set_cache_options).
+    cache_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _padding_hook(state_holder: nn.Module):
-    """Pre-forward hook of the decoder: passes the 2-D padding mask down and installs an AttnGateCache."""
+    """Pre-forward hook of the decoder: passes the 2-D padding mask down, says whether the gates train in this
+    forward, and installs an AttnGateCache."""
 
     def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
         state: _GatingState = state_holder._attngate_state
@@ -87,6 +46,7 @@ def _padding_hook(state_holder: nn.Module):
                 )
             kwargs[PADDING_MASK_KWARG] = mask
             kwargs["attention_mask"] = None  # the gated layers apply padding; no 4-D mask needs to be built
+        kwargs[GATES_TRAINING_KWARG] = any(attn._training_gates() for attn in gated_layers(state_holder))
         key = state.cache_kwarg
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         use_cache = kwargs.get("use_cache")
@@ -94,7 +54,7 @@ def _padding_hook(state_holder: nn.Module):
             use_cache = getattr(module.config, "use_cache", False)
         if cache is None:
             if use_cache:
-                kwargs[key] = AttnGateCache()
+                kwargs[key] = AttnGateCache(**state.cache_options)
         elif not isinstance(cache, AttnGateCache):
             if cache.get_seq_length() > 0:
                 raise ValueError(
@@ -102,19 +62,23 @@ def _padding_hook(state_holder: nn.Module):
                     "use an AttnGateCache (generate() creates one)"
                 )
             kwargs.pop("past_key_values", None)
-            kwargs[key] = AttnGateCache()  # generate() made an empty DynamicCache: swap in the gated one
+            kwargs[key] = AttnGateCache(**state.cache_options)  # generate() made an empty DynamicCache: swap it
         return args, kwargs
 
     return hook
 
 
 def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] = None) -> nn.Module:
-    """Puts an Attention-Gate in front of every attention block of a Llama-style model, in place.
+    """Puts an Attention-Gate in front of every full-attention block of a model, in place.
 
-    Works for ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` and anything whose attention
-    block has Llama's shape; anything else raises ``TypeError``. The gates are created on the model's device and
-    dtype, initialised to keep every token (the gated model computes what the base model computes), and are the
-    only new parameters. ``generate()`` then uses an :class:`AttnGateCache` automatically.
+    Works for the causal LMs of Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3, Gemma 2 and Gemma 3 (``Gemma3ForCausalLM``)
+    and anything whose attention block has Llama's shape (:mod:`.families`); anything else raises ``TypeError``
+    naming the model class and the missing piece. In a model that mixes sliding-window and full-attention layers
+    (Gemma 2 and 3, Qwen2/Qwen3 with ``use_sliding_window``) the sliding-window layers get no gate: they do plain
+    sliding-window attention (:class:`~.window_attention.WindowAttention`) and the cache holds their last ``window``
+    rows. The gates are created on the model's device and dtype, initialised to keep every token (the gated model
+    computes what the base model computes), and are the only new parameters. ``generate()`` then uses an
+    :class:`AttnGateCache` automatically.
 
     Args:
         model: the model; modified in place and returned.
@@ -122,45 +86,56 @@ def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] 
             (the gate's K'/V' cache at most ~3% of the dense cache, never below 8 dims).
     """
     config = dataclasses.replace(config) if config is not None else AttentionGateConfig()
-    decoder = _decoder(model)
-    if hasattr(model, "_attngate_state"):
+    decoder = base_decoder(model)
+    if is_gated(model):
         raise ValueError("the model already has attention gates; call remove_attention_gates(model) first")
+    name = type(model).__name__
+    families = []
     for idx, layer in enumerate(decoder.layers):
-        _check_attention(idx, getattr(layer, "self_attn", None))
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, WrappedAttention):
+            raise ValueError("the model already has attention gates; call remove_attention_gates(model) first")
+        families.append(attention_family(name, idx, attn))
+    windows = window_only_layers(model)
     first = decoder.layers[0].self_attn
-    facts = _model_facts(model)
+    facts = model_facts(model)
     if config.head_dim is None:
         width = default_gate_head_dim(facts["num_key_value_heads"], int(first.head_dim), config.num_kv_heads)
         config = dataclasses.replace(config, head_dim=width)
-    theta = _rope_theta(model.config)
+    theta = rope_theta(model.config)
     rope_memo: Dict[str, Any] = {}
-    for layer in decoder.layers:
+    for idx, (layer, family) in enumerate(zip(decoder.layers, families)):
         attn = layer.self_attn
-        weight = attn.q_proj.weight
-        gate = AttentionGate(facts["hidden_size"], facts["num_key_value_heads"], config)
-        gate.to(device=weight.device, dtype=weight.dtype)
-        gated = GatedAttention(attn, gate, theta, _sliding_window(attn))
-        gated.rope_memo = rope_memo  # one gate RoPE table per forward for all layers
-        gated.train(attn.training)
-        layer.self_attn = gated
-    params = inspect.signature(decoder.forward).parameters
-    cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        if idx in windows:
+            wrapped: WrappedAttention = WindowAttention(attn, family, windows[idx], config.prefill_chunk)
+        else:
+            weight = next(attn.parameters())
+            gate = AttentionGate(facts["hidden_size"], facts["num_key_value_heads"], config)
+            gate.to(device=weight.device, dtype=weight.dtype)
+            wrapped = GatedAttention(attn, gate, theta, sliding_window(attn), family)
+            wrapped.rope_memo = rope_memo  # one gate RoPE table per forward for all layers
+        wrapped.train(attn.training)
+        layer.self_attn = wrapped
     hook = decoder.register_forward_pre_hook(_padding_hook(model), with_kwargs=True)
-    model._attngate_state = _GatingState(config, hook, cache_kwarg)
+    model._attngate_state = _GatingState(config, hook, cache_kwarg(model))
     return model
 
 
-def _sliding_window(attn: nn.Module) -> Optional[int]:
-    if hasattr(attn, "sliding_window"):  # Qwen2: per layer, None on full-attention layers
-        return attn.sliding_window
-    return getattr(attn.config, "sliding_window", None)  # Mistral: one window for every layer
+def set_cache_options(model: nn.Module, **options: Any) -> Dict[str, Any]:
+    """Sets the :class:`AttnGateCache` arguments of the caches a gated model creates itself (``generate()``, or a
+    forward with ``use_cache=True`` and no cache), e.g. ``set_cache_options(model, max_tokens_per_head=512)``: a
+    hard budget for every ``generate()`` call. Returns the options now in force; no arguments: none (defaults)."""
+    state = _state(model)
+    AttnGateCache(**options)  # the cache's own checks name a bad option
+    state.cache_options = dict(options)
+    return dict(state.cache_options)
 
 
 def remove_attention_gates(model: nn.Module) -> nn.Module:
     """Restores the original attention modules (the gates are dropped) and removes the hook; returns the model."""
     state = _state(model)
-    for layer in _decoder(model).layers:
-        if isinstance(layer.self_attn, GatedAttention):
+    for layer in base_decoder(model).layers:
+        if isinstance(layer.self_attn, WrappedAttention):
             layer.self_attn = layer.self_attn.attention
     state.hook.remove()
     del model._attngate_state
@@ -172,6 +147,11 @@ def _state(model: nn.Module) -> _GatingState:
     if state is None:
         raise ValueError("the model has no attention gates; call add_attention_gates(model) first")
     return state
+
+
+def is_gated(model: nn.Module) -> bool:
+    """Whether :func:`add_attention_gates` put gates into ``model`` (and they were not removed)."""
+    return hasattr(model, "_attngate_state")
 
 
 def gate_config(model: nn.Module) -> AttentionGateConfig:
@@ -198,74 +178,26 @@ def update_gate_config(model: nn.Module, **changes: Any) -> AttentionGateConfig:
     state.config = config
     for gate in gates(model):
         gate.config = config
+    for layer in base_decoder(model).layers:
+        if isinstance(layer.self_attn, WindowAttention):
+            layer.self_attn.prefill_chunk = config.prefill_chunk
     return config
 
 
-def gates(model: nn.Module) -> List[AttentionGate]:
-    """The gates of a gated model, one per decoder layer, in order."""
+def gated_layers(model: nn.Module) -> List[GatedAttention]:
+    """The gated attention modules of a gated model, in layer order: one per decoder layer, except the ungated
+    sliding-window layers of a model that mixes them with full attention (their index: ``attn.layer_idx``)."""
     _state(model)
-    return [layer.self_attn.gate for layer in _decoder(model).layers]
+    return [layer.self_attn for layer in base_decoder(model).layers if isinstance(layer.self_attn, GatedAttention)]
+
+
+def gates(model: nn.Module) -> List[AttentionGate]:
+    """The gates of a gated model, one per gated layer (see :func:`gated_layers`), in order."""
+    return [attn.gate for attn in gated_layers(model)]
 
 
 def gate_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The gate parameters only, keyed ``layers.{i}.{name}``."""
-    return {
-        f"layers.{i}.{name}": tensor for i, gate in enumerate(gates(model)) for name, tensor in gate.state_dict().items()
-    }
-
-
-def save_gates(model: nn.Module, path: str) -> None:
-    """Writes the gates to directory ``path``: weights as safetensors and the config (plus model facts) as JSON."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in gate_state_dict(model).items()}
-    save_file(tensors, os.path.join(path, GATES_FILE))
-    meta = {"gate_config": gate_config(model).to_dict(), "model": _model_facts(model)}
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-
-
-def load_gates(model: nn.Module, path: str) -> nn.Module:
-    """Loads gates saved by :func:`save_gates` into ``model`` (adding gates first if it has none); returns it.
-
-    Raises ``ValueError`` naming the mismatch when the gates were saved for a different model shape or the model
-    already has gates with another config, or naming the tensor when a weight is NaN or infinite (such gates would
-    evict every token), and ``FileNotFoundError`` when ``path`` holds no saved gates.
-    """
-    from safetensors.torch import load_file
-
-    config_path = os.path.join(path, CONFIG_FILE)
-    weights_path = os.path.join(path, GATES_FILE)
-    for needed in (config_path, weights_path):
-        if not os.path.isfile(needed):
-            raise FileNotFoundError(f"no saved attention gates at {path!r} (missing {os.path.basename(needed)})")
-    with open(config_path) as f:
-        meta = json.load(f)
-    config = AttentionGateConfig.from_dict(meta["gate_config"])
-    facts = _model_facts(model)
-    for key, saved in meta["model"].items():
-        if facts.get(key) != saved:
-            raise ValueError(f"the gates at {path!r} were saved for a model with {key}={saved}, this one has "
-                             f"{key}={facts.get(key)}")
-    if hasattr(model, "_attngate_state"):
-        if gate_config(model) != config:
-            raise ValueError(f"the model's gates have config {gate_config(model)}, the saved ones {config}; "
-                             "call remove_attention_gates(model) first")
-    else:
-        add_attention_gates(model, config)
-    tensors = load_file(weights_path)
-    _check_finite(tensors, weights_path)
-    for i, gate in enumerate(gates(model)):
-        prefix = f"layers.{i}."
-        own = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-        gate.load_state_dict(own, strict=True)
-    return model
-
-
-def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{where}: gate weight {name} has {bad} NaN or infinite values; these gates are unusable "
-                             "(retrain them with finite hyperparameters)")
+    """The gate parameters only, keyed ``layers.{i}.{name}`` with ``i`` the decoder layer's index (ungated
+    sliding-window layers have no entries)."""
+    return {f"layers.{attn.layer_idx}.{name}": tensor for attn in gated_layers(model)
+            for name, tensor in attn.gate.state_dict().items()}

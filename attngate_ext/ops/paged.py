@@ -1,4 +1,5 @@
-"""Typed wrappers, docstrings and fakes of the paged ``torch.ops.attngate`` ops.
+"""Typed wrappers and docstrings of the paged ``torch.ops.attngate`` ops (fakes: :mod:`attngate_ext.ops.fakes`;
+pure-PyTorch twins: :mod:`attngate_ext.ops.paged_reference`).
 
 Paged layout of one layer (every (batch row, KV head) is its own sequence of fixed-size pages, as a vLLM / FlashInfer
 block table with one KV head per sequence):
@@ -25,8 +26,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-
-from .kernels import _check_same_device
 
 _ops = torch.ops.attngate
 
@@ -98,6 +97,7 @@ def paged_decode_attention(
     extra_key: Optional[torch.Tensor] = None,
     extra_value: Optional[torch.Tensor] = None,
     extra_valid: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attention of one query token per head over each KV head's paged rows, plus optional dense extra rows.
 
@@ -105,10 +105,11 @@ def paged_decode_attention(
     head's ``lengths[b, h]`` paged rows and the rows e of ``extra_key``/``extra_value`` ``(B, H, E, D)`` where
     ``extra_valid`` ``(B, H, E)`` is true (all when None). Softmax of ``scale * q.k`` in float32; returns
     ``(B, Hq, D)`` in the query's dtype, zeros for a head with no visible row. ``query`` and the extra rows need a
-    contiguous last dimension (other strides free), like the pages.
+    contiguous last dimension (other strides free), like the pages. With ``softcap > 0`` every score is
+    soft-capped first, ``softcap * tanh(score / softcap)`` (Gemma 2); the other attention ops take it too.
     """
     return _ops.paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, extra_key,
-                                       extra_value, extra_valid)
+                                       extra_value, extra_valid, softcap)
 
 
 def paged_prefill_attention(
@@ -126,6 +127,7 @@ def paged_prefill_attention(
     extra_key: Optional[torch.Tensor] = None,
     extra_value: Optional[torch.Tensor] = None,
     extra_until: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attention of a chunk of T new tokens over the paged cache and themselves, under the eviction rule.
 
@@ -143,7 +145,7 @@ def paged_prefill_attention(
     last dimension (other strides free), like the pages.
     """
     return _ops.paged_prefill_attention(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid,
-                                        window, scale, extra_key, extra_value, extra_until)
+                                        window, scale, extra_key, extra_value, extra_until, softcap)
 
 
 def paged_decode_step_(
@@ -164,6 +166,7 @@ def paged_decode_step_(
     slot: int,
     scale: float,
     ring_keep: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """One fused decode step of a gated layer: store the new token, attend.
 
@@ -180,7 +183,8 @@ def paged_decode_step_(
       ``ring_valid[:, :, slot] = valid`` and ``ring_keep[:, :, slot] = valid & keep``.
     """
     return _ops.paged_decode_step_(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key,
-                                   value, keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep)
+                                   value, keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep,
+                                   softcap)
 
 
 def gather_pages(
@@ -204,101 +208,3 @@ def gather_pages(
     keys = torch.where(live.unsqueeze(-1), key_pages[pages, slots], 0)
     values = torch.where(live.unsqueeze(-1), value_pages[pages, slots], 0)
     return keys, values, live
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fake implementations: shape/dtype/device contracts for tracing (torch.compile, FakeTensor, meta).
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _check_paged_fake(key_pages, value_pages, page_table, lengths) -> None:
-    torch._check(key_pages.dim() == 3, lambda: f"key_pages must be 3-D (P, S, D), got {tuple(key_pages.shape)}")
-    torch._check(value_pages.shape == key_pages.shape, lambda: "value_pages must have the shape of key_pages")
-    torch._check(value_pages.dtype == key_pages.dtype, lambda: "value_pages must have the dtype of key_pages")
-    torch._check(page_table.dim() == 3, lambda: f"page_table must be 3-D (B, H, M), got {tuple(page_table.shape)}")
-    torch._check(page_table.dtype == torch.int32, lambda: f"page_table must be int32, got {page_table.dtype}")
-    torch._check(lengths.dtype == torch.int32, lambda: f"lengths must be int32, got {lengths.dtype}")
-    torch._check(lengths.shape == page_table.shape[:2],
-                 lambda: f"lengths must have shape (B, H) = {tuple(page_table.shape[:2])}, got {tuple(lengths.shape)}")
-    for tensor, name in ((value_pages, "value_pages"), (page_table, "page_table"), (lengths, "lengths")):
-        _check_same_device(tensor, name, key_pages, "key_pages")
-
-
-def _check_free_fake(key_pages, free_pages, free_count) -> None:
-    torch._check(free_pages.dim() == 1 and free_pages.dtype == torch.int32,
-                 lambda: f"free_pages must be 1-D int32, got {tuple(free_pages.shape)} {free_pages.dtype}")
-    torch._check(free_count.shape == (1,) and free_count.dtype == torch.int32,
-                 lambda: f"free_count must be (1,) int32, got {tuple(free_count.shape)} {free_count.dtype}")
-    _check_same_device(free_pages, "free_pages", key_pages, "key_pages")
-    _check_same_device(free_count, "free_count", key_pages, "key_pages")
-
-
-@torch.library.register_fake("attngate::paged_append_kv_")
-def _paged_append_kv_fake(key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value, keep):
-    _check_paged_fake(key_pages, value_pages, page_table, lengths)
-    _check_free_fake(key_pages, free_pages, free_count)
-    torch._check(key.dim() == 4, lambda: f"key must be 4-D (B, H, T, D), got {tuple(key.shape)}")
-    torch._check(value.shape == key.shape, lambda: "value must have the shape of key")
-    for tensor, name in ((key, "key"), (value, "value"), (keep, "keep")):
-        if tensor is not None:
-            _check_same_device(tensor, name, key_pages, "key_pages")
-    return None
-
-
-@torch.library.register_fake("attngate::paged_compact_kv_")
-def _paged_compact_kv_fake(key_pages, value_pages, page_table, lengths, free_pages, free_count, keep):
-    _check_paged_fake(key_pages, value_pages, page_table, lengths)
-    _check_free_fake(key_pages, free_pages, free_count)
-    torch._check(keep.dim() == 3, lambda: f"keep must be 3-D (B, H, L), got {tuple(keep.shape)}")
-    _check_same_device(keep, "keep", key_pages, "key_pages")
-    return None
-
-
-@torch.library.register_fake("attngate::paged_remove_rows_")
-def _paged_remove_rows_fake(key_pages, value_pages, page_table, lengths, free_pages, free_count, rows):
-    _check_paged_fake(key_pages, value_pages, page_table, lengths)
-    _check_free_fake(key_pages, free_pages, free_count)
-    torch._check(rows.dim() == 3, lambda: f"rows must be 3-D (B, H, K), got {tuple(rows.shape)}")
-    _check_same_device(rows, "rows", key_pages, "key_pages")
-    return None
-
-
-@torch.library.register_fake("attngate::paged_decode_attention")
-def _paged_decode_attention_fake(query, key_pages, value_pages, page_table, lengths, scale, extra_key=None,
-                                 extra_value=None, extra_valid=None):
-    _check_paged_fake(key_pages, value_pages, page_table, lengths)
-    torch._check(query.dim() == 3, lambda: f"query must be 3-D (B, Hq, D), got {tuple(query.shape)}")
-    torch._check(query.dtype == key_pages.dtype, lambda: "query must have the dtype of key_pages")
-    for tensor, name in ((query, "query"), (extra_key, "extra_key"), (extra_value, "extra_value"),
-                         (extra_valid, "extra_valid")):
-        if tensor is not None:
-            _check_same_device(tensor, name, key_pages, "key_pages")
-    return query.new_empty(query.shape).contiguous()
-
-
-@torch.library.register_fake("attngate::paged_prefill_attention")
-def _paged_prefill_attention_fake(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid, window,
-                                  scale, extra_key=None, extra_value=None, extra_until=None):
-    _check_paged_fake(key_pages, value_pages, page_table, lengths)
-    torch._check(query.dim() == 4, lambda: f"query must be 4-D (B, Hq, T, D), got {tuple(query.shape)}")
-    torch._check(query.dtype == key_pages.dtype, lambda: "query must have the dtype of key_pages")
-    for tensor, name in ((query, "query"), (key, "key"), (value, "value"), (keep, "keep"), (valid, "valid"),
-                         (extra_key, "extra_key"), (extra_value, "extra_value"), (extra_until, "extra_until")):
-        if tensor is not None:
-            _check_same_device(tensor, name, key_pages, "key_pages")
-    return query.new_empty(query.shape).contiguous()
-
-
-@torch.library.register_fake("attngate::paged_decode_step_")
-def _paged_decode_step_fake(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
-                            keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep=None):
-    _check_paged_fake(key_pages, value_pages, page_table, lengths)
-    _check_free_fake(key_pages, free_pages, free_count)
-    torch._check(query.dim() == 3, lambda: f"query must be 3-D (B, Hq, D), got {tuple(query.shape)}")
-    torch._check(query.dtype == key_pages.dtype, lambda: "query must have the dtype of key_pages")
-    for tensor, name in ((query, "query"), (key, "key"), (value, "value"), (keep, "keep"), (valid, "valid"),
-                         (ring_key, "ring_key"), (ring_value, "ring_value"), (ring_valid, "ring_valid"),
-                         (ring_keep, "ring_keep")):
-        if tensor is not None:
-            _check_same_device(tensor, name, key_pages, "key_pages")
-    return query.new_empty(query.shape).contiguous()

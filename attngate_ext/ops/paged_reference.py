@@ -12,6 +12,7 @@ from typing import List, Optional
 import torch
 
 from .paged import gather_pages
+from .reference import soft_cap
 
 
 def _pages(n: int, page_size: int) -> int:
@@ -199,8 +200,10 @@ def paged_decode_attention(
     extra_key: Optional[torch.Tensor] = None,
     extra_value: Optional[torch.Tensor] = None,
     extra_valid: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Softmax attention of query (B, Hq, D) over each KV head's paged rows and its valid extra rows, in float32."""
+    """Softmax attention of query (B, Hq, D) over each KV head's paged rows and its valid extra rows, in float32
+    (scores soft-capped when ``softcap > 0``)."""
     keys, values, live = gather_pages(key_pages, value_pages, page_table, lengths)
     if extra_key is not None:
         B, H, E, _ = extra_key.shape
@@ -212,7 +215,7 @@ def paged_decode_attention(
     group = query.shape[1] // keys.shape[1]
     k = keys.float().repeat_interleave(group, dim=1)  # (B, Hq, N, D)
     v = values.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("bqd,bqnd->bqn", query.float(), k) * scale
+    scores = soft_cap(torch.einsum("bqd,bqnd->bqn", query.float(), k) * scale, softcap)
     visible = live.repeat_interleave(group, dim=1)
     out = _softmax_rows(scores.unsqueeze(2), visible.unsqueeze(2), v).squeeze(2)
     return out.to(query.dtype)
@@ -233,6 +236,7 @@ def paged_prefill_attention(
     extra_key: Optional[torch.Tensor] = None,
     extra_value: Optional[torch.Tensor] = None,
     extra_until: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Query t sees every paged row, extra row e iff extra_until[b, h, e] >= t, and chunk key j iff j == t or
     (j < t, valid[b, j] and (keep[b, h, j] or t - j < window)); float32 softmax, output in the query's dtype."""
@@ -259,7 +263,7 @@ def paged_prefill_attention(
     k = torch.cat(parts_k, dim=2).float().repeat_interleave(group, dim=1)
     v = torch.cat(parts_v, dim=2).float().repeat_interleave(group, dim=1)
     visible = torch.cat(parts_vis, dim=3).repeat_interleave(group, dim=1)
-    scores = torch.einsum("bqtd,bqnd->bqtn", query.float(), k) * scale
+    scores = soft_cap(torch.einsum("bqtd,bqnd->bqtn", query.float(), k) * scale, softcap)
     return _softmax_rows(scores, visible, v).to(query.dtype)
 
 
@@ -281,6 +285,7 @@ def paged_decode_step_(
     slot: int,
     scale: float,
     ring_keep: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Without ``ring_keep``: paged_append_kv_ of the kept new token and its write into ring slot ``slot``
     (valid & ~keep). With it: paged_append_kv_ of the row leaving the slot where ``ring_keep[:, :, slot]``, then the
@@ -310,4 +315,4 @@ def paged_decode_step_(
         ring_valid[:, :, slot] = row_valid.expand_as(keep)
         ring_keep[:, :, slot] = row_valid & keep
     return paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
-                                  ring_valid)
+                                  ring_valid, softcap)

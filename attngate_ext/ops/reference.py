@@ -85,20 +85,28 @@ def compact_kv_(
             lengths[b, h] = m
 
 
+def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """``softcap * tanh(scores / softcap)`` (Gemma 2's attention logit soft-capping); the scores as they are when
+    ``softcap`` is 0."""
+    return softcap * torch.tanh(scores / softcap) if softcap > 0 else scores
+
+
 def decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Softmax attention of query (B, Hq, D) over each KV head's live rows, in float32; zeros for empty heads."""
+    """Softmax attention of query (B, Hq, D) over each KV head's live rows, in float32; zeros for empty heads.
+    With ``softcap > 0`` the scores are soft-capped first: ``softcap * tanh(score / softcap)``."""
     B, H, C, D = key_cache.shape
     Hq = query.shape[1]
     group = Hq // H
     k = key_cache.float().repeat_interleave(group, dim=1)  # (B, Hq, C, D)
     v = value_cache.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("bqd,bqcd->bqc", query.float(), k) * scale
+    scores = soft_cap(torch.einsum("bqd,bqcd->bqc", query.float(), k) * scale, softcap)
     live = torch.arange(C, device=query.device).view(1, 1, C) < lengths.repeat_interleave(group, dim=1).unsqueeze(-1)
     scores = scores.masked_fill(~live, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty head has all -inf: zeros
@@ -114,16 +122,17 @@ def ste_gated_attention(
     valid: Optional[torch.Tensor] = None,
     window: int = 1,
     scale: Optional[float] = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """The training formula (docs/design.md, section 3) as written, ``A = m e^s / sum m e^s``, with a full T x T
-    autograd graph."""
+    """The training formula (docs/training.md) as written, ``A = m e^s / sum m e^s``, with a full T x T
+    autograd graph (``softcap > 0``: ``s`` soft-capped)."""
     B, Hq, T, D = query.shape
     group = Hq // key.shape[1]
     scale = D**-0.5 if scale is None else scale
     k = key.float().repeat_interleave(group, dim=1)
     v = value.float().repeat_interleave(group, dim=1)
     f = retain.float().repeat_interleave(group, dim=1)  # (B, Hq, T)
-    scores = torch.einsum("bqid,bqjd->bqij", query.float(), k) * scale
+    scores = soft_cap(torch.einsum("bqid,bqjd->bqij", query.float(), k) * scale, softcap)
     i = torch.arange(T, device=query.device).view(-1, 1)
     j = torch.arange(T, device=query.device).view(1, -1)
     m = torch.where(i - j < window, torch.ones_like(f).unsqueeze(2), f.unsqueeze(2))  # (B, Hq, T, T)

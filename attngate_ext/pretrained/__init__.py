@@ -49,7 +49,8 @@ def load_pretrained_gates(model: nn.Module, name: str, eviction: Optional[float]
     measured ratio on other text differs somewhat, since the gates decide from content). ``None`` keeps the
     gates as trained. A ratio between two stored ones interpolates their shifts.
     """
-    from ..models.model import gates, load_gates
+    from ..models.gate_files import load_gates
+    from ..models.model import gates
 
     load_gates(model, pretrained_gates(name))
     if eviction is None:
@@ -65,10 +66,10 @@ def _shift_for(name: str, eviction: float) -> float:
     stored = sorted((float(k), float(v)) for k, v in _thresholds(name)["shifts"].items())
     if not stored:
         raise ValueError(f"the pretrained gates {name!r} store no thresholds; calibrate them with "
-                         "attngate_ext.models.calibration.calibrate_gate_threshold")
+                         "attngate_ext.calibrate_gate_threshold")
     if not stored[0][0] <= eviction <= stored[-1][0]:
         raise ValueError(f"eviction {eviction} is outside the stored range [{stored[0][0]}, {stored[-1][0]}] of "
-                         f"{name!r}; calibrate with attngate_ext.models.calibration.calibrate_gate_threshold")
+                         f"{name!r}; calibrate with attngate_ext.calibrate_gate_threshold")
     for (r0, s0), (r1, s1) in zip(stored, stored[1:] + stored[-1:]):
         if r0 <= eviction <= r1:
             return s0 if r1 == r0 else s0 + (s1 - s0) * (eviction - r0) / (r1 - r0)

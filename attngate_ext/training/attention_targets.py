@@ -34,6 +34,7 @@ def future_attention_scores(
     window: int,
     scale: float,
     block_size: int = 256,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """``log s_j`` ``(B, H, T)`` float32 (see the module docstring).
 
@@ -45,6 +46,7 @@ def future_attention_scores(
         window: the protected window w >= 1; queries with ``i - j < w`` see token j anyway and do not count.
         scale: the attention's softmax scale.
         block_size: queries per block (peak memory ``B * Hq * block_size * T`` floats).
+        softcap: the attention's soft-cap (Gemma 2; 0: none), applied to the scores as the model does.
     """
     B, Hq, T, D = query.shape
     H = key.shape[1]
@@ -63,6 +65,8 @@ def future_attention_scores(
         stop = min(start + block_size, T)
         i = torch.arange(start, stop, device=query.device).view(-1, 1)
         scores = torch.matmul(q[:, :, :, start:stop], k.unsqueeze(2).transpose(-1, -2)) * scale  # (B,H,G,Tq,T)
+        if softcap > 0.0:
+            scores = softcap * torch.tanh(scores / softcap)
         visible = (j.view(1, -1) <= i) & valid.view(B, 1, 1, 1, T)
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
         far = (i - j.view(1, -1) >= window) & valid[:, start:stop].view(B, 1, 1, -1, 1)

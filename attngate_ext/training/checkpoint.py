@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..models.model import save_gates
+from ..models.gate_files import save_gates
 
 
 def trainable_parameters(model) -> Dict[str, torch.nn.Parameter]:

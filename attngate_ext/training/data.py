@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .user_files import read_jsonl
+from .utils import read_jsonl
 
 IGNORE_INDEX = -100  # label of tokens outside the loss (prompt, padding), as in transformers
 

@@ -1,4 +1,4 @@
-"""The eviction loss (docs/design.md, section 3) and the retention statistics logged during training."""
+"""The eviction loss (docs/training.md) and the retention statistics logged during training."""
 
 from __future__ import annotations
 
@@ -7,18 +7,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..models.model import gated_layers
+
 
 def collect_retention(model: nn.Module) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
     """The retention weights ``F`` ``(B, H, T)`` of every gated layer from the model's last forward, and its padding
     mask ``(B, T)`` (None when there was none). ``F`` is differentiable when the gates were being trained."""
-    from ..models.model import _decoder, _state
-
-    _state(model)
-    layers = _decoder(model).layers
-    retain = [layer.self_attn.last_retain for layer in layers]
+    layers = gated_layers(model)
+    retain = [attn.last_retain for attn in layers]
     if any(r is None for r in retain):
         raise RuntimeError("run a forward pass of the gated model before collecting its retention")
-    return retain, layers[0].self_attn.last_valid
+    return retain, layers[0].last_valid
 
 
 def retention_stats(retain: Sequence[torch.Tensor], valid: Optional[torch.Tensor] = None) -> Dict[str, Any]:
@@ -55,7 +54,7 @@ def eviction_loss(
     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     processes: int = 1,
 ) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """``alpha * (mean retention - rho)^2`` with ``rho = 1 - target_eviction`` (docs/design.md, section 3).
+    """``alpha * (mean retention - rho)^2`` with ``rho = 1 - target_eviction`` (docs/training.md).
 
     Args:
         retain: per layer, the retention weights ``F`` ``(B, H, T)`` (straight-through flags: the forward value is the
@@ -122,7 +121,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         raise ValueError(f"temperature must be > 0, got {temperature}")
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    per_token = (teacher.exp() * (teacher - student)).sum(dim=-1)  # (B, T)
+    # KL >= 0, but a token whose two distributions (nearly) agree can round to a tiny negative number.
+    per_token = (teacher.exp() * (teacher - student)).sum(dim=-1).clamp_min(0.0)  # (B, T)
     if mask is None:
         return per_token.mean() * temperature**2
     weight = mask.to(per_token.dtype)

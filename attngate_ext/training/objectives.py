@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Tuple
+import dataclasses
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..models.model import _decoder, gate_config
+from ..cache.policy import KeepEveryToken
+from ..models.decoder import base_decoder
+from ..models.layer_inputs import recording_layer_inputs
+from ..models.model import gate_config, gated_layers
 from .attention_targets import future_attention_scores, gate_logits, regression_loss, trainable_tokens
 from .distributed import World, batch_share, sum_over_world
 from .losses import collect_retention, distillation_loss, eviction_loss
@@ -25,129 +29,126 @@ from .losses import collect_retention, distillation_loss, eviction_loss
 OBJECTIVES = ("lm", "distill", "attention")
 
 
-def _keep_everything(valid: torch.Tensor, positions: Any, heads: int) -> torch.Tensor:
-    return valid.unsqueeze(1).expand(valid.shape[0], heads, valid.shape[1])
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """The settings of the objectives (``python -m attngate_ext.train`` builds one from its options).
+
+    Attributes:
+        alpha: weight of the eviction loss.
+        per_layer, per_head: target the eviction ratio in every layer / every (layer, KV head), not globally.
+        temperature: softmax temperature of ``distill``.
+        min_future: ``attention``: train only on tokens seen by at least this many queries outside the window.
+        grad_accum: micro-batches per optimizer step (each backward is divided by it).
+    """
+
+    alpha: float = 10.0
+    per_layer: bool = False
+    per_head: bool = False
+    temperature: float = 1.0
+    min_future: int = 128
+    grad_accum: int = 1
 
 
 @contextlib.contextmanager
 def every_token_kept(model: nn.Module) -> Iterator[None]:
     """Within the block the gated model keeps every token (its gates are bypassed): the unmodified model."""
-    layers = [layer.self_attn for layer in _decoder(model).layers]
-    saved = [attn.flag_source for attn in layers]
+    layers = gated_layers(model)
+    saved = [attn.policy for attn in layers]
+    keep_all = KeepEveryToken()
     for attn in layers:
-        attn.flag_source = _keep_everything
+        attn.policy = keep_all
     try:
         yield
     finally:
-        for attn, source in zip(layers, saved):
-            attn.flag_source = source
+        for attn, policy in zip(layers, saved):
+            attn.policy = policy
 
 
-def lm_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any,
+def lm_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, config: ObjectiveConfig,
             world: World = World()) -> Dict[str, Any]:
     """Cross-entropy of the labels + the eviction loss; backward; returns the losses and retention statistics."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 use_cache=False)
     targets = int((batch["labels"][:, 1:] != -100).sum())
-    return _with_eviction(model, out.loss, targets, target, args, world)
+    return _with_eviction(model, out.loss, targets, target, config, world)
 
 
-def distill_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any,
+def distill_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, config: ObjectiveConfig,
                  world: World = World()) -> Dict[str, Any]:
     """KL to the same model with every token kept (over the non-padding positions) + the eviction loss."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     with torch.no_grad(), every_token_kept(model):
         teacher = model(**kwargs).logits
     student = model(**kwargs).logits
-    kl = distillation_loss(student, teacher, batch["attention_mask"].bool(), args.temperature)
-    return _with_eviction(model, kl, int(batch["attention_mask"].sum()), target, args, world)
+    kl = distillation_loss(student, teacher, batch["attention_mask"].bool(), config.temperature)
+    return _with_eviction(model, kl, int(batch["attention_mask"].sum()), target, config, world)
 
 
-def _with_eviction(model: nn.Module, task: torch.Tensor, count: int, target: float, args: Any,
+def _with_eviction(model: nn.Module, task: torch.Tensor, count: int, target: float, config: ObjectiveConfig,
                    world: World) -> Dict[str, Any]:
     """Adds the eviction loss and runs the backward. Under data parallelism both terms are this process's share
     of the global batch's loss, so that averaging the gradients gives the global batch's gradient."""
     retain, valid = collect_retention(model)
     reduce = (lambda t: sum_over_world(t, world)) if world.size > 1 else None
-    evict, stats = eviction_loss(retain, valid, target, args.alpha, args.per_layer_loss, args.per_head_loss,
+    evict, stats = eviction_loss(retain, valid, target, config.alpha, config.per_layer, config.per_head,
                                  reduce=reduce, processes=world.size)
     share = batch_share(count, world)
     loss = task * share + evict
-    (loss / args.grad_accum).backward()
+    (loss / config.grad_accum).backward()
     # Logged values: averaged over the processes they are the global batch's (the task loss weighted by share).
     return {"loss": task.item() * share + evict.item(), "task_loss": task.item() * share,
             "eviction_loss": evict.item(), "target": target, **stats}
 
 
-def attention_targets(model: nn.Module, batch: Dict[str, torch.Tensor], args: Any) -> Iterator[Tuple[Any, ...]]:
+def attention_targets(model: nn.Module, batch: Dict[str, torch.Tensor],
+                      config: ObjectiveConfig) -> Iterator[Tuple[Any, ...]]:
     """Per gated layer ``(attention module, layer input, gate cos, gate sin, log-scores (B, H, T))`` from one
     no-grad forward of the decoder with every token kept; also the ``(B, T)`` mask of trainable tokens, as the
     first item yielded."""
-    decoder = _decoder(model)
-    layers = [layer.self_attn for layer in decoder.layers]
-    config = gate_config(model)
-    inputs: List[Dict[str, Any]] = [{} for _ in layers]
-
-    def capture(index: int):
-        def hook(module, args_, kwargs):
-            hidden = kwargs.get("hidden_states", args_[0] if args_ else None)
-            inputs[index].update(hidden=hidden, rope=kwargs.get("position_embeddings"),
-                                 position_ids=kwargs.get("position_ids"))
-        return hook
-
-    handles = [attn.register_forward_pre_hook(capture(i), with_kwargs=True) for i, attn in enumerate(layers)]
-    try:
-        for attn in layers:
-            attn.record_qk = True
-        with torch.no_grad(), every_token_kept(model):
-            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for attn in layers:
-            attn.record_qk = False
+    layers = gated_layers(model)
+    gates_config = gate_config(model)
+    with torch.no_grad(), every_token_kept(model), recording_layer_inputs(model) as inputs:
+        base_decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     valid = batch["attention_mask"].bool()
-    yield trainable_tokens(valid, tuple(valid.shape), config.protect_recent, config.sink_tokens, args.min_future,
-                           valid.device)
+    yield trainable_tokens(valid, tuple(valid.shape), gates_config.protect_recent, gates_config.sink_tokens,
+                           config.min_future, valid.device)
     for attn, captured in zip(layers, inputs):
-        query, key, _ = attn.recorded
-        attn.recorded = None
-        hidden = captured["hidden"]
-        wrapped = attn.attention
+        hidden = captured.hidden
+        with torch.no_grad():
+            query, key, value = attn.project(hidden, captured.position_embeddings)
         B, T, _ = hidden.shape
-        value = wrapped.v_proj(hidden).view(B, T, -1, attn.head_dim).transpose(1, 2)
-        scores = future_attention_scores(query, key, value, wrapped.o_proj.weight, hidden, valid,
-                                         config.protect_recent, attn.scaling)
-        position_ids = captured["position_ids"]
+        scores = future_attention_scores(query, key, value, attn.attention.o_proj.weight, hidden, valid,
+                                         gates_config.protect_recent, attn.scaling, softcap=attn.softcap)
+        position_ids = captured.position_ids
         if position_ids is not None:
             position_ids = position_ids.expand(B, T)
-        cos, sin = attn._gate_rope(hidden, captured["rope"], position_ids)
+        cos, sin = attn.gate_rope(hidden, captured.position_embeddings, position_ids)
         yield attn, hidden, cos, sin, scores
 
 
-def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, args: Any,
+def attention_step(model: nn.Module, batch: Dict[str, torch.Tensor], target: float, config: ObjectiveConfig,
                    world: World = World()) -> Dict[str, Any]:
     """Regresses every gate's logits on the log future-attention scores of the unmodified model; backward."""
-    layers = attention_targets(model, batch, args)
+    layers = attention_targets(model, batch, config)
     mask = next(layers)
-    count = len(_decoder(model).layers)
+    count = len(gated_layers(model))
     total = 0.0
     share = batch_share(int(mask.sum()), world)
     for attn, hidden, cos, sin, scores in layers:
         loss = regression_loss(gate_logits(attn.gate, hidden, cos, sin), scores, mask) / count
-        (loss * share / args.grad_accum).backward()
+        (loss * share / config.grad_accum).backward()
         total += loss.item() * share
     return {"loss": total, "task_loss": total, "eviction_loss": 0.0, "target": target,
             "trained_tokens": int(mask.sum())}
 
 
 @torch.no_grad()
-def init_biases_to_mean_scores(model: nn.Module, batch: Dict[str, torch.Tensor], args: Any,
+def init_biases_to_mean_scores(model: nn.Module, batch: Dict[str, torch.Tensor], config: ObjectiveConfig,
                                world: World = World()) -> None:
     """--objective attention, fresh gates: each gate's bias starts at the mean log-score of its KV head on
     ``batch`` (over the processes), so the regression starts at the right level instead of climbing down from
     the keep-everything bias."""
-    layers = attention_targets(model, batch, args)
+    layers = attention_targets(model, batch, config)
     mask = next(layers)
     weight = mask.unsqueeze(1).float()
     for attn, _, _, _, scores in layers:

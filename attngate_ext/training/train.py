@@ -1,11 +1,11 @@
-"""Train the Attention-Gates of a pre-trained Llama-style model (docs/design.md, section 3).
+"""Train the Attention-Gates of a pre-trained model of a supported family (docs/training.md, docs/cache.md).
 
     python -m attngate_ext.train --model DIR --text a.txt b.txt --out runs/gates --steps 300
     python -m attngate_ext.train --model DIR --sft data.jsonl --out runs/sft --lora --steps 300
     torchrun --nproc_per_node=4 -m attngate_ext.train --model DIR --text corpus/ --out runs/gates   # data-parallel
 
-Continual pre-training reads plain text (one document per file, see :mod:`attngate_ext.data` for the packing
-rule); SFT reads JSONL ``{"prompt", "answer"}`` records and learns the answers only. The base model is frozen;
+Continual pre-training reads plain text (one document per file, see :mod:`attngate_ext.training.data` for the
+packing rule); SFT reads JSONL ``{"prompt", "answer"}`` records and learns the answers only. The base model is frozen;
 the gates are trained (``--lora`` adds LoRA adapters through peft). ``--objective`` picks the loss: ``lm``
 (cross-entropy of the labels + the eviction loss), ``distill`` (KL to the same model with every token kept + the
 eviction loss) or ``attention`` (each gate regresses the future attention its tokens receive; the eviction ratio
@@ -14,7 +14,7 @@ LoRA adapter, and the optimizer/scheduler state; ``--resume`` continues from the
 gets the history and the measured retention per layer and head. The model directory is read locally only.
 Under torchrun every process trains on its slice of each global batch and gradients are averaged (gloo on CPU,
 NCCL on GPU); process 0 writes the files. An ``--out`` that holds a run's results is refused unless ``--resume``
-or ``--overwrite`` (see :mod:`attngate_ext.training.cli_checks`).
+or ``--overwrite`` (see :mod:`attngate_ext.training.out_dir`).
 """
 
 from __future__ import annotations
@@ -33,25 +33,24 @@ import torch
 
 from ..gate.config import AttentionGateConfig
 from ..models.calibration import calibrate_gate_threshold, randomize_gates
-from ..models.model import add_attention_gates, gate_config, gates, load_gates, save_gates, update_gate_config
+from ..models.gate_files import load_gates, save_gates
+from ..models.model import add_attention_gates, gate_config, gates, update_gate_config
+from . import utils
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from .data import Examples, sft_examples, text_examples
 from .distributed import (World, average_gradients, barrier, broadcast_parameters, init_world, mean_over_world,
                           shutdown)
 from .losses import eviction_target
-from .objectives import OBJECTIVES, STEPS, init_biases_to_mean_scores
-from . import cli_checks as checks
-from .user_files import read_json_file
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .objectives import OBJECTIVES, STEPS, ObjectiveConfig, init_biases_to_mean_scores
+from .out_dir import clean_up_failed_run, prepare_out_dir
 LORA_TARGETS = r".*\.self_attn\.attention\.(q_proj|k_proj|v_proj|o_proj)"  # the model's, not the gates' projections
 LOGGED = ("loss", "task_loss", "eviction_loss", "retention", "target")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m attngate_ext.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=checks.HelpWithDefaults)
-    p.add_argument("--model", required=True, help="local Hugging Face model directory (Llama/Mistral/Qwen2)")
+                                formatter_class=utils.HelpWithDefaults)
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (Llama, Mistral, Qwen2/3, OLMo-2, Phi-3, Gemma 2/3)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text", nargs="+", help="plain-text files or directories of *.txt (continual pre-training)")
     data.add_argument("--sft", help="JSONL file of {prompt, answer} records (supervised fine-tuning)")
@@ -104,7 +103,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "a spread orders them, and retention falls smoothly. 0 keeps the near-zero W_g init")
     p.add_argument("--lora", action="store_true", help="also train LoRA adapters on q/k/v/o (needs peft)")
     p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the model and the gates")
+    p.add_argument("--dtype", choices=list(utils.DTYPES), default="float32", help="dtype of the model and the gates")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to train on (default: cuda when available, else cpu)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
@@ -130,23 +129,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--window-choices must be >= 1")
     if args.objective != "lm" and args.lora:
         p.error("--lora trains the model itself: use it with --objective lm")
-    checks.require(p, args, [
-        ("lr", checks.positive, "a finite number > 0"),
-        ("lora_lr", checks.positive, "a finite number > 0"),
-        ("weight_decay", checks.non_negative, "a finite number >= 0"),
-        ("alpha", checks.non_negative, "a finite number >= 0"),
-        ("init_spread", checks.non_negative, "a finite number >= 0"),
-        ("temperature", checks.positive, "a finite number > 0"),
+    utils.require(p, args, [
+        ("lr", utils.positive, "a finite number > 0"),
+        ("lora_lr", utils.positive, "a finite number > 0"),
+        ("weight_decay", utils.non_negative, "a finite number >= 0"),
+        ("alpha", utils.non_negative, "a finite number >= 0"),
+        ("init_spread", utils.non_negative, "a finite number >= 0"),
+        ("temperature", utils.positive, "a finite number > 0"),
         ("warmup", lambda x: x >= 0, ">= 0"),
         ("target_ramp", lambda x: x >= 0, ">= 0"),
         ("min_future", lambda x: x >= 0, ">= 0"),
         ("sinks", lambda x: x >= 0, ">= 0"),
         ("gate_attention_window", lambda x: x >= 0, ">= 0"),
-        ("gate_head_dim", checks.at_least_one, ">= 1"),
-        ("lora_rank", checks.at_least_one, ">= 1"),
-        ("keep_checkpoints", checks.at_least_one, ">= 1"),
-        ("stop_after", checks.at_least_one, ">= 1"),
-        ("max_documents", checks.at_least_one, ">= 1"),
+        ("gate_head_dim", utils.at_least_one, ">= 1"),
+        ("lora_rank", utils.at_least_one, ">= 1"),
+        ("keep_checkpoints", utils.at_least_one, ">= 1"),
+        ("stop_after", utils.at_least_one, ">= 1"),
+        ("max_documents", utils.at_least_one, ">= 1"),
     ])
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
@@ -164,14 +163,15 @@ def _config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     return changes
 
 
+def objective_config(args: argparse.Namespace) -> ObjectiveConfig:
+    """The objectives' settings from the command line."""
+    return ObjectiveConfig(alpha=args.alpha, per_layer=args.per_layer_loss, per_head=args.per_head_loss,
+                           temperature=args.temperature, min_future=args.min_future, grad_accum=args.grad_accum)
+
+
 def load_model(args: argparse.Namespace):
     """The frozen base model (local files only) with gates (fresh or from --init-gates) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    checks.require_model_dir(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], local_files_only=True)
-    model.to(args.device)
+    model, tokenizer = utils.load_local_model(args.model, args.dtype, args.device)
     model.requires_grad_(False)
     if args.init_gates:
         load_gates(model, args.init_gates)
@@ -180,7 +180,7 @@ def load_model(args: argparse.Namespace):
     else:
         config = AttentionGateConfig()
         if args.gate_config:
-            config = AttentionGateConfig.from_dict(read_json_file(args.gate_config, "--gate-config"))
+            config = AttentionGateConfig.from_dict(utils.read_json_file(args.gate_config, "--gate-config"))
         config = dataclasses.replace(config, **_config_overrides(args))
         if args.gate_head_dim is not None:
             config = dataclasses.replace(config, head_dim=args.gate_head_dim)
@@ -250,13 +250,13 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     try:
         out = Path(args.out)
         # Every process checks --out (so that all refuse together); process 0 alone deletes and creates.
-        created = checks.prepare_out_dir(out, args.resume, getattr(args, "overwrite", False), latest_checkpoint,
-                                         write=world.main)
+        created = prepare_out_dir(out, args.resume, getattr(args, "overwrite", False), latest_checkpoint,
+                                  write=world.main)
         barrier(world)
         try:
             report = _train(args, world, out)
         except BaseException:
-            done = checks.clean_up_failed_run(out, created, latest_checkpoint) if world.main else None
+            done = clean_up_failed_run(out, created, latest_checkpoint) if world.main else None
             if done:
                 print(done, file=sys.stderr)
             raise
@@ -291,9 +291,10 @@ def _train(args: argparse.Namespace, world: World, out: Path) -> Dict[str, Any]:
     examples = build_examples(args, tokenizer)
     global_batch = args.batch_size * world.size
     batches = shard(examples.batches(global_batch, args.seed, start_step=step * args.grad_accum), world)
+    objective = objective_config(args)
     if args.objective == "attention" and step == 0 and not args.init_gates:
         first = next(shard(examples.batches(global_batch, args.seed), world))
-        init_biases_to_mean_scores(model, {k: v.to(args.device) for k, v in first.items()}, args, world)
+        init_biases_to_mean_scores(model, {k: v.to(args.device) for k, v in first.items()}, objective, world)
     step_fn = STEPS[args.objective]
     history: List[Dict[str, Any]] = []
     started = time.time()
@@ -309,7 +310,7 @@ def _train(args: argparse.Namespace, world: World, out: Path) -> Dict[str, Any]:
         logs = []
         for _ in range(args.grad_accum):
             batch = {k: v.to(args.device) for k, v in next(batches).items()}
-            logs.append(step_fn(model, batch, target, args, world))
+            logs.append(step_fn(model, batch, target, objective, world))
         trainable = list(trainable_parameters(model).values())
         average_gradients(trainable, world)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "cpu/paged_attention_isa.h"
+#include "kv_tables.h"
 #include "stable_api.h"
 
 namespace attngate::cpu::paged {
@@ -18,40 +19,36 @@ inline RowType row_type(ScalarType t) {
   return t == kHalf ? RowType::kF16 : t == kBFloat16 ? RowType::kBF16 : RowType::kF32;
 }
 
-// Byte addressing of the rows of key_pages / value_pages (P, S, D) through page_table (B, H, M). Page ids were
-// validated before any kernel runs.
+// Byte addressing of a head's rows through csrc/kv_tables.h: key_pages / value_pages (P, S, D) through page_table
+// (B, H, M), or a rectangle cache (B, H, C, D) (a head is one page). Page ids were validated before any kernel runs.
 struct PagedRows {
   const char* k;
   const char* v;
-  int64_t k_page, k_row, v_page, v_row;  // byte strides
-  const int32_t* table;
-  int64_t t_b, t_h, t_m;  // page_table strides (elements)
-  int64_t S;
+  ::attngate::paged::Tables t;
+  ::attngate::paged::Pool kp, vp;  // element offsets
+  int64_t elem;                    // bytes per element
 
-  PagedRows(const Tensor& key_pages, const Tensor& value_pages, const Tensor& page_table)
+  PagedRows(const Tensor& key_pages, const Tensor& value_pages, const ::attngate::paged::Tables& tables,
+            const ::attngate::paged::Pool& key_pool, const ::attngate::paged::Pool& value_pool)
       : k(static_cast<const char*>(key_pages.data_ptr())),
         v(static_cast<const char*>(value_pages.data_ptr())),
-        k_page(key_pages.stride(0) * key_pages.element_size()),
-        k_row(key_pages.stride(1) * key_pages.element_size()),
-        v_page(value_pages.stride(0) * value_pages.element_size()),
-        v_row(value_pages.stride(1) * value_pages.element_size()),
-        table(page_table.mutable_data_ptr<int32_t>()),
-        t_b(page_table.stride(0)),
-        t_h(page_table.stride(1)),
-        t_m(page_table.stride(2)),
-        S(key_pages.size(1)) {}
+        t(tables),
+        kp(key_pool),
+        vp(value_pool),
+        elem(static_cast<int64_t>(key_pages.element_size())) {}
 
   // Appends the head's rows [r, r_end) to the tile (all visible), stopping when it is full; returns the next row.
   int64_t fill(int64_t b, int64_t h, int64_t r, int64_t r_end, KeyTile& tile) const {
-    const int32_t* row = table + b * t_b + h * t_h;
+    const int64_t bh = b * t.H + h, S = t.S;
+    const int64_t k_row = kp.row_stride * elem, v_row = vp.row_stride * elem;
     while (r < r_end && tile.n < kTileKeys) {
-      const int64_t page = row[(r / S) * t_m], slot = r % S;
+      const int64_t page = t.page(bh, r / S), slot = r % S;
       const int64_t n = std::min({S - slot, r_end - r, static_cast<int64_t>(kTileKeys - tile.n)});
-      const char* kp = k + page * k_page + slot * k_row;
-      const char* vp = v + page * v_page + slot * v_row;
+      const char* kr = k + kp.at(page, slot) * elem;
+      const char* vr = v + vp.at(page, slot) * elem;
       for (int64_t i = 0; i < n; ++i, ++tile.n) {
-        tile.k[tile.n] = kp + i * k_row;
-        tile.v[tile.n] = vp + i * v_row;
+        tile.k[tile.n] = kr + i * k_row;
+        tile.v[tile.n] = vr + i * v_row;
         tile.lo[tile.n] = std::numeric_limits<int32_t>::min();
         tile.hi[tile.n] = std::numeric_limits<int32_t>::max();
       }

@@ -40,6 +40,7 @@ struct PrefillState {
   float* vf;           // (kTileKeys, Dp) scratch
   const float* zeros;  // (Dp) zeros, Dp = D rounded up to kMaxWidth
   int dp;              // Dp
+  float cap;           // softcap * log2(e), 0: off; scores become cap * tanh(score / cap) before the softmax
 };
 
 // Running state of one decode item: G query heads of one KV head.
@@ -51,6 +52,7 @@ struct DecodeState {
   float* l;         // (G) running sum
   float* s;         // (G, kTileKeys) scratch
   const float* zeros;  // (dp) zeros
+  float cap;           // softcap * log2(e), 0: off; scores become cap * tanh(score / cap) before the softmax
 };
 
 struct Kernels {

@@ -1,5 +1,5 @@
-// CPU kernel of attngate::paged_decode_attention: one query token per head over each KV head's paged rows plus the
-// valid extra rows.
+// CPU kernel of attngate::paged_decode_attention and attngate::decode_attention (a rectangle cache: one page per head,
+// csrc/kv_tables.h): one query token per head over each KV head's rows plus the valid extra rows.
 //
 // Memory-bound: every K/V row is read once per KV head and shared by the whole GQA group (decode_tile in
 // paged_attention_tiles.inc). Work item = (b, KV head, split of its row stream); with few heads the stream is split
@@ -33,6 +33,7 @@ struct DecodeProblem {
   bool serial;  // small enough for the calling thread alone
   paged::RowType type;
   float scale;  // scale * log2(e)
+  float cap;    // softcap * log2(e), 0: off
   const std::vector<int64_t>* lens;
   paged::PagedRows pages;
   paged::DenseRows extra;
@@ -88,7 +89,7 @@ void run_item(const DecodeProblem& p, const scalar_t* query, int64_t q_b, int64_
   std::fill(m, m + p.G, -std::numeric_limits<float>::infinity());
   std::fill(l, l + p.G, 0.f);
   DecodeState st{static_cast<int>(p.D), static_cast<int>(p.G), static_cast<int>(p.dp), sc.q.data(), acc, m, l,
-                 sc.s.data(), sc.zeros.data()};
+                 sc.s.data(), sc.zeros.data(), p.cap};
   const paged::Kernels& kernels = paged::kernels();
   const int64_t row_bytes = p.D * (p.type == paged::RowType::kF32 ? 4 : 2);
   int cur = 0;
@@ -148,18 +149,21 @@ void decode(const DecodeProblem& p, const Tensor& query, Tensor& out) {
 
 }  // namespace
 
-void paged_decode_attention_out(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
-                                const Tensor& page_table, const Tensor& lengths, double scale,
-                                const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
-                                const std::optional<Tensor>& extra_valid, Tensor& out, const char* op) {
+void decode_attention_out(const ::attngate::paged::Tables& t, const Tensor& key_pages, const Tensor& value_pages,
+                          const ::attngate::paged::Pool& key_pool, const ::attngate::paged::Pool& value_pool,
+                          const Tensor& query, double scale, double softcap, const std::optional<Tensor>& extra_key,
+                          const std::optional<Tensor>& extra_value, const std::optional<Tensor>& extra_valid,
+                          Tensor& out, const char* op) {
   std::vector<int64_t> lens;
-  raise_for_status(op, validate_paged_state_cpu(key_pages, page_table, lengths, lens));
+  raise_for_status(op, validate_state_cpu(t, lens));
   if (out.numel() == 0) return;
-  const int64_t B = page_table.size(0), H = page_table.size(1), D = key_pages.size(2);
+  const int64_t B = t.B, H = t.H, D = key_pages.size(-1);
   const int64_t E = extra_key.has_value() ? extra_key->size(2) : 0;
   DecodeProblem p{B, H, query.size(1) / H, D, (D + paged::kMaxWidth - 1) / paged::kMaxWidth * paged::kMaxWidth, E,
-                  1, false, paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e, &lens,
-                  paged::PagedRows(key_pages, value_pages, page_table), paged::DenseRows(), nullptr, 0, 0, 0};
+                  1, false, paged::row_type(query.scalar_type()), static_cast<float>(scale) * paged::kLog2e,
+                  static_cast<float>(softcap) * paged::kLog2e, &lens,
+                  paged::PagedRows(key_pages, value_pages, t, key_pool, value_pool), paged::DenseRows(), nullptr, 0, 0,
+                  0};
   if (E > 0) {
     p.extra = paged::DenseRows(*extra_key, *extra_value);
     if (extra_valid.has_value()) {
@@ -175,18 +179,27 @@ void paged_decode_attention_out(const Tensor& query, const Tensor& key_pages, co
   p.serial = rows * 2 * D * key_pages.element_size() < paged::kSerialBytes;
   const int64_t want = (kItemsPerThread * static_cast<int64_t>(torch::stable::get_num_threads()) + B * H - 1) / (B * H);
   p.ns = p.serial ? 1 : std::max<int64_t>(1, std::min(want, longest / kMinSplitRows));
-  ATTNGATE_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_decode_attention_cpu",
+  ATTNGATE_DISPATCH_FLOATING_TYPES(query.scalar_type(), "decode_attention_cpu",
                                    [&] { decode<scalar_t>(p, query, out); });
+}
+
+void paged_decode_attention_out(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
+                                const Tensor& page_table, const Tensor& lengths, double scale, double softcap,
+                                const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
+                                const std::optional<Tensor>& extra_valid, Tensor& out, const char* op) {
+  decode_attention_out(::attngate::paged::make_read_tables(key_pages, page_table, lengths), key_pages, value_pages,
+                       ::attngate::paged::make_pool(key_pages), ::attngate::paged::make_pool(value_pages), query, scale,
+                       softcap, extra_key, extra_value, extra_valid, out, op);
 }
 
 Tensor paged_decode_attention_cpu(const Tensor& query, const Tensor& key_pages, const Tensor& value_pages,
                                   const Tensor& page_table, const Tensor& lengths, double scale,
                                   const std::optional<Tensor>& extra_key, const std::optional<Tensor>& extra_value,
-                                  const std::optional<Tensor>& extra_valid) {
+                                  const std::optional<Tensor>& extra_valid, double softcap) {
   check_paged_decode_attention_args(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
-                                    extra_valid);
+                                    extra_valid, softcap);
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
-  paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, extra_key, extra_value,
+  paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, softcap, extra_key, extra_value,
                              extra_valid, out);
   return out;
 }

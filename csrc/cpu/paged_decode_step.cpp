@@ -10,6 +10,7 @@
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/paged_attention_kernels.h"
+#include "cpu/storage_kernels.h"
 #include "dispatch.h"
 #include "paged_step.h"
 #include "registration.h"
@@ -57,9 +58,9 @@ Tensor paged_decode_step_cpu(const Tensor& query, Tensor& key_pages, Tensor& val
                              Tensor& lengths, Tensor& free_pages, Tensor& free_count, const Tensor& key,
                              const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
                              Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale,
-                             const std::optional<Tensor>& ring_keep) {
+                             const std::optional<Tensor>& ring_keep, double softcap) {
   check_paged_decode_step_args(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
-                               keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep);
+                               keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep, softcap);
   // The whole paged state first (the append checks only the pages it writes, the attention reads them all).
   std::vector<int64_t> lens;
   raise_for_status("paged_decode_step_", validate_paged_state_cpu(key_pages, page_table, lengths, lens));
@@ -69,7 +70,7 @@ Tensor paged_decode_step_cpu(const Tensor& query, Tensor& key_pages, Tensor& val
     write_ring_slot<scalar_t>(ring_key, ring_value, ring_valid, ring_keep, key, value, keep, valid, slot);
   });
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
-  cpu::paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
+  cpu::paged_decode_attention_out(query, key_pages, value_pages, page_table, lengths, scale, softcap, ring_key, ring_value,
                                   ring_valid, out, "paged_decode_step_");
   return out;
 }

@@ -45,6 +45,7 @@ struct PrefillProblem {
   bool serial;                       // small enough for the calling thread alone
   paged::RowType type;
   float scale;  // scale * log2(e)
+  float cap;    // softcap * log2(e), 0: off
   const std::vector<int64_t>* lens;
   paged::PagedRows pages;
   paged::DenseRows chunk, extra;
@@ -129,7 +130,7 @@ void run_item(const PrefillProblem& p, const Tensor& query, int64_t index, int64
   std::fill(m, m + Mq, -std::numeric_limits<float>::infinity());
   std::fill(l, l + Mq, 0.f);
   PrefillState st{static_cast<int>(D), static_cast<int>(Mq), sc.qt.data(), sc.pos.data(), ot, m, l, sc.st.data(),
-                  sc.alpha.data(), sc.kf.data(), sc.vf.data(), sc.zeros.data(), static_cast<int>(sc.zeros.size())};
+                  sc.alpha.data(), sc.kf.data(), sc.vf.data(), sc.zeros.data(), static_cast<int>(sc.zeros.size()), p.cap};
   const int64_t n = raw_length(p, it), chunk = (n + p.ns - 1) / p.ns;
   int64_t r = std::min(n, split * chunk);
   const int64_t r_end = std::min(n, r + chunk);
@@ -210,10 +211,11 @@ Tensor paged_prefill_attention_cpu(const Tensor& query, const Tensor& key_pages,
                                    const Tensor& page_table, const Tensor& lengths, const Tensor& key,
                                    const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
                                    int64_t window, double scale, const std::optional<Tensor>& extra_key,
-                                   const std::optional<Tensor>& extra_value, const std::optional<Tensor>& extra_until) {
+                                   const std::optional<Tensor>& extra_value, const std::optional<Tensor>& extra_until,
+                                   double softcap) {
   constexpr const char* op = "paged_prefill_attention";
   check_paged_prefill_attention_args(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid,
-                                     window, scale, extra_key, extra_value, extra_until);
+                                     window, scale, extra_key, extra_value, extra_until, softcap);
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   std::vector<int64_t> lens;
   raise_for_status(op, validate_paged_state_cpu(key_pages, page_table, lengths, lens));
@@ -237,8 +239,10 @@ Tensor paged_prefill_attention_cpu(const Tensor& query, const Tensor& key_pages,
                    false,
                    paged::row_type(query.scalar_type()),
                    static_cast<float>(scale) * paged::kLog2e,
+                   static_cast<float>(softcap) * paged::kLog2e,
                    &lens,
-                   paged::PagedRows(key_pages, value_pages, page_table),
+                   paged::PagedRows(key_pages, value_pages, ::attngate::paged::make_read_tables(key_pages, page_table, lengths),
+                                    ::attngate::paged::make_pool(key_pages), ::attngate::paged::make_pool(value_pages)),
                    paged::DenseRows(key, value),
                    paged::DenseRows(),
                    nullptr,

@@ -9,9 +9,9 @@
 
 #include "checks.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/paged_storage.h"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
-#include "paged_storage_cpu.h"
 #include "registration.h"
 #include "stable_api.h"
 
@@ -39,7 +39,8 @@ template <typename scalar_t>
 void paged_remove_moves(Tensor& key_pages, Tensor& value_pages, const cpu::Tables& t,
                         const std::vector<HeadRemoval>& plans, const std::vector<int64_t>& next,
                         int64_t K) {  // rows listed per head: at most K moves each
-  const cpu::PagedRows<scalar_t> pool(key_pages, value_pages);
+  const cpu::PagedRows<scalar_t> pool(key_pages, value_pages, paged::make_pool(key_pages),
+                                      paged::make_pool(value_pages));
   torch::stable::parallel_for(0, static_cast<int64_t>(plans.size()), cpu::grain_for(2 * K * key_pages.size(2)),
                               [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {

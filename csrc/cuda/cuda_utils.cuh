@@ -1,6 +1,6 @@
 // Device helpers shared by the attngate CUDA kernels: 16-byte row packs, float conversion, warp and block
-// reductions, the status-word scratch with its optional host read-back, and the per-head length planning that
-// append_kv_ and compact_kv_ share.
+// reductions, the chunk counts of the storage kernels, and the status-word scratch with its optional host
+// read-back.
 #pragma once
 #include <cstdint>
 
@@ -155,9 +155,8 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* warp_counts
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-// ---- Length planning shared by append_kv_ and compact_kv_ --------------------------------------------------
+// ---- Chunk counts of the storage kernels -----------------------------------------------------------------
 
-constexpr int kPlanThreads = 1024;
 
 // Kept rows of each (head, chunk): rows [chunk * chunk_rows, min(+chunk_rows, limit)) of keep, where limit is
 // rows_limit, or lengths[b, h] clamped to [0, rows_limit] when lengths is given (an invalid length only has to
@@ -184,70 +183,6 @@ __global__ void __launch_bounds__(kThreads) count_kept_kernel(
   if (threadIdx.x == 0) counts[item] = n;
 }
 
-// One warp per head: turns the chunk counts into exclusive prefixes (in place), validates the head's length and
-// records it in old_len. Only when every head is valid are the new lengths written (all or nothing), and the
-// status word is always written (no prior zeroing needed). append (kAppend): new = old + kept, overflow past
-// capacity is an error; compaction: new = kept, old > keep_len is an error.
-template <bool kAppend>
-__global__ void __launch_bounds__(kPlanThreads) plan_lengths_kernel(
-    int32_t* __restrict__ lengths,  // (B, H), strides len_sb, len_sh
-    int32_t* __restrict__ counts,   // (B * H, nchunks) chunk counts in, exclusive prefixes out; null: total = rows
-    int32_t* __restrict__ old_len,  // (B * H)
-    int32_t* __restrict__ new_len,  // (B * H)
-    int32_t* __restrict__ status,   // (1)
-    int64_t BH, int64_t H, int64_t len_sb, int64_t len_sh, int64_t nchunks, int64_t rows, int64_t capacity,
-    int64_t keep_len) {
-  __shared__ int block_status;
-  if (threadIdx.x == 0) block_status = 0;
-  __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const int nwarps = blockDim.x >> 5;
-  for (int64_t bh = threadIdx.x >> 5; bh < BH; bh += nwarps) {
-    int64_t total = rows;
-    if (counts != nullptr) {
-      int32_t* c = counts + bh * nchunks;
-      total = 0;
-      for (int64_t base = 0; base < nchunks; base += 32) {
-        const int64_t i = base + lane;
-        const int v = i < nchunks ? c[i] : 0;
-        int incl = v;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const int up = __shfl_up_sync(kFullMask, incl, off);
-          incl += lane >= off ? up : 0;
-        }
-        if (i < nchunks) c[i] = static_cast<int32_t>(total) + incl - v;
-        total += __shfl_sync(kFullMask, incl, 31);
-      }
-    }
-    if (lane == 0) {
-      const int64_t old = lengths[(bh / H) * len_sb + (bh % H) * len_sh];
-      int bits = 0;
-      int64_t next = kAppend ? old + total : total;
-      if (old < 0 || old > capacity) {
-        bits = kStatusLengthOutOfRange;
-      } else if (kAppend && next > capacity) {
-        bits = kStatusCapacityOverflow;
-      } else if (!kAppend && old > keep_len) {
-        bits = kStatusKeepTooShort;
-      }
-      if (bits != 0) {
-        atomicOr(&block_status, bits);
-        next = 0;
-      }
-      old_len[bh] = static_cast<int32_t>(bits != 0 ? 0 : old);
-      new_len[bh] = static_cast<int32_t>(next);
-    }
-  }
-  __syncthreads();  // also makes the new_len writes of every warp visible to the whole block
-  const int final_status = block_status;
-  if (threadIdx.x == 0) *status = final_status;
-  if (final_status != 0) return;
-  for (int64_t bh = threadIdx.x; bh < BH; bh += blockDim.x) {
-    lengths[(bh / H) * len_sb + (bh % H) * len_sh] = new_len[bh];
-  }
-}
-
 // ---- Status word -----------------------------------------------------------------------------------------
 
 // An int32 scratch buffer on the current stream: word 0 is the status word that kernels OR StatusBits into,
@@ -263,14 +198,15 @@ inline Tensor make_status_scratch(const Tensor& like, int64_t extra_words, int64
 }
 
 // The one host synchronisation of the CUDA ops: reads the status word back and raises, only when sync checks
-// are on and the current stream is not being captured into a CUDA graph (a capture cannot sync).
-inline void check_status(const char* op, const Tensor& scratch) {
+// are on and the current stream is not being captured into a CUDA graph (a capture cannot sync). `translate`
+// rewords a layout's status (rect_status for a rectangle cache).
+inline void check_status(const char* op, const Tensor& scratch, int32_t (*translate)(int32_t) = nullptr) {
   if (!sync_checks_enabled()) return;
   const cudaStream_t stream = current_stream();
   if (is_capturing(stream)) return;
   int32_t host_status = 0;
   copy_to_host_and_sync(&host_status, scratch.const_data_ptr<int32_t>(), sizeof(int32_t), stream);
-  raise_for_status(op, host_status);
+  raise_for_status(op, translate != nullptr ? translate(host_status) : host_status);
 }
 
 }  // namespace cuda

@@ -15,9 +15,10 @@
 #include "cuda/cuda_utils.cuh"
 #include "cuda/paged_attention_kernels.cuh"
 #include "cuda/stable_cuda.cuh"
+#include "cuda/storage_kernels.cuh"
 #include "dispatch.h"
+#include "kv_tables.h"
 #include "paged_step.h"
-#include "paged_storage_tables.h"
 #include "registration.h"
 #include "stable_api.h"
 
@@ -146,9 +147,9 @@ Tensor paged_decode_step_cuda(const Tensor& query, Tensor& key_pages, Tensor& va
                               Tensor& lengths, Tensor& free_pages, Tensor& free_count, const Tensor& key,
                               const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
                               Tensor& ring_key, Tensor& ring_value, Tensor& ring_valid, int64_t slot, double scale,
-                              const std::optional<Tensor>& ring_keep) {
+                              const std::optional<Tensor>& ring_keep, double softcap) {
   check_paged_decode_step_args(query, key_pages, value_pages, page_table, lengths, free_pages, free_count, key, value,
-                               keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep);
+                               keep, valid, ring_key, ring_value, ring_valid, slot, scale, ring_keep, softcap);
   const cuda::DeviceGuard device_guard(query);
   const cudaStream_t stream = cuda::current_stream();
   const Tensor scratch = cuda::make_status_scratch(key_pages, 0, 1);
@@ -162,7 +163,7 @@ Tensor paged_decode_step_cuda(const Tensor& query, Tensor& key_pages, Tensor& va
                    ring_key, ring_value, ring_keep, slot);
   launch_write_ring_slot(ring_key, ring_value, ring_valid, ring_keep, key, value, keep, valid, slot, status, stream);
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
-  launch_paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, ring_key, ring_value,
+  launch_paged_decode_attention(query, key_pages, value_pages, page_table, lengths, scale, softcap, ring_key, ring_value,
                                 ring_valid, out, status);
   cuda::check_status("paged_decode_step_", scratch);
   return out;

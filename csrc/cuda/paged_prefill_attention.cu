@@ -48,6 +48,7 @@ struct PrefillParams {
   int64_t H, Hq, group, gt, tq, gtiles, qtiles, P, S, capacity, E, T, window;
   int D, rows, pitch;  // head dim, rows per block (gt * tq), row pitch of q_s / o_s
   float scale;         // scale * log2(e)
+  float cap;           // softcap * log2(e), 0: off (scores become cap * tanh(score / cap))
 };
 
 template <typename scalar_t>
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_kernel(
       if (r < R) {
         const int32_t t = t_s[r];
         const bool visible = key_ok && lo_s[lane] <= t && t <= hi_s[lane];
-        s_s[r * (kKeys + 1) + lane] = visible ? acc[i] : -INFINITY;
+        s_s[r * (kKeys + 1) + lane] = visible ? (p.cap > 0.f ? p.cap * tanhf(acc[i] / p.cap) : acc[i]) : -INFINITY;
       }
     }
     __syncthreads();
@@ -245,9 +246,9 @@ Tensor paged_prefill_attention_cuda(const Tensor& query, const Tensor& key_pages
                                     const Tensor& value, const Tensor& keep, const std::optional<Tensor>& valid,
                                     int64_t window, double scale, const std::optional<Tensor>& extra_key,
                                     const std::optional<Tensor>& extra_value,
-                                    const std::optional<Tensor>& extra_until) {
+                                    const std::optional<Tensor>& extra_until, double softcap) {
   check_paged_prefill_attention_args(query, key_pages, value_pages, page_table, lengths, key, value, keep, valid,
-                                     window, scale, extra_key, extra_value, extra_until);
+                                     window, scale, extra_key, extra_value, extra_until, softcap);
   const cuda::DeviceGuard device_guard(query);
   Tensor out = empty_like_device(query.sizes(), query.scalar_type(), query);
   if (out.numel() == 0) return out;
@@ -283,6 +284,7 @@ Tensor paged_prefill_attention_cuda(const Tensor& query, const Tensor& key_pages
   p.window = std::min<int64_t>(window, T + 1);
   p.D = static_cast<int>(D), p.rows = static_cast<int>(p.gt * p.tq), p.pitch = static_cast<int>(pitch);
   p.scale = static_cast<float>(scale) * paged_device::kLog2e;
+  p.cap = static_cast<float>(softcap) * paged_device::kLog2e;
   const int64_t smem = (2 * p.rows * pitch + p.rows * (kKeys + 1) + kKeys * (kChunk + 1)) * 4;
   const int64_t blocks = B * H * p.gtiles * p.qtiles;
   AG_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "paged_prefill_attention: too many blocks: ", blocks);

@@ -16,11 +16,11 @@
 #include <limits>
 
 #include "checks.h"
+#include "cuda/cuda_utils.cuh"
+#include "cuda/paged_storage.cuh"
 #include "cuda/stable_cuda.cuh"
-#include "cuda_utils.cuh"
 #include "dispatch.h"
 #include "paged_storage_checks.h"
-#include "paged_storage_cuda.cuh"
 #include "registration.h"
 #include "stable_api.h"
 
@@ -33,7 +33,7 @@ constexpr int kPlanThreads = 512;
 constexpr int kThreads = 256;
 
 struct MoveParams {
-  pg::PoolStrides kp, vp;  // key_pages / value_pages (page, slot) strides
+  pg::Pool kp, vp;         // key_pages / value_pages rows
   int64_t K;
   int units_per_row;       // D / vector width
 };
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) head_kernel(
     const int64_t K, const int64_t r_sb, const int64_t r_sh, const int64_t r_sk) {
   const int64_t bh = blockIdx.x;
   const int64_t n = *t.length(bh);
-  if (n < 0 || n > t.M * t.S) {  // uniform over the block
+  if (n < 0 || n > t.capacity()) {  // uniform over the block
     if (threadIdx.x == 0) {
       atomicOr(stages + 0, kStatusLengthOutOfRange);
       s.old_len[bh] = s.new_len[bh] = holes[bh] = 0;
@@ -138,12 +138,15 @@ __global__ void __launch_bounds__(kThreads) moves_kernel(
         else hi = mid;
       }
       const int64_t src = m + j + lo, dst = gone[j];
-      const int64_t src_page = pg::page_after_give_back(t, s, free_base, bh, src / t.S);
-      const int64_t dst_page = *t.entry(bh, dst / t.S);  // dst < m: still in the table
-      k_src[threadIdx.x] = p.kp.at(src_page, src % t.S);
-      v_src[threadIdx.x] = p.vp.at(src_page, src % t.S);
-      k_dst[threadIdx.x] = p.kp.at(dst_page, dst % t.S);
-      v_dst[threadIdx.x] = p.vp.at(dst_page, dst % t.S);
+      int64_t si, ss, di, ds;
+      t.locate(src, si, ss);
+      t.locate(dst, di, ds);
+      const int64_t src_page = pg::page_after_give_back(t, s, free_base, bh, si);
+      const int64_t dst_page = *t.entry(bh, di);  // dst < m: still in the table
+      k_src[threadIdx.x] = p.kp.at(src_page, ss);
+      v_src[threadIdx.x] = p.vp.at(src_page, ss);
+      k_dst[threadIdx.x] = p.kp.at(dst_page, ds);
+      v_dst[threadIdx.x] = p.vp.at(dst_page, ds);
     }
     __syncthreads();
     const int tile = static_cast<int>(std::min<int64_t>(kThreads, n_holes - base));
@@ -188,8 +191,8 @@ void paged_remove_rows_cuda(Tensor& key_pages, Tensor& value_pages, Tensor& page
     const bool vec = rows_aligned_for(16, {&key_pages, &value_pages});
     ATTNGATE_DISPATCH_FLOATING_TYPES(key_pages.scalar_type(), "paged_remove_rows_cuda", [&] {
       MoveParams p;
-      p.kp = {key_pages.stride(0), key_pages.stride(1)};
-      p.vp = {value_pages.stride(0), value_pages.stride(1)};
+      p.kp = pg::make_pool(key_pages);
+      p.vp = pg::make_pool(value_pages);
       p.K = K;
       const int64_t vec_width = vec ? 16 / static_cast<int64_t>(sizeof(scalar_t)) : 1;
       AG_CHECK(D / vec_width * kThreads <= std::numeric_limits<int32_t>::max(), "paged_remove_rows_: head dim D = ", D,
