@@ -165,7 +165,7 @@ def test_command_line_with_a_budget(task_dir, tmp_path, capsys):
     save_tiny_model(tmp_path / "model")
     out_file = tmp_path / "out.json"
     assert main(["--model", str(tmp_path / "model"), "--tasks", "tiny_mc", "--include-path", str(task_dir),
-                 "--no-default-tasks",                  "--policy", "window", "--budget", "32", "--limit", "3", "--device", "cpu",
+                 "--no-default-tasks", "--policy", "window", "--budget", "32", "--limit", "3", "--device", "cpu",
                  "--out", str(out_file)]) == 0
     saved = json.loads(out_file.read_text())
     tally = saved["eviction"]["tiny_mc"]["loglikelihood"]
