@@ -34,7 +34,8 @@ _PUBLIC: Dict[str, str] = {
     "AttnGateCache": "cache", "MemoryReport": "cache", "TokenPolicy": "cache",
     # gated Hugging Face models
     "add_attention_gates": "models.model", "remove_attention_gates": "models.model", "gates": "models.model",
-    "gate_config": "models.model", "update_gate_config": "models.model", "gate_state_dict": "models.model",
+    "gate_config": "models.model", "update_gate_config": "models.model",
+    "set_cache_options": "models.model", "gate_state_dict": "models.model",
     "save_gates": "models.gate_files", "load_gates": "models.gate_files", "cache_kwarg": "models.decoder",
     "calibrate_gate_threshold": "models.calibration", "calibrate_gate_bias": "models.calibration",
     "randomize_gates": "models.calibration",

@@ -69,6 +69,38 @@ def _probe(nvcc: str, flags: List[str], include_dirs: List[str], extra_dirs: Lis
         return "\n".join((result.stdout + result.stderr).strip().splitlines()[-6:])
 
 
+def _has_cudart(home: str) -> bool:
+    return any(os.path.exists(os.path.join(home, lib, "libcudart.so")) for lib in ("lib64", "lib"))
+
+
+def _toolkit_root(nvcc: str) -> Optional[str]:
+    """The toolkit folder nvcc itself uses (its ``TOP``), found through wrapper scripts such as a
+    ``/usr/local/bin/nvcc`` that execs ``/usr/local/cuda-X/bin/nvcc``; None when nvcc does not say."""
+    with tempfile.TemporaryDirectory(prefix="attngate-cuda-top-") as tmp:
+        src = os.path.join(tmp, "empty.cu")
+        open(src, "w").close()
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-c", src], capture_output=True, text=True, timeout=60, cwd=tmp)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+def _resolve_cuda_home() -> None:
+    """torch takes the folder above ``bin/nvcc`` as CUDA_HOME. When nvcc on PATH is a wrapper outside the toolkit, that
+    folder has no CUDA runtime to link against (``-lcudart`` fails); use the toolkit nvcc names instead."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None or _has_cudart(home):
+        return
+    root = _toolkit_root(os.path.join(home, "bin", "nvcc"))
+    if root is not None and root != home and _has_cudart(root):
+        say(f"{home}/bin/nvcc runs the toolkit at {root}: building with CUDA_HOME={root}")
+        cpp_extension.CUDA_HOME = root
+
+
 def plan_cuda(csrc: str, flags: List[str]) -> CudaPlan:
     """Decides whether to build the CUDA kernels (see the module docstring); raises only for ATTNGATE_CUDA=1."""
     import torch
@@ -80,6 +112,8 @@ def plan_cuda(csrc: str, flags: List[str]) -> CudaPlan:
     if forced == "0":
         return CudaPlan(False, "ATTNGATE_CUDA=0")
     extra = nvidia_include_dirs() if torch.version.cuda else []
+    if torch.version.cuda:
+        _resolve_cuda_home()
     reason = None
     nvcc = None
     if torch.version.cuda is None:
@@ -93,6 +127,8 @@ def plan_cuda(csrc: str, flags: List[str]) -> CudaPlan:
             reason = f"{nvcc} did not report its version"
         elif version.split(".")[0] != torch.version.cuda.split(".")[0]:
             reason = f"nvcc is CUDA {version} but torch was built with CUDA {torch.version.cuda}"
+        elif not _has_cudart(cpp_extension.CUDA_HOME):
+            reason = f"no CUDA runtime (libcudart.so) under {cpp_extension.CUDA_HOME}/lib64 or lib (set CUDA_HOME)"
     if reason is None:
         include_dirs = [csrc] + cpp_extension.include_paths(device_type="cuda")
         error = _probe(nvcc, flags, include_dirs, extra)

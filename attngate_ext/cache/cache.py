@@ -6,7 +6,7 @@ call :meth:`~.layer.AttnGateLayer.attend`); the generic ``Cache.update`` path of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers.cache_utils import Cache
@@ -26,19 +26,31 @@ class AttnGateCache(Cache):
 
     Layers are created lazily. ``get_seq_length()`` counts sequence slots seen (padding included, as in
     ``DynamicCache``), so positions stay right even though evicted rows are gone.
+
+    A hard budget, ``AttnGateCache(max_tokens_per_head=N)``: after every prompt chunk and decode step, every
+    (layer, batch row, KV head) holds at most N tokens of the model's K/V (its ``protect_recent`` window included);
+    a head that would hold more loses its lowest-scoring rows (the gate's retention probability; sinks last). Within
+    one prompt chunk the chunk's own rows are held until the chunk ends: chunk long prompts (``generate(...,
+    prefill_chunk_size=...)``) to bound the peak too. The gates' own K'/V' are not part of the budget.
     """
 
-    def __init__(self, page_size: int = 16) -> None:
-        """``page_size``: rows per page of every (row, KV head) (the unit in which memory is taken and given back)."""
+    def __init__(self, page_size: int = 16, max_tokens_per_head: Optional[int] = None) -> None:
+        """``page_size``: rows per page of every (row, KV head) (the unit in which memory is taken and given back);
+        ``max_tokens_per_head``: the hard budget N (None: none)."""
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"AttnGateCache page_size must be an integer >= 1, got {page_size!r}")
+        if max_tokens_per_head is not None and (isinstance(max_tokens_per_head, bool)
+                                                or not isinstance(max_tokens_per_head, int) or max_tokens_per_head < 1):
+            raise ValueError(f"AttnGateCache max_tokens_per_head must be an integer >= 1 or None, got "
+                             f"{max_tokens_per_head!r}")
         super().__init__(layers=[])
         self.page_size = page_size
+        self.max_tokens_per_head = max_tokens_per_head
 
     def layer(self, layer_idx: int) -> AttnGateLayer:
         """The cache of decoder layer ``layer_idx`` (created on first use)."""
         while len(self.layers) <= layer_idx:
-            self.layers.append(AttnGateLayer(self.page_size))
+            self.layers.append(AttnGateLayer(self.page_size, self.max_tokens_per_head))
         return self.layers[layer_idx]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):

@@ -19,6 +19,7 @@ from . import kept_kv
 from .gate_kv import GateKV
 from .paged_kv import PagedKV
 from .policy import TokenPolicy
+from .row_keys import score_keys
 from .window import RecentWindow
 
 Attended = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # output (B, Hq, T, D), probs and keep (B, H, T)
@@ -37,10 +38,16 @@ class AttnGateLayer(CacheLayerMixin):
             a prompt when generated tokens are not scored).
         seen: sequence slots processed, padding included (what ``get_seq_length`` reports, so positions stay right).
         valid_count ``(B,)``: valid (non-padding) tokens seen, for the retention statistics.
+        max_tokens_per_head: the hard budget N, or None: after every chunk and decode step each head holds at most
+            N rows of the model's K/V (its window ring of w slots and at most ``N - w`` paged rows); the rows with
+            the lowest score (the gate's retention probability, sinks last; a policy's score when a policy
+            decides; the older first among equals) go with ``paged_remove_rows_``.
     """
 
-    def __init__(self, page_size: int = 16) -> None:  # noqa: D107  (CacheLayerMixin.__init__ would set keys/values)
+    def __init__(self, page_size: int = 16, max_tokens_per_head: Optional[int] = None) -> None:  # noqa: D107
+        # (CacheLayerMixin.__init__ would set keys/values)
         self.page_size = page_size
+        self.max_tokens_per_head = max_tokens_per_head
         self.is_initialized = False
         self.kv: Optional[PagedKV] = None
         self.window: Optional[RecentWindow] = None
@@ -72,7 +79,7 @@ class AttnGateLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.page_size)
+        self.__init__(self.page_size, self.max_tokens_per_head)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -159,6 +166,14 @@ class AttnGateLayer(CacheLayerMixin):
         window = gate.config.protect_recent
         self.kv = PagedKV(B, H, D, key.dtype, key.device, page_size=self.page_size)
         self.window = RecentWindow(B, H, window, D, key.dtype, key.device, holds_kept=window > 1)
+        if self.max_tokens_per_head is not None:
+            if self.max_tokens_per_head < window:
+                raise ValueError(
+                    f"AttnGateCache max_tokens_per_head ({self.max_tokens_per_head}) must be at least the gates' "
+                    f"protect_recent window ({window}): every head holds its window")
+            self.kv.track_rows(self.max_tokens_per_head - window)
+            if self.window.holds_kept:
+                self.window.track_rows()
         self.gate_kv = GateKV(B, gate, key.dtype, key.device, self.page_size)
         self.valid_count = torch.zeros(B, dtype=torch.int64, device=key.device)
         self.is_initialized = True
@@ -178,15 +193,21 @@ class AttnGateLayer(CacheLayerMixin):
         else:
             gate_out = self.gate_kv.attend(gate, gate_input, gate_cos, gate_sin, valid, self.seen, padded)
             probs, keep = gate.score_heads(gate_out, valid=valid, position_offset=self.seen, positions=positions)
+        row_keys = None
+        if self.kv.row_limit is not None:  # a token budget: forced keeps (sinks) go last
+            forced = keep & (probs < gate.config.threshold) if policy is None else torch.zeros_like(keep)
+            row_keys = score_keys(torch.where(forced, float("inf"), probs.float()), self.seen)
         if T == 1 and self.seen > 0:
-            out = kept_kv.decode_step(self.kv, self.window, query, key, value, keep, valid, scale, self.seen)
+            out = kept_kv.decode_step(self.kv, self.window, query, key, value, keep, valid, scale, self.seen,
+                                      row_keys)
         else:
             out = kept_kv.prefill_chunk(self.kv, self.window, query, key, value, keep, valid,
-                                        gate.config.protect_recent, scale, self.seen)
+                                        gate.config.protect_recent, scale, self.seen, row_keys)
         self.seen += T
         self.valid_count += T if valid is None else valid.sum(dim=1)
         if policy is not None:
             policy.after_chunk(self.kv, query, key, valid_rows, self.valid_count)
+        self.kv.enforce_limit(T)  # a chunk or step appends at most T rows per head
         return out, probs, keep
 
 

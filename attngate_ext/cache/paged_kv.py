@@ -25,6 +25,7 @@ from ..ops.paged import (
     paged_remove_rows_,
 )
 from .free_pages import FreePageBound, ceil_div
+from .row_keys import RowKeys
 
 if TYPE_CHECKING:
     from .window import RecentWindow
@@ -57,6 +58,16 @@ class PagedKV:
         self.free_pages = torch.zeros(0, dtype=torch.int32, device=device)
         self.free_count = torch.zeros(1, dtype=torch.int32, device=device)
         self.bound = FreePageBound(page_size, batch * heads, max_headroom)
+        # With a token budget: every row's eviction key, following the rows through every op (see track_rows).
+        self.row_keys: Optional[RowKeys] = None
+        self.row_limit: Optional[int] = None
+
+    def track_rows(self, limit: int) -> None:
+        """Keeps an eviction key per row (:class:`~.row_keys.RowKeys`) so that :meth:`enforce_limit` can hold every
+        head to ``limit`` rows; from now on every append must pass the new rows' keys."""
+        if self.row_keys is None:
+            self.row_keys = RowKeys(*self.lengths.shape, self.lengths.device)
+        self.row_limit = limit
 
     # ---- sizes ---------------------------------------------------------------------------------------------
 
@@ -83,28 +94,44 @@ class PagedKV:
         return int(self.free_count.item())
 
     def metadata_bytes(self) -> int:
-        """Bytes of the page table, lengths and free stack."""
-        return self.page_table.nbytes + self.lengths.nbytes + self.free_pages.nbytes + self.free_count.nbytes
+        """Bytes of the page table, lengths, free stack and (with a token budget) the rows' eviction keys."""
+        keys = self.row_keys.nbytes if self.row_keys is not None else 0
+        return self.page_table.nbytes + self.lengths.nbytes + self.free_pages.nbytes + self.free_count.nbytes + keys
 
     # ---- the ops -------------------------------------------------------------------------------------------
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
-        """Appends the rows of ``key``/``value`` ``(B, H, T, D)`` whose ``keep`` ``(B, H, T)`` is set (all: None)."""
+    def append(self, key: torch.Tensor, value: torch.Tensor, keep: Optional[torch.Tensor],
+               row_keys: Optional[torch.Tensor] = None) -> None:
+        """Appends the rows of ``key``/``value`` ``(B, H, T, D)`` whose ``keep`` ``(B, H, T)`` is set (all: None);
+        ``row_keys`` ``(B, H, T)``: their eviction keys (needed while rows are tracked)."""
         rows = key.shape[2]
         taken = self._prepare_append(rows, keep)
         paged_append_kv_(*self.state, key, value, keep)
         self._appended(rows, taken)
+        if self.row_keys is not None:
+            self.row_keys.appended(self.lengths, _needed(row_keys), keep)
 
     def decode_step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
-                    valid: Optional[torch.Tensor], ring: "RecentWindow", slot: int, scale: float) -> torch.Tensor:
+                    valid: Optional[torch.Tensor], ring: "RecentWindow", slot: int, scale: float,
+                    new_row_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One ``paged_decode_step_``: the new token ``key``/``value`` ``(B, H, D)`` with flags ``keep`` ``(B, H)``
         (``valid`` ``(B,)``, None: no padding) goes into slot ``slot`` of ``ring`` (with ``ring.holds_kept`` the kept
         row leaving that slot moves to the pages first, else a kept new token goes to the pages), then ``query``
-        ``(B, Hq, D)`` attends over the pages and the visible ring rows. Returns ``(B, Hq, D)``."""
+        ``(B, Hq, D)`` attends over the pages and the visible ring rows. Returns ``(B, Hq, D)``. ``new_row_keys``
+        ``(B, H)``: the new token's eviction keys (needed while rows are tracked)."""
         taken = self._prepare_append(1)
+        if self.row_keys is not None:  # what the step appends: the kept row leaving the ring slot, or the new token
+            if ring.holds_kept:
+                moved, moved_keys = ring.keep[:, :, slot].clone(), ring.row_keys[:, :, slot].clone()
+            else:
+                moved, moved_keys = keep if valid is None else keep & valid.unsqueeze(1), _needed(new_row_keys)
         out = paged_decode_step_(query, *self.state, key, value, keep, valid, ring.keys, ring.values, ring.visible,
                                  slot, scale, ring.keep if ring.holds_kept else None)
         self._appended(1, taken)
+        if self.row_keys is not None:
+            self.row_keys.appended(self.lengths, moved_keys.unsqueeze(-1), moved.unsqueeze(-1))
+            if ring.row_keys is not None:
+                ring.row_keys[:, :, slot] = _needed(new_row_keys)
         return out
 
     def prefill_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
@@ -119,10 +146,21 @@ class PagedKV:
     def compact(self, keep_rows: torch.Tensor) -> None:
         """Drops the rows whose ``keep_rows`` ``(B, H, L >= max(lengths))`` flag is False, keeping the order."""
         paged_compact_kv_(*self.state, keep_rows)
+        if self.row_keys is not None:
+            self.row_keys.compacted(keep_rows)
 
     def remove(self, rows: torch.Tensor) -> None:
         """Deletes the rows ``rows`` ``(B, H, K)`` int32 (negative: none) with O(K) moves; order not kept."""
+        before = self.lengths.clone() if self.row_keys is not None else None
         paged_remove_rows_(*self.state, rows)
+        if self.row_keys is not None:
+            self.row_keys.removed(before, rows)
+
+    def enforce_limit(self, most: int) -> None:
+        """Removes each head's lowest-keyed rows beyond :attr:`row_limit` (at most ``most`` per head: the rows
+        appended since the limit last held), on the device, with no host synchronisation."""
+        if self.row_limit is not None and most > 0:
+            self.remove(self.row_keys.lowest(self.lengths, self.row_limit, most))
 
     def gather(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dense copies ``(B, H, L, D)`` of every head's rows in order, and the ``(B, H, L)`` live mask."""
@@ -134,6 +172,8 @@ class PagedKV:
         """Grows what an append of ``rows`` rows per head (those of ``keep``) may need; returns the pages it will
         take when it counted them (a long append), for :meth:`_appended`."""
         self._ensure_table(self.bound.length + rows)
+        if self.row_keys is not None:
+            self.row_keys.reserve(self.page_table.shape[2] * self.page_size)
         if not self.bound.may_run_out(rows):
             return None
         free = self.bound.synced(self.free_page_count())
@@ -199,6 +239,8 @@ class PagedKV:
         pages in a new pool (rows may repeat, and pages are never shared)."""
         index = index.to(self.lengths.device)
         self.bound.row_heads = index.numel() * self.page_table.shape[1]
+        if self.row_keys is not None:
+            self.row_keys.index_batch(index)
         self._repack(self.page_table.index_select(0, index), self.lengths.index_select(0, index))
 
     def _repack(self, table: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -223,3 +265,9 @@ class PagedKV:
                                      torch.zeros(n_used, dtype=torch.int32, device=device)])
         self.free_count.fill_(keep_free)
         self.bound.synced(keep_free)
+
+
+def _needed(row_keys: Optional[torch.Tensor]) -> torch.Tensor:
+    if row_keys is None:
+        raise ValueError("the rows of this cache are tracked for a token budget: pass the new rows' eviction keys")
+    return row_keys

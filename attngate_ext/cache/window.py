@@ -17,6 +17,8 @@ duplicated for long. Either way a decode step is one ``paged_decode_step_`` call
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -38,6 +40,13 @@ class RecentWindow:
         self.visible = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
         self.keep = torch.zeros_like(self.visible)
         self.holds_kept = holds_kept
+        # With a token budget (and holds_kept): each slot's eviction key, which goes to the pages with a kept row.
+        self.row_keys: Optional[torch.Tensor] = None
+
+    def track_rows(self) -> None:
+        """Keeps each slot's eviction key (:mod:`.row_keys`) for the rows that move to tracked pages."""
+        if self.row_keys is None:
+            self.row_keys = torch.zeros(self.visible.shape, dtype=torch.int64, device=self.visible.device)
 
     @property
     def size(self) -> int:
@@ -63,6 +72,8 @@ class RecentWindow:
         self.values = torch.cat([self.values, self.values.new_zeros(B, H, extra, D)], dim=2)
         self.visible = torch.cat([self.visible, self.visible.new_zeros(B, H, extra)], dim=2)
         self.keep = torch.cat([self.keep, self.keep.new_zeros(B, H, extra)], dim=2)
+        if self.row_keys is not None:
+            self.row_keys = torch.cat([self.row_keys, self.row_keys.new_zeros(B, H, extra)], dim=2)
 
     def reserve_for(self, seen: int, chunk: int) -> None:
         """Reserves the slots a chunk of ``chunk`` tokens starting at sequence slot ``seen`` writes."""
@@ -70,7 +81,8 @@ class RecentWindow:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.visible.nbytes + self.keep.nbytes
+        keys = self.row_keys.nbytes if self.row_keys is not None else 0
+        return self.keys.nbytes + self.values.nbytes + self.visible.nbytes + self.keep.nbytes + keys
 
     def until(self, seen: int, chunk: int) -> torch.Tensor:
         """For a chunk of ``chunk`` tokens starting at sequence slot ``seen``: the last query index of the chunk that
@@ -95,9 +107,10 @@ class RecentWindow:
         return self.visible & self.keep & taken
 
     def write(self, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor,
-              seen: int) -> None:
+              seen: int, row_keys: Optional[torch.Tensor] = None) -> None:
         """Stores the last ``min(T, W)`` tokens of a chunk ``key``/``value`` ``(B, H, T, D)`` starting at slot
-        ``seen``, with their ``keep`` ``(B, H, T)`` flags where ``valid`` ``(B, T)``."""
+        ``seen``, with their ``keep`` ``(B, H, T)`` flags where ``valid`` ``(B, T)`` (and their eviction keys
+        ``row_keys`` ``(B, H, T)`` while slots are tracked)."""
         T = key.shape[2]
         W = self.size
         self.reserve_for(seen, T)
@@ -105,6 +118,10 @@ class RecentWindow:
         slots = (torch.arange(first, T, device=key.device) + seen) % W
         self.keys[:, :, slots] = key[:, :, first:]
         self.values[:, :, slots] = value[:, :, first:]
+        if self.row_keys is not None:
+            if row_keys is None:
+                raise ValueError("the ring's slots are tracked for a token budget: pass the tokens' eviction keys")
+            self.row_keys[:, :, slots] = row_keys[:, :, first:]
         valid = valid[:, first:].unsqueeze(1)
         kept = keep[:, :, first:]
         if self.holds_kept:
@@ -126,3 +143,5 @@ class RecentWindow:
         self.values = self.values.index_select(0, index)
         self.visible = self.visible.index_select(0, index)
         self.keep = self.keep.index_select(0, index)
+        if self.row_keys is not None:
+            self.row_keys = self.row_keys.index_select(0, index)

@@ -80,6 +80,9 @@ class ChunkPruner(KeepEveryToken):
     * SnapKV: the chunk's queries are the observation window; their attention, summed and pooled over the cached
       rows (rows are in token order, with gaps where tokens were evicted), picks the rows; the chunk's own tokens
       are kept, up to half the budget (:meth:`SnapKV.protected`).
+
+    Under a cache's hard budget (``AttnGateCache(max_tokens_per_head=N)``) the budget is also capped at the rows the
+    cache allows, so the policy's own scores choose what goes.
     """
 
     prunes_cache = True
@@ -113,6 +116,8 @@ class ChunkPruner(KeepEveryToken):
         live = r.view(1, 1, rows) < lengths.unsqueeze(-1)
         from_end = lengths.unsqueeze(-1) - 1 - r.view(1, 1, rows)  # 0 = the newest row
         budget = torch.ceil(tokens_seen.float() * (1.0 - self.eviction_ratio) - 1e-6).long()
+        if pages.row_limit is not None:  # the cache's hard budget, met with the policy's own scores
+            budget = budget.clamp(max=pages.row_limit)
         if isinstance(self.policy, H2O):
             acc = self.accumulated.get(pages)
             acc = votes if acc is None else votes + _fit(acc, rows)

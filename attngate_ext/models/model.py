@@ -22,6 +22,8 @@ class _GatingState:
     config: AttentionGateConfig
     hook: Any
     cache_kwarg: str
+    # Keyword arguments of the AttnGateCache the hook creates (set_cache_options).
+    cache_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _padding_hook(state_holder: nn.Module):
@@ -47,7 +49,7 @@ def _padding_hook(state_holder: nn.Module):
             use_cache = getattr(module.config, "use_cache", False)
         if cache is None:
             if use_cache:
-                kwargs[key] = AttnGateCache()
+                kwargs[key] = AttnGateCache(**state.cache_options)
         elif not isinstance(cache, AttnGateCache):
             if cache.get_seq_length() > 0:
                 raise ValueError(
@@ -55,7 +57,7 @@ def _padding_hook(state_holder: nn.Module):
                     "use an AttnGateCache (generate() creates one)"
                 )
             kwargs.pop("past_key_values", None)
-            kwargs[key] = AttnGateCache()  # generate() made an empty DynamicCache: swap in the gated one
+            kwargs[key] = AttnGateCache(**state.cache_options)  # generate() made an empty DynamicCache: swap it
         return args, kwargs
 
     return hook
@@ -102,6 +104,16 @@ def add_attention_gates(model: nn.Module, config: Optional[AttentionGateConfig] 
     hook = decoder.register_forward_pre_hook(_padding_hook(model), with_kwargs=True)
     model._attngate_state = _GatingState(config, hook, cache_kwarg(model))
     return model
+
+
+def set_cache_options(model: nn.Module, **options: Any) -> Dict[str, Any]:
+    """Sets the :class:`AttnGateCache` arguments of the caches a gated model creates itself (``generate()``, or a
+    forward with ``use_cache=True`` and no cache), e.g. ``set_cache_options(model, max_tokens_per_head=512)``: a
+    hard budget for every ``generate()`` call. Returns the options now in force; no arguments: none (defaults)."""
+    state = _state(model)
+    AttnGateCache(**options)  # the cache's own checks name a bad option
+    state.cache_options = dict(options)
+    return dict(state.cache_options)
 
 
 def remove_attention_gates(model: nn.Module) -> nn.Module:
