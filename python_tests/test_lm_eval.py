@@ -22,6 +22,7 @@ from attngate_ext.evaluation.lm_eval import evaluate_tasks, gated_lm, main  # no
 from helpers.models import make_model, make_tokenizer, random_ids, save_tiny_model  # noqa: E402
 
 DOCS = 5
+LAYERS, KV_HEADS = 2, 4  # the tiny Llama of helpers.models
 
 UTILS = '''
 import json
@@ -134,11 +135,7 @@ def test_h2o_evicts_in_forwards_and_in_generation(task_dir, dense):
 
 
 def test_gates_from_a_directory_at_a_calibrated_ratio(task_dir, dense, tmp_path):
-    source = make_model("llama")
-    ag.add_attention_gates(source, ag.AttentionGateConfig(sink_tokens=2, protect_recent=8))
-    ag.randomize_gates(source, seed=1)
-    ag.save_gates(source, str(tmp_path / "gates"))
-    lm = gated_lm(make_model("llama"), make_tokenizer(), "gate", gates=str(tmp_path / "gates"), ratio=0.5,
+    lm = gated_lm(make_model("llama"), make_tokenizer(), "gate", gates=_random_gates(tmp_path / "gates"), ratio=0.5,
                   calibration_ids=random_ids(2, 256, seed=4))
     out = _run(lm, task_dir)
     settings = out["eviction"]["tiny_mc"]["policy"]
@@ -150,11 +147,50 @@ def test_gates_from_a_directory_at_a_calibrated_ratio(task_dir, dense, tmp_path)
     assert (_loglikelihoods(out) - _loglikelihoods(dense)).abs().max() > 1e-3
 
 
+def _random_gates(path) -> str:
+    source = make_model("llama")
+    ag.add_attention_gates(source, ag.AttentionGateConfig(sink_tokens=2, protect_recent=8))
+    ag.randomize_gates(source, seed=1)
+    ag.save_gates(source, str(path))
+    return str(path)
+
+
+def test_h2o_under_a_hard_budget_alone(task_dir, dense):
+    """max_tokens_per_head with no ratio: H2O fills the budget in every (call, layer, KV head), prompts being longer
+    (~150-250 tokens), in log-likelihood forwards and while generating. H2O's window is one slot, the current token,
+    which the cache reserves: it holds N - 1 earlier rows."""
+    out = _run(gated_lm(make_model("llama"), make_tokenizer(), "h2o", max_tokens_per_head=48), task_dir)
+    mc, gen = out["eviction"]["tiny_mc"]["loglikelihood"], out["eviction"]["tiny_gen"]["generate_until"]
+    for tally in (mc, gen):
+        heads = LAYERS * KV_HEADS * tally["calls"]
+        assert 47 * heads <= tally["kept_rows"] <= 48 * heads
+    assert out["eviction"]["tiny_mc"]["policy"]["max_tokens_per_head"] == 48
+    assert (_loglikelihoods(out) - _loglikelihoods(dense)).abs().max() > 1e-3
+
+
+def test_gates_under_a_hard_budget_read_in_chunks(task_dir, tmp_path):
+    """The gates with a hard budget of 40 tokens and 16-token prompt chunks hold at most 40 rows per head, fewer than
+    the same gates without the budget, and their log-likelihoods change."""
+    path = _random_gates(tmp_path / "gates")
+    free = _run(gated_lm(make_model("llama"), make_tokenizer(), "gate", gates=path, prefill_chunk=16), task_dir)
+    capped = _run(gated_lm(make_model("llama"), make_tokenizer(), "gate", gates=path, prefill_chunk=16,
+                           max_tokens_per_head=40), task_dir)
+    for task, kind in (("tiny_mc", "loglikelihood"), ("tiny_gen", "generate_until")):
+        tally, unbounded = capped["eviction"][task][kind], free["eviction"][task][kind]
+        assert tally["kept_rows"] <= 40 * LAYERS * KV_HEADS * tally["calls"]
+        assert unbounded["kept_rows"] > 40 * LAYERS * KV_HEADS * unbounded["calls"]  # the budget binds
+    assert (_loglikelihoods(capped) - _loglikelihoods(free)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(policy="gate", budget=64), "not a budget"),
     (dict(policy="h2o"), "exactly one of ratio and budget"),
     (dict(policy="dense", ratio=0.5), "evicts nothing"),
     (dict(policy="snapkv", ratio=1.0), "ratio must lie"),
+    (dict(policy="dense", max_tokens_per_head=64), "evicts nothing"),
+    (dict(policy="window", max_tokens_per_head=64), "give it budget=N"),
+    (dict(policy="h2o", max_tokens_per_head=0), "max_tokens_per_head must be an integer >= 1"),
+    (dict(policy="h2o", ratio=0.5, prefill_chunk=16), "prefill_chunk applies to the trained gates only"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -174,3 +210,21 @@ def test_command_line_with_a_budget(task_dir, tmp_path, capsys):
     assert tally["eviction_ratio"] > 0.8
     assert "acc,none" in saved["results"]["tiny_mc"]
     assert "tiny_mc" in capsys.readouterr().out
+
+
+def test_command_line_with_a_hard_budget(task_dir, tmp_path):
+    save_tiny_model(tmp_path / "model")
+    out_file = tmp_path / "out.json"
+    assert main(["--model", str(tmp_path / "model"), "--tasks", "tiny_mc", "--include-path", str(task_dir),
+                 "--no-default-tasks", "--policy", "snapkv", "--max-tokens-per-head", "40", "--limit", "2",
+                 "--device", "cpu", "--out", str(out_file)]) == 0
+    eviction = json.loads(out_file.read_text())["eviction"]["tiny_mc"]
+    assert eviction["policy"]["max_tokens_per_head"] == 40
+    heads = LAYERS * KV_HEADS * 2 * 3  # 2 documents x 3 choices
+    assert 39 * heads <= eviction["loglikelihood"]["kept_rows"] <= 40 * heads
+
+
+def test_gates_window_larger_than_the_hard_budget_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"max_tokens_per_head \(6\) must be at least .* window \(8\)"):
+        gated_lm(make_model("llama"), make_tokenizer(), "gate", gates=_random_gates(tmp_path / "gates"),
+                 max_tokens_per_head=6)

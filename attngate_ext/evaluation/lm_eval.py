@@ -36,12 +36,14 @@ INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'attngate_ex
 def gated_lm(model: nn.Module, tokenizer: Any, policy: str = "gate", *, gates: Optional[str] = None,
              ratio: Optional[float] = None, budget: Optional[int] = None, threshold: Optional[float] = None,
              calibration_ids: Optional[torch.Tensor] = None, per_head: bool = False,
-             gate_window: Optional[int] = None, page_size: int = 16, batch_size: int = 1, **hflm_kwargs: Any):
+             gate_window: Optional[int] = None, max_tokens_per_head: Optional[int] = None,
+             prefill_chunk: Optional[int] = None, page_size: int = 16, batch_size: int = 1, **hflm_kwargs: Any):
     """``model`` (modified in place: gates added or loaded) under ``policy``, wrapped for the harness.
 
     ``policy``: ``"dense"``, ``"gate"`` or a baseline (``"h2o"``, ``"snapkv"``, ``"window"``,
     ``"streaming_llm"``, ``"random"``); ``gates``, ``ratio``, ``budget``, ``threshold``, ``calibration_ids``,
-    ``per_head`` and ``gate_window`` as in :func:`~.eviction_setup.install_policy`. ``page_size``: rows per page of
+    ``per_head``, ``gate_window``, ``max_tokens_per_head`` (a hard budget of every cache) and ``prefill_chunk`` as in
+    :func:`~.eviction_setup.install_policy`. ``page_size``: rows per page of
     the caches. ``batch_size`` and ``hflm_kwargs`` go to ``HFLM`` (e.g. ``max_length``). Returns a ``GatedHFLM``
     (an ``lm_eval`` ``HFLM``; its ``eviction_report()`` holds what the caches measured).
     """
@@ -51,7 +53,8 @@ def gated_lm(model: nn.Module, tokenizer: Any, policy: str = "gate", *, gates: O
         raise ImportError(INSTALL_HINT) from error
     model.eval()
     installed = install_policy(model, policy, gates=gates, ratio=ratio, budget=budget, threshold=threshold,
-                               calibration_ids=calibration_ids, per_head=per_head, gate_window=gate_window)
+                               calibration_ids=calibration_ids, per_head=per_head, gate_window=gate_window,
+                               max_tokens_per_head=max_tokens_per_head, prefill_chunk=prefill_chunk)
     return GatedHFLM(model, installed, page_size=page_size, tokenizer=tokenizer, batch_size=batch_size,
                      **hflm_kwargs)
 
@@ -116,6 +119,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--calibration", choices=["global", "per_head"], default="global",
                    help="one threshold for every gate, or every (layer, KV head) to the ratio")
     p.add_argument("--gate-window", type=int, help="the gates' protect_recent instead of the trained one")
+    p.add_argument("--max-tokens-per-head", type=int,
+                   help="hard budget: every cache holds each (layer, row, KV head) to at most this many tokens, the "
+                        "lowest-scoring dropped (--policy gate, h2o or snapkv; h2o/snapkv may take it alone)")
+    p.add_argument("--prefill-chunk", type=int,
+                   help="the gates read a prompt in chunks of this many tokens (0: all at once; default: the "
+                        "gates'), so --max-tokens-per-head also binds while a long prompt is read")
     p.add_argument("--limit", type=float, help="documents per task (a fraction when below 1)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
     p.add_argument("--include-path", help="directory of extra task YAMLs")
@@ -142,7 +151,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     utils.require(p, args, [(name, utils.at_least_one, ">= 1") for name in
-                            ("batch_size", "page_size", "calibration_windows", "gate_window", "budget")])
+                            ("batch_size", "page_size", "calibration_windows", "gate_window", "budget",
+                             "max_tokens_per_head")])
+    utils.require(p, args, [("prefill_chunk", lambda x: x >= 0, ">= 0")])
     return args
 
 
@@ -165,6 +176,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         lm = gated_lm(model, tokenizer, args.policy, gates=args.gates, ratio=args.ratio, budget=args.budget,
                       threshold=args.threshold, calibration_ids=_calibration_ids(args, tokenizer),
                       per_head=args.calibration == "per_head", gate_window=args.gate_window,
+                      max_tokens_per_head=args.max_tokens_per_head, prefill_chunk=args.prefill_chunk,
                       page_size=args.page_size, batch_size=args.batch_size, **extra)
     except ValueError as error:
         raise SystemExit(f"python -m attngate_ext.lm_eval: {error}") from None

@@ -2,10 +2,10 @@
 
 ``HFLM`` scores log-likelihoods with ``_model_call`` (one forward of context + continuation) and generates with
 ``_model_generate`` (``model.generate``). Both are overridden here, and only to (1) size the installed policy for
-the call's input length, (2) hand the model a fresh :class:`~attngate_ext.AttnGateCache`, so that tokens are evicted
-in context while the prompt is read and, when generating, while tokens are produced, and (3) add the cache's
-:class:`~attngate_ext.MemoryReport` to the running :class:`EvictionTally`. Everything else (batching, padding,
-stop sequences, metrics) is the harness's own.
+the call's input length, (2) hand the model a fresh :class:`~attngate_ext.AttnGateCache` (with the policy's hard
+budget, if any), so that tokens are evicted in context while the prompt is read and, when generating, while tokens
+are produced, and (3) add the cache's :class:`~attngate_ext.MemoryReport` to the running :class:`EvictionTally`.
+Everything else (batching, padding, stop sequences, metrics) is the harness's own.
 
 This module imports ``lm_eval``: :mod:`attngate_ext.evaluation.lm_eval` imports it on first use.
 """
@@ -92,7 +92,7 @@ class GatedHFLM(HFLM):
         if attn_mask is not None or labels is not None:
             raise NotImplementedError("GatedHFLM evaluates causal (decoder-only) models")
         self.installed.before_call(inps.shape[1])
-        cache = AttnGateCache(self.page_size)
+        cache = AttnGateCache(self.page_size, **self.installed.cache_options)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             logits = self.model(input_ids=inps, use_cache=True, **{cache_kwarg(self.model): cache}).logits
@@ -101,7 +101,7 @@ class GatedHFLM(HFLM):
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list, **generation_kwargs: Any):
         self.installed.before_call(context.shape[1])
-        cache = AttnGateCache(self.page_size)
+        cache = AttnGateCache(self.page_size, **self.installed.cache_options)
         generation_kwargs[cache_kwarg(self.model)] = cache
         out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         self._record("generate_until", cache)
