@@ -8,7 +8,8 @@
     print(out["results"]["niah_single_1"], out["eviction"]["niah_single_1"])
 
 :func:`gated_lm` installs the policy (:func:`~.eviction_setup.install_policy`: dense, the trained gates at a
-threshold or a calibrated ratio, or a baseline such as H2O at a ratio or a budget) and wraps the model in a
+threshold or a calibrated ratio, or a baseline such as H2O at a ratio or a budget; optionally a hard budget of
+tokens per KV head, ``max_tokens_per_head``) and wraps the model in a
 ``GatedHFLM`` (``attngate_ext/evaluation/lm_eval_model.py``): the harness's own ``HFLM``, whose forwards
 (log-likelihood tasks) and ``generate`` calls (``generate_until`` tasks) go through a fresh ``AttnGateCache``, so
 eviction happens in context and while generating, and every cache's memory report is tallied.
