@@ -14,6 +14,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q "$TORCH_SPEC" numpy ninja pytest setuptools wheel "transformers>=5.17,<5.25" safetensors peft matplotlib
+"$VENV/bin/pip" install -q "$TORCH_SPEC" numpy ninja pytest setuptools wheel "transformers>=5.17,<5.25" safetensors peft matplotlib \
+  "lm-eval[hf]>=0.4.13,<0.5"
 "$VENV/bin/pip" install -q --no-build-isolation -e .
 "$VENV/bin/python" -c "import torch, attngate_ext; print('attngate_ext', attngate_ext.__version__, '| torch', torch.__version__, '| CUDA kernels:', attngate_ext.cuda_kernels_available())"
