@@ -112,14 +112,7 @@ __global__ void __launch_bounds__(kThreadsPlan) append_plan_kernel(
     const bool gated) {
   auto kept = [&](int64_t bh) -> int64_t {
     if (counts == nullptr) return T;
-    int32_t* c = counts + bh * nchunks;
-    int64_t total = 0;
-    for (int64_t j = 0; j < nchunks; ++j) {
-      const int32_t n = c[j];
-      c[j] = static_cast<int32_t>(total);
-      total += n;
-    }
-    return total;
+    return pg::exclusive_chunk_prefix(counts + bh * nchunks, nchunks);
   };
   pg::plan_take<kThreadsPlan>(t, BH, kept, s, status, gated);
 }

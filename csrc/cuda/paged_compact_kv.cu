@@ -99,13 +99,7 @@ __global__ void __launch_bounds__(kThreadsPlan) plan_kernel(
   if (threadIdx.x < pg::kStages) stage[threadIdx.x] = 0;
   __syncthreads();
   for (int64_t bh = threadIdx.x; bh < BH; bh += kThreadsPlan) {  // one thread per head
-    int32_t* c = counts + bh * nchunks;
-    int64_t kept = 0;
-    for (int64_t j = 0; j < nchunks; ++j) {
-      const int32_t n = c[j];
-      c[j] = static_cast<int32_t>(kept);
-      kept += n;
-    }
+    const int64_t kept = pg::exclusive_chunk_prefix(counts + bh * nchunks, nchunks);
     int64_t old = *t.length(bh), next = kept;
     if (old < 0 || old > t.capacity()) {
       atomicOr(&stage[0], kStatusLengthOutOfRange);

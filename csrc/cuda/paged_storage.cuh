@@ -27,6 +27,18 @@ using ::attngate::paged::pages_for;
 using ::attngate::paged::Pool;
 using ::attngate::paged::Tables;
 
+// Turns one head's kept-row counts per chunk, `counts[0..n)`, into their exclusive prefixes in place (the rows kept
+// before each chunk) and returns the head's total: the offsets the append and compaction kernels write chunks at.
+__device__ __forceinline__ int64_t exclusive_chunk_prefix(int32_t* counts, int64_t n) {
+  int64_t total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t kept = counts[j];
+    counts[j] = static_cast<int32_t>(total);
+    total += kept;
+  }
+  return total;
+}
+
 // Per-head scratch of the plans, int32 [B * H] each: rows before and after the op, pages taken or given back, and
 // the exclusive prefix of the latter over heads in (b, h) order.
 struct HeadScratch {
