@@ -8,24 +8,18 @@ import math
 import pytest
 import torch
 
-import attngate_ext as ag
-from attngate_ext.models.calibration import randomize_gates
 from attngate_ext.evaluate import main as evaluate_main
 from attngate_ext.evaluation.perplexity import token_windows
 
-from helpers.models import make_model, make_tokenizer, save_tiny_model
+from helpers.gated import save_tiny_gated_model
+from helpers.models import make_tokenizer
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n" for i in range(120))
 
 
 @pytest.fixture
 def setup(tmp_path):
-    model_dir = tmp_path / "model"
-    save_tiny_model(model_dir, "mistral")
-    gates_dir = tmp_path / "gates"
-    model = ag.add_attention_gates(make_model("mistral"), ag.AttentionGateConfig(protect_recent=2))
-    randomize_gates(model, seed=5)
-    ag.save_gates(model, str(gates_dir))
+    model_dir, gates_dir = save_tiny_gated_model(tmp_path, "mistral", protect_recent=2)
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     mc = tmp_path / "mc.jsonl"

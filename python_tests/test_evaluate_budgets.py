@@ -7,24 +7,17 @@ import json
 
 import pytest
 
-import attngate_ext as ag
 from attngate_ext.evaluate import main as evaluate_main
 from attngate_ext.evaluation.equal_bytes import budget_table, budget_tasks
-from attngate_ext.models.calibration import randomize_gates
 
-from helpers.models import make_model, save_tiny_model
+from helpers.gated import save_tiny_gated_model
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n" for i in range(160))
 
 
 @pytest.fixture
 def setup(tmp_path):
-    model_dir = tmp_path / "model"
-    save_tiny_model(model_dir, "llama")
-    gates_dir = tmp_path / "gates"
-    model = ag.add_attention_gates(make_model("llama"), ag.AttentionGateConfig(protect_recent=4, sink_tokens=2))
-    randomize_gates(model, seed=5)
-    ag.save_gates(model, str(gates_dir))
+    model_dir, gates_dir = save_tiny_gated_model(tmp_path, "llama", protect_recent=4, sink_tokens=2)
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     calibration = tmp_path / "calibration.txt"

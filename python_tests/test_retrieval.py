@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
-import attngate_ext as ag
 from attngate_ext.evaluate import main as evaluate_main
 from attngate_ext.evaluation.retrieval import exact_match, make_examples, retrieval_table, score
-from attngate_ext.models.calibration import randomize_gates
 
-from helpers.models import make_model, make_tokenizer, save_tiny_model
+from helpers.gated import save_tiny_gated_model
+from helpers.models import make_tokenizer
 
 TEXT = "".join(f"Row {i}: a line of filler text number {i * 37 % 101}.\n" for i in range(400))
 
@@ -70,12 +69,7 @@ def test_exact_match_and_score_with_a_model_that_knows_or_guesses(tok):
 
 @pytest.fixture
 def setup(tmp_path):
-    model_dir = tmp_path / "model"
-    save_tiny_model(model_dir, "llama")
-    gates_dir = tmp_path / "gates"
-    model = ag.add_attention_gates(make_model("llama"), ag.AttentionGateConfig(protect_recent=8, sink_tokens=2))
-    randomize_gates(model, seed=5)
-    ag.save_gates(model, str(gates_dir))
+    save_tiny_gated_model(tmp_path, "llama", protect_recent=8, sink_tokens=2)
     (tmp_path / "filler.txt").write_text(TEXT)
     (tmp_path / "calibration.txt").write_text(TEXT[::-1])
     return tmp_path

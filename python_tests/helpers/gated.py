@@ -11,7 +11,7 @@ from attngate_ext import cache_kwarg
 from attngate_ext.models.calibration import calibrate_gate_bias, randomize_gates
 from attngate_ext.models.model import gated_layers
 
-from .models import make_model, random_ids
+from .models import make_model, random_ids, save_tiny_model
 
 
 def gated_model(kind: str = "mistral", eviction: float = 0.5, seed: int = 0,
@@ -26,6 +26,17 @@ def gated_model(kind: str = "mistral", eviction: float = 0.5, seed: int = 0,
     ids = calibration_ids if calibration_ids is not None else random_ids(2, 48, seed=7)
     calibrate_gate_bias(model, ids, eviction)
     return model
+
+
+def save_tiny_gated_model(root, kind: str = "llama", seed: int = 5, **config):
+    """Writes a tiny ``kind`` model to ``root/model`` and random gates for it (``config``: gate config fields) to
+    ``root/gates``, as the command-line tools read them; returns both folders."""
+    model_dir, gates_dir = root / "model", root / "gates"
+    save_tiny_model(model_dir, kind)
+    model = ag.add_attention_gates(make_model(kind), ag.AttentionGateConfig(**config))
+    randomize_gates(model, seed=seed)
+    ag.save_gates(model, str(gates_dir))
+    return model_dir, gates_dir
 
 
 def incremental_logits(model, ids: torch.Tensor, prompt_len: int, attention_mask: Optional[torch.Tensor] = None,
