@@ -7,12 +7,14 @@
 Every file is an ``evaluate --budgets`` output (``examples/equal_memory_smollm2.py`` writes them). The first file's
 dense and baseline rows are the reference; every gate row of every file becomes one line, labelled by its file
 name, with its perplexity, eviction needed and held share per budget, and its perplexity relative to H2O's.
+``--heads`` adds, per gate row, how the retention of its (layer, KV head) pairs is spread: the per-head budgets the
+gates chose under one global threshold.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -49,11 +51,41 @@ def table(files: List[Path]) -> str:
     for f in files:
         rs = rows(f)
         if any(find(rs, "gate", b) for b in budgets):
-            label = f.stem.split("-", 3)[-1]
+            label = f.stem.split("-", 1)[-1]
             lines.append(f"| gates ({label}) | " + " | ".join(
                 cell(find(rs, "gate", b), find(reference, "h2o", b)) for b in budgets) + " |")
     return "\n".join(lines)
 
 
+def head_spread(files: List[Path]) -> str:
+    """Markdown: per gate row, quantiles of the retention (kept fraction) over its (layer, KV head) pairs."""
+    lines = ["| gates | budget | heads | min | 10% | median | 90% | max | heads keeping < 10% | heads keeping > 90% |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in files:
+        for r in rows(f):
+            if r["policy"] != "gate" or "retention_per_head" not in r:
+                continue
+            kept = sorted(x for layer in r["retention_per_head"] for x in layer)
+            q = lambda p: kept[min(len(kept) - 1, int(p * len(kept)))]  # noqa: E731
+            lines.append(f"| {f.stem.split('-', 1)[-1]} | {r.get('target_share', r.get('target_eviction'))} | "
+                         f"{len(kept)} | {kept[0]:.2f} | {q(0.1):.2f} | {q(0.5):.2f} | {q(0.9):.2f} | {kept[-1]:.2f} | "
+                         f"{sum(x < 0.1 for x in kept)} | {sum(x > 0.9 for x in kept)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", type=Path, help="evaluate --budgets outputs; the first gives the baselines")
+    p.add_argument("--heads", action="store_true", help="also the spread of the gates' retention per (layer, KV head)")
+    args = p.parse_args()
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        p.error(f"no such result file: {', '.join(missing)}")
+    print(table(args.files))
+    if args.heads:
+        print("\n" + head_spread(args.files))
+    return 0
+
+
 if __name__ == "__main__":
-    print(table([Path(p) for p in sys.argv[1:]]))
+    raise SystemExit(main())
