@@ -23,6 +23,11 @@ def rows(path: Path) -> List[Dict[str, Any]]:
     return [r for r in json.loads(path.read_text())["results"]]
 
 
+def label(path: Path) -> str:
+    """A result file's name without its split: ``validation-plays-val-1024-chosen`` -> ``plays-val-1024-chosen``."""
+    return path.stem.split("-", 1)[-1]
+
+
 def cell(r: Optional[Dict[str, Any]], h2o: Optional[Dict[str, Any]]) -> str:
     if r is None or "perplexity" not in r:
         return "-"
@@ -51,8 +56,7 @@ def table(files: List[Path]) -> str:
     for f in files:
         rs = rows(f)
         if any(find(rs, "gate", b) for b in budgets):
-            label = f.stem.split("-", 1)[-1]
-            lines.append(f"| gates ({label}) | " + " | ".join(
+            lines.append(f"| gates ({label(f)}) | " + " | ".join(
                 cell(find(rs, "gate", b), find(reference, "h2o", b)) for b in budgets) + " |")
     return "\n".join(lines)
 
@@ -67,7 +71,7 @@ def head_spread(files: List[Path]) -> str:
                 continue
             kept = sorted(x for layer in r["retention_per_head"] for x in layer)
             q = lambda p: kept[min(len(kept) - 1, int(p * len(kept)))]  # noqa: E731
-            lines.append(f"| {f.stem.split('-', 1)[-1]} | {r.get('target_share', r.get('target_eviction'))} | "
+            lines.append(f"| {label(f)} | {r.get('target_share', r.get('target_eviction'))} | "
                          f"{len(kept)} | {kept[0]:.2f} | {q(0.1):.2f} | {q(0.5):.2f} | {q(0.9):.2f} | {kept[-1]:.2f} | "
                          f"{sum(x < 0.1 for x in kept)} | {sum(x > 0.9 for x in kept)} |")
     return "\n".join(lines)
